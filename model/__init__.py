@@ -1,0 +1,7 @@
+"""Kestrel's model family: config, layers, attention, transformer, KV cache, tokenizer."""
+
+from model.config import ModelConfig, RopeScaling
+from model.kv_cache import KVCache
+from model.transformer import Transformer, init_model
+
+__all__ = ["ModelConfig", "RopeScaling", "KVCache", "Transformer", "init_model"]

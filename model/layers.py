@@ -1,0 +1,89 @@
+"""The transformer's building blocks: parameters with logical axes, RMSNorm, gated MLP, embedding.
+
+Parameters carry a ``logical_axes`` metadata tuple (``embed``, ``heads``, ``kv_heads``,
+``head_dim``, ``mlp``, ``vocab``); ``sharding/rules.py`` maps those names to mesh axes, so no
+layer knows about meshes.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from model.config import ModelConfig
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype: str,
+          std: float = 0.02, init: str = "normal") -> nnx.Param:
+    """A parameter initialised (normal with ``std``, or ``zeros``/``ones``) with logical axes."""
+    if init == "normal":
+        value = jax.random.normal(rngs.params(), shape, jnp.float32) * std
+    elif init == "zeros":
+        value = jnp.zeros(shape, jnp.float32)
+    else:
+        value = jnp.ones(shape, jnp.float32)
+    return nnx.Param(value.astype(DTYPES[dtype]), logical_axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm over the last axis, in float32; Gemma's ``1 + w`` form when ``plus_one``."""
+
+    def __init__(self, dim: int, *, eps: float, plus_one: bool, param_dtype: str, rngs: nnx.Rngs):
+        self.eps = eps
+        self.plus_one = plus_one
+        # Gemma stores w around 0 (scale 1 + w); the others store the scale itself.
+        self.scale = param(rngs, (dim,), ("norm",), param_dtype, init="zeros" if plus_one else "ones")
+
+    def __call__(self, x: Float[Array, "... D"]) -> Float[Array, "... D"]:
+        xf = x.astype(jnp.float32)
+        normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        w = self.scale[...].astype(jnp.float32)
+        return (normed * (1.0 + w if self.plus_one else w)).astype(x.dtype)
+
+
+def activation_fn(name: str):
+    if name == "silu":
+        return jax.nn.silu
+    if name == "gelu_tanh":
+        return lambda x: jax.nn.gelu(x, approximate=True)
+    return lambda x: jax.nn.gelu(x, approximate=False)
+
+
+class GatedMLP(nnx.Module):
+    """SwiGLU / GeGLU: down(act(x @ gate) * (x @ up))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.dtype = DTYPES[cfg.dtype]
+        self.act = activation_fn(cfg.activation)
+        self.gate = param(rngs, (d, f), ("embed", "mlp"), cfg.param_dtype)
+        self.up = param(rngs, (d, f), ("embed", "mlp"), cfg.param_dtype)
+        self.down = param(rngs, (f, d), ("mlp", "embed"), cfg.param_dtype)
+
+    def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
+        x = x.astype(self.dtype)
+        gate = jnp.einsum("BTD,DF->BTF", x, self.gate[...].astype(self.dtype))
+        up = jnp.einsum("BTD,DF->BTF", x, self.up[...].astype(self.dtype))
+        return jnp.einsum("BTF,FD->BTD", self.act(gate) * up, self.down[...].astype(self.dtype))
+
+
+class Embedding(nnx.Module):
+    """Token embedding table [V, D]; also the output projection when embeddings are tied."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.table = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
+                           cfg.param_dtype)
+        self.dtype = DTYPES[cfg.dtype]
+        # Gemma multiplies by sqrt(D) rounded to the compute dtype, as transformers does.
+        self.scale = float(jnp.asarray(cfg.hidden_size ** 0.5, self.dtype)) if cfg.embed_scale else None
+
+    def __call__(self, tokens: Int[Array, "B T"]) -> Float[Array, "B T D"]:
+        x = jnp.take(self.table[...], tokens, axis=0).astype(self.dtype)
+        return x * jnp.asarray(self.scale, self.dtype) if self.scale is not None else x
+
+    def attend(self, x: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
+        return jnp.einsum("BTD,VD->BTV", x, self.table[...].astype(x.dtype))
