@@ -2,6 +2,9 @@
 
 from model.config import ModelConfig, RopeScaling
 from model.kv_cache import KVCache
+from model.chat_template import KESTREL_TEMPLATE, ChatTemplate
+from model.tokenizer import Tokenizer
 from model.transformer import Transformer, init_model
 
-__all__ = ["ModelConfig", "RopeScaling", "KVCache", "Transformer", "init_model"]
+__all__ = ["ModelConfig", "RopeScaling", "KVCache", "Transformer", "init_model", "Tokenizer",
+           "ChatTemplate", "KESTREL_TEMPLATE"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ from model.attention import Attention
 from model.config import ModelConfig, RopeScaling
 from model.kv_cache import KVCache
 from model.layers import DTYPES, Embedding, GatedMLP, RMSNorm, param
+from model.paged_cache import PagedKVCache
 from model.rope import inverse_frequencies, rope_tables
 
 
@@ -63,6 +65,7 @@ class Transformer(nnx.Module):
         embeddings: Float[Array, "B T D"] | None = None,
         attn_impl: str = "auto",
         return_hidden: bool = False,
+        logits_index: Int[Array, "B"] | None = None,
     ):
         """Runs the model over tokens, optionally extending a KV cache.
 
@@ -72,16 +75,22 @@ class Transformer(nnx.Module):
             A negative position marks a padding token that nothing attends to.
           segment_ids: packed-document ids [B, T] (training; not with a cache).
           span_ids: bidirectional span ids [B, T] (0 outside spans), e.g. image tokens.
-          cache: a KVCache to attend over and extend, or None for a self-contained pass.
+          cache: a KVCache to attend over and extend, a PagedKVCache (serving: positions come
+            from it), or None for a self-contained pass.
           embeddings: input embeddings [B, T, D] replacing the token lookup (image splicing).
           attn_impl: attention kernel implementation.
           return_hidden: also return the final hidden states [B, T, D].
+          logits_index: compute logits only at this index of each row ([B, 1, V] out), which
+            saves the [T, V] projection when only the next token matters (prefill).
 
         Returns:
           (logits [B, T, V] float32, updated cache or None[, hidden [B, T, D]]).
         """
         cfg = self.config
         b, t = tokens.shape
+        paged = isinstance(cache, PagedKVCache)
+        if paged and positions is None:
+            positions = cache.positions
         if positions is None:
             start = cache.lengths[:, None] if cache is not None else jnp.zeros((b, 1), jnp.int32)
             positions = start + jnp.arange(t, dtype=jnp.int32)[None, :]
@@ -91,7 +100,9 @@ class Transformer(nnx.Module):
         ropes = {kind: rope_tables(jnp.maximum(positions, 0), *freqs)
                  for kind, freqs in rope_frequencies(cfg).items()}
 
-        if cache is not None:
+        if paged:
+            kv_positions, write = None, None
+        elif cache is not None:
             slots = cache.slots(t)
             advanced = cache.advance(positions)
             kv_positions = advanced.positions
@@ -103,16 +114,22 @@ class Transformer(nnx.Module):
         for i, block in enumerate(self.blocks):
             x, (k, v) = block(
                 x, rope=ropes[block.layer_type], q_positions=positions, kv_positions=kv_positions,
-                keys_values=None if cache is None else (cache.k[i], cache.v[i]), write=write,
+                keys_values=None if cache is None or paged else (cache.k[i], cache.v[i]), write=write,
                 q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
                 q_span_ids=span_ids, kv_span_ids=None if span_ids is None else (
-                    span_ids if cache is None else None), impl=attn_impl)
+                    span_ids if cache is None else None), impl=attn_impl,
+                attend=functools.partial(cache.attend, i) if paged else None)
             new_k.append(k)
             new_v.append(v)
         hidden = self.final_norm(x)
-        logits = self.logits(hidden)
+        if logits_index is None:
+            logits = self.logits(hidden)
+        else:
+            logits = self.logits(jnp.take_along_axis(hidden, logits_index[:, None, None], axis=1))
         new_cache = None
-        if cache is not None:
+        if paged:
+            new_cache = cache.with_pages(new_k, new_v)
+        elif cache is not None:
             new_cache = dataclasses.replace(advanced, k=tuple(new_k), v=tuple(new_v))
         if return_hidden:
             return logits, new_cache, hidden

@@ -1,0 +1,146 @@
+"""The ``kestrel`` command: one console script, one subcommand per job.
+
+Each subcommand imports what it needs lazily, so ``kestrel --help`` stays instant, and every
+``KestrelError`` becomes a one-line ``error: ...`` on stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from kestrel.errors import KestrelError
+
+
+def parse_ids(text: str, flag: str) -> list[int]:
+    try:
+        ids = [int(x) for x in text.replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        raise KestrelError(f"{flag} takes comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise KestrelError(f"{flag} is empty")
+    return ids
+
+
+def cmd_convert(args) -> None:
+    from model.convert import convert_checkpoint
+
+    out = convert_checkpoint(args.src, args.out, dtype=args.dtype, force=args.force)
+    print(f"wrote {out}")
+
+
+def cmd_export(args) -> None:
+    from model.convert import export_checkpoint
+
+    out = export_checkpoint(args.ckpt, args.out, force=args.force)
+    print(f"wrote {out}")
+
+
+def load_for_inference(path: str):
+    from model.checkpoint import load_checkpoint
+    from model.generate import Generator
+
+    model, tokenizer = load_checkpoint(path)
+    return Generator(model), tokenizer
+
+
+def prompt_ids(args, tokenizer) -> list[int]:
+    if args.prompt_ids is not None:
+        return parse_ids(args.prompt_ids, "--prompt-ids")
+    if args.prompt is None:
+        raise KestrelError("give --prompt TEXT or --prompt-ids 1,2,3")
+    if tokenizer is None:
+        raise KestrelError("this checkpoint has no tokenizer: use --prompt-ids")
+    if args.chat:
+        if tokenizer.chat_template is None:
+            raise KestrelError("this checkpoint has no chat template: drop --chat")
+        text = tokenizer.chat_template.render([{"role": "user", "content": args.prompt}],
+                                              add_generation_prompt=True)
+        return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(args.prompt, add_special_tokens=True)
+
+
+def cmd_generate(args) -> None:
+    from model.generate import GenerationConfig
+
+    generator, tokenizer = load_for_inference(args.ckpt)
+    ids = prompt_ids(args, tokenizer)
+    stop = tuple(sorted(tokenizer.stop_ids)) if tokenizer is not None else ()
+    gen = GenerationConfig(max_new_tokens=args.max_tokens, temperature=args.temperature,
+                           top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_ids=stop)
+    result = generator.generate([ids], gen)[0]
+    text = tokenizer.decode(result.token_ids, skip_special_tokens=not args.json) if tokenizer else ""
+    if args.json:
+        print(json.dumps({"token_ids": result.token_ids, "logprobs": result.logprobs, "text": text}))
+    else:
+        print(text)
+
+
+def cmd_score(args) -> None:
+    generator, tokenizer = load_for_inference(args.ckpt)
+    ids = parse_ids(args.ids, "--ids")
+    result = generator.score(ids)
+    text = tokenizer.decode(result.token_ids) if tokenizer is not None else ""
+    if args.json:
+        print(json.dumps({"token_ids": result.token_ids, "logprobs": result.logprobs, "text": text}))
+    else:
+        for tok, pred, lp in zip(ids[1:], result.token_ids, result.logprobs):
+            print(f"{tok}\t{lp:.6f}\t(argmax {pred})")
+        print(f"total log-probability {sum(result.logprobs):.6f}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kestrel", description="Kestrel: a compact reasoning model and its whole stack in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="convert a Hugging Face folder or a GGUF file")
+    p.add_argument("src", help="a folder with config.json + *.safetensors, or a .gguf file")
+    p.add_argument("--out", required=True, help="the Kestrel checkpoint folder to write")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export", help="write a Kestrel checkpoint as a safetensors folder")
+    p.add_argument("ckpt")
+    p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("generate", help="generate text offline")
+    p.add_argument("ckpt")
+    p.add_argument("--prompt", help="prompt text")
+    p.add_argument("--prompt-ids", help="prompt as comma-separated token ids")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("score", help="teacher-forced log-probabilities of token ids")
+    p.add_argument("ckpt")
+    p.add_argument("--ids", required=True, help="comma-separated token ids")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_score)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except KestrelError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

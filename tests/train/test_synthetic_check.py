@@ -1,0 +1,160 @@
+"""Answer and tool-call checking, tool schemas, and the disjoint train / held-out function pools."""
+
+import copy
+import json
+
+import jsonschema
+import pytest
+
+from train.synthetic import (
+    BUILTIN_TOOLS, SUITES, Example, check_answer, check_tool_calls, generate, mixture, parse_tool_calls,
+    render_kestrel)
+from train.synthetic.function_pool import OBJECTS, PARAMS, VERBS
+
+ALL = {1: 1, 2: 1, 3: 1, 4: 1, 5: 1}
+
+
+def _number_example(value: str, unit: str, tolerance: float = 1e-6) -> Example:
+    answer = f"{value} {unit}".strip() if unit not in ("$", "%") else (f"${value}" if unit == "$" else f"{value}%")
+    meta = {"task": "t", "level": 1, "answer": answer, "summary": "s", "split": "train", "tools": True,
+            "answer_kind": "number", "tolerance": tolerance, "prompt_len": 2, "unit": unit, "value": value}
+    return Example(messages=[], tools=[], meta=meta)
+
+
+def test_numbers_are_compared_with_tolerance_and_units():
+    ex = _number_example("2000", "m")
+    assert check_answer(ex, "Answer: 2000 m")
+    assert check_answer(ex, "<think>\nlong\n</think>\n\nAnswer: 2,000 meters\nSummary: x")
+    assert check_answer(ex, "Answer: 2 km")  # Converted to the expected unit.
+    assert check_answer(ex, "Answer: 2000")
+    assert not check_answer(ex, "Answer: 2000 kg")  # Wrong dimension.
+    assert not check_answer(ex, "Answer: 2001 m")
+    assert not check_answer(ex, "no number here")
+    temp = _number_example("100", "°C")
+    assert check_answer(temp, "Answer: 212 °F") and check_answer(temp, "Answer: 373.15 K")
+    assert not check_answer(temp, "Answer: 100 °F")
+    money = _number_example("-5.5", "$")
+    assert check_answer(money, "Answer: -$5.50") and not check_answer(money, "Answer: $5.50")
+    pct = _number_example("12.5", "%")
+    assert check_answer(pct, "Answer: 12.5%") and check_answer(pct, "Answer: 12.5 percent")
+    loose = _number_example("3.14159265359", "s", tolerance=1e-3)
+    assert check_answer(loose, "Answer: 3.1416 s") and not check_answer(loose, "Answer: 3.2 s")
+
+
+def test_equation_answers_need_every_variable():
+    ex = generate("linear_equations", level=5, seed=4)
+    final = ex.messages[-1]["content"]
+    assert check_answer(ex, final)
+    first_only = final.split(",")[0]
+    assert not check_answer(ex, first_only)
+
+
+def test_builtin_and_generated_schemas_are_valid_json_schema():
+    for tool in BUILTIN_TOOLS:
+        jsonschema.Draft202012Validator.check_schema(tool["function"]["parameters"])
+    for ex in mixture(2, ALL, n=40, tasks={t: 1.0 for t in SUITES["tools"]}):
+        for tool in ex.tools:
+            jsonschema.Draft202012Validator.check_schema(tool["function"]["parameters"])
+
+
+def test_every_call_validates_and_matches_itself():
+    for ex in mixture(4, ALL, n=400):
+        schemas = {t["function"]["name"]: t["function"]["parameters"] for t in ex.tools}
+        calls = [tc["function"] for m in ex.messages for tc in m.get("tool_calls", [])]
+        for call in calls + ex.meta.get("calls", []):
+            validator = jsonschema.Draft202012Validator(schemas[call["name"]], format_checker=None)
+            assert validator.is_valid(call["arguments"]), call
+        if "calls" not in ex.meta:
+            continue
+        # The rendered final turn, parsed back, is an exact match.
+        final_text = "".join(t for t, flag in render_kestrel(ex) if flag)
+        first_final = final_text.split("<|im_end|>")[0]
+        score = check_tool_calls(ex, first_final)
+        assert score["valid"] and score["exact_match"] and score["choice_match"], (score, ex.meta)
+        assert score["n_calls"] == len(ex.meta["calls"])
+
+
+def _example_with_calls(min_args: int = 2) -> Example:
+    for seed in range(100):
+        ex = generate("fc_single", level=4, seed=seed)
+        if len(ex.meta["calls"][0]["arguments"]) >= min_args:
+            return ex
+    raise AssertionError("no example with enough arguments")
+
+
+def test_wrong_calls_are_scored_as_wrong():
+    ex = _example_with_calls()
+    good = copy.deepcopy(ex.meta["calls"])
+    assert check_tool_calls(ex, good)["exact_match"]
+    reordered = [{"name": good[0]["name"], "arguments": dict(reversed(list(good[0]["arguments"].items())))}]
+    assert check_tool_calls(ex, reordered)["exact_match"]
+    as_string = [{"function": {"name": good[0]["name"], "arguments": json.dumps(good[0]["arguments"])}}]
+    assert check_tool_calls(ex, as_string)["exact_match"]
+
+    unknown = [{"name": "not_offered", "arguments": good[0]["arguments"]}]
+    s = check_tool_calls(ex, unknown)
+    assert not s["names_offered"] and not s["valid"] and not s["choice_match"] and s["errors"]
+
+    extra = [{"name": good[0]["name"], "arguments": {**good[0]["arguments"], "surprise": 1}}]
+    s = check_tool_calls(ex, extra)
+    assert s["names_offered"] and not s["schema_valid"] and s["choice_match"] and not s["exact_match"]
+
+    key = next(iter(good[0]["arguments"]))
+    changed = copy.deepcopy(good)
+    value = changed[0]["arguments"][key]
+    changed[0]["arguments"][key] = (not value) if isinstance(value, bool) else (
+        value + 1 if isinstance(value, (int, float)) else value + "x")
+    s = check_tool_calls(ex, changed)
+    assert s["choice_match"] and not s["exact_match"]
+
+    s = check_tool_calls(ex, "<tool_call>\n{not json\n</tool_call>")
+    assert not s["parses"] and not s["exact_match"] and s["n_calls"] == 1
+    s = check_tool_calls(ex, "")
+    assert s["valid"] and not s["choice_match"] and s["n_calls"] == 0
+    assert check_tool_calls(ex, good + good)["exact_match"] is False
+
+
+def test_no_call_examples_expect_no_call():
+    ex = generate("fc_none", level=3, seed=1)
+    assert ex.meta["calls"] == []
+    assert check_tool_calls(ex, ex.messages[-1]["content"])["exact_match"]
+    assert check_answer(ex, ex.messages[-1]["content"])
+    call = {"name": ex.tools[0]["function"]["name"], "arguments": {}}
+    assert not check_tool_calls(ex, [call])["exact_match"]
+    assert not check_answer(ex, '<tool_call>\n{"name": "x", "arguments": {}}\n</tool_call>')
+
+
+def test_parse_tool_calls_reads_every_block():
+    text = ('<tool_call>\n{"name": "a", "arguments": {"x": 1}}\n</tool_call>\n'
+            '<tool_call>\n{"name": "b", "arguments": {}}\n</tool_call>')
+    assert parse_tool_calls(text) == [{"name": "a", "arguments": {"x": 1}}, {"name": "b", "arguments": {}}]
+
+
+def test_train_and_heldout_function_pools_are_disjoint():
+    assert not set(VERBS["train"]) & set(VERBS["heldout"])
+    assert not set(OBJECTS["train"]) & set(OBJECTS["heldout"])
+    assert not {p[0] for p in PARAMS["train"]} & {p[0] for p in PARAMS["heldout"]}
+
+    def names(split):
+        fns, params = set(), set()
+        for ex in mixture(9, ALL, split, n=300, tasks={t: 1.0 for t in SUITES["tools"]}):
+            for t in ex.tools:
+                fns.add(t["function"]["name"])
+                params |= set(t["function"]["parameters"]["properties"])
+        return fns, params
+
+    (train_fns, train_params), (held_fns, held_params) = names("train"), names("heldout")
+    assert len(train_fns) > 50 and len(held_fns) > 50
+    assert not train_fns & held_fns and not train_params & held_params
+
+
+@pytest.mark.parametrize("task", SUITES["tools"])
+def test_function_calling_examples_offer_one_to_five_functions(task):
+    for level in range(1, 6):
+        for seed in range(10):
+            ex = generate(task, level=level, seed=seed)
+            assert 1 <= len(ex.tools) <= 5
+            offered = {t["function"]["name"] for t in ex.tools}
+            assert all(c["name"] in offered for c in ex.meta["calls"])
+            if task == "fc_parallel":
+                assert len(ex.meta["calls"]) >= 2

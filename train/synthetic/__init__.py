@@ -1,0 +1,14 @@
+"""Synthetic STEM and tool-use curriculum: generators, chat rendering and answer checking."""
+
+from train.synthetic.checking import check_answer, check_tool_calls, final_answer_text, parse_tool_calls
+from train.synthetic.example import (
+    BUILTIN_TOOLS, CALCULATOR_TOOL, PYTHON_TOOL, SPLITS, SYSTEM_PROMPT, Example)
+from train.synthetic.python_tool import run_python
+from train.synthetic.registry import SUITES, TASKS, Task, generate, mixture, mixture_at
+from train.synthetic.render import render_kestrel, render_segments
+
+__all__ = [
+    "BUILTIN_TOOLS", "CALCULATOR_TOOL", "PYTHON_TOOL", "SPLITS", "SUITES", "SYSTEM_PROMPT", "TASKS",
+    "Example", "Task", "check_answer", "check_tool_calls", "final_answer_text", "generate", "mixture",
+    "mixture_at", "parse_tool_calls", "render_kestrel", "render_segments", "run_python",
+]

@@ -1,0 +1,69 @@
+"""Unit conversions: one multiplication or division by a memorised factor (temperatures: affine)."""
+
+import random
+from fractions import Fraction
+
+from serve.tools.calculator import format_number
+from train.synthetic.problem import Problem, Step, pick, rand_decimal
+from train.synthetic.quantities import UNIT_NAMES, UNITS
+
+# Dimensions unlocked by level: metric first, then imperial, speeds, data, temperatures.
+_BY_LEVEL = {
+    1: {"length": ("mm", "cm", "m", "km"), "mass": ("mg", "g", "kg"), "time": ("s", "min", "h")},
+    2: {"volume": ("mL", "L", "m^3"), "time": ("ms", "s", "min", "h", "day"), "data": ("B", "KB", "MB", "GB")},
+    3: {"length": ("in", "ft", "yd", "mi", "cm", "m", "km"), "mass": ("oz", "lb", "g", "kg")},
+    4: {"speed": ("m/s", "km/h", "mph"), "data": ("KiB", "MiB", "GiB", "KB", "MB", "GB"), "temperature": ("°C", "°F", "K")},
+    5: {"volume": ("gal", "L", "mL"), "length": ("mi", "km", "ft", "m"), "temperature": ("°C", "°F", "K")},
+}
+
+_TEMP_FORMULAS = {
+    ("°C", "°F"): ("{v} * 9 / 5 + 32", "F = C * 9/5 + 32."),
+    ("°F", "°C"): ("({v} - 32) * 5 / 9", "C = (F - 32) * 5/9."),
+    ("°C", "K"): ("{v} + 273.15", "K = C + 273.15."),
+    ("K", "°C"): ("{v} - 273.15", "C = K - 273.15."),
+    ("°F", "K"): ("({v} - 32) * 5 / 9 + 273.15", "K = (F - 32) * 5/9 + 273.15."),
+    ("K", "°F"): ("({v} - 273.15) * 9 / 5 + 32", "F = (K - 273.15) * 9/5 + 32."),
+}
+
+_ASK = ("Convert {v} {src} to {dst}.", "How many {dst} is {v} {src}?", "Express {v} {src} in {dst}.",
+        "What is {v} {src} in {dst}?", "{v} {src} = how many {dst}?", "I have {v} {src}. How much is that in {dst}?")
+
+
+def _terminates(x: Fraction) -> bool:
+    d = x.denominator
+    for p in (2, 5):
+        while d % p == 0:
+            d //= p
+    return d == 1 and len(format_number(x)) <= 14
+
+
+def make_conversion(rng: random.Random, level: int, split: str) -> Problem:
+    """One conversion; levels unlock harder dimensions and bigger, more precise values."""
+    lv = rng.randint(max(1, level - 1), level)
+    dim = pick(rng, sorted(_BY_LEVEL[lv]))
+    src, dst = rng.sample(_BY_LEVEL[lv][dim], 2)
+    value = rand_decimal(rng, 1, 10 ** rng.randint(1, 1 + level), 0 if level <= 2 else rng.randint(0, 2))
+    if dim == "temperature" and rng.random() < 0.3:
+        value = "-" + value
+    unit_word = (lambda u: UNIT_NAMES.get(u, u)) if rng.random() < 0.5 else (lambda u: u)
+    question = pick(rng, _ASK).format(v=value, src=unit_word(src), dst=unit_word(dst))
+    if dim == "temperature":
+        template, plan = _TEMP_FORMULAS[(src, dst)]
+        expr = template.format(v=value)
+    else:
+        ratio = UNITS[dim][src] / UNITS[dim][dst]
+        if _terminates(ratio):
+            expr = f"{value} * {format_number(ratio)}"
+            plan = f"1 {src} = {format_number(ratio)} {dst}, so multiply by {format_number(ratio)}."
+        elif _terminates(1 / ratio):
+            expr = f"{value} / {format_number(1 / ratio)}"
+            plan = f"1 {dst} = {format_number(1 / ratio)} {src}, so divide by {format_number(1 / ratio)}."
+        else:
+            a, b = format_number(UNITS[dim][src]), format_number(UNITS[dim][dst])
+            base = next(iter(u for u, f in UNITS[dim].items() if f == 1))
+            expr = f"{value} * {a} / {b}"
+            plan = f"1 {src} = {a} {base} and 1 {dst} = {b} {base}, so multiply by {a} and divide by {b}."
+    return Problem(
+        question=question, kind=f"unit conversion ({dim})", given=[f"value = {value} {src}", f"target unit = {dst}"],
+        plan=plan, steps=[Step(f"the value in {dst}", expr)], unit=dst, tolerance=1e-6,
+        summary=f"Converted {value} {src} to {dst}: {{answer}}.")

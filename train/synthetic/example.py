@@ -1,0 +1,87 @@
+"""The `Example` record every synthetic task produces, and the two built-in tool schemas.
+
+An example is an OpenAI-style conversation (``messages``), the tools offered to the model
+(``tools``) and ``meta``: the task, its difficulty level 1..5, the canonical final answer, a one-line
+summary of the reasoning, the split ("train" or "heldout") and, for function calling, the calls
+the final turn is expected to make. Assistant reasoning lives in ``reasoning_content``; tool calls
+carry their arguments as dicts (not JSON strings) so renderers and checkers need not re-parse them.
+"""
+
+import dataclasses
+from typing import Any
+
+CALCULATOR_TOOL: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "calculator",
+        "description": (
+            "Evaluate an arithmetic expression exactly. Supports + - * / // % ** and parentheses, "
+            "decimals, sqrt, sin, cos, tan (radians), log (base 10), ln, exp, abs, round, min, max, "
+            "factorial, comb, perm and the constants pi and e."
+        ),
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "expression": {"type": "string", "description": "The expression, e.g. (3 + 4.5) * 2"}
+            },
+            "required": ["expression"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+PYTHON_TOOL: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "python",
+        "description": (
+            "Run a short Python program and return what it prints. The modules math, fractions "
+            "and itertools can be imported."
+        ),
+        "parameters": {
+            "type": "object",
+            "properties": {"code": {"type": "string", "description": "Python source that prints its result"}},
+            "required": ["code"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+BUILTIN_TOOLS = (CALCULATOR_TOOL, PYTHON_TOOL)
+
+SYSTEM_PROMPT = "You are Kestrel, a careful assistant. Think step by step and use tools when they help."
+
+SPLITS = ("train", "heldout")
+
+
+@dataclasses.dataclass
+class Example:
+    """One synthetic conversation.
+
+    Attributes:
+      messages: OpenAI-style dicts: ``{"role": "system"|"user"|"assistant"|"tool", "content": str}``;
+        assistant messages may add ``reasoning_content`` (str) and ``tool_calls``
+        (``[{"type": "function", "id": str, "function": {"name": str, "arguments": dict}}]``);
+        tool messages add ``tool_call_id``.
+      tools: the functions offered, ``[{"type": "function", "function": {"name", "description",
+        "parameters"}}]``.
+      meta: ``task``, ``level`` (1..5), ``answer`` (canonical final answer), ``summary`` (one line),
+        ``split``, ``tools`` (whether tools were offered), ``answer_kind`` ("number", "equation",
+        "results" or "refusal"), ``tolerance`` (relative, for numbers), ``prompt_len`` (how many
+        messages form the prompt of the final turn, i.e. the index of its first assistant message)
+        and, for function calling, ``calls``: the expected calls of the final turn as
+        ``[{"name": str, "arguments": dict}]`` (``[]`` when no call is expected).
+    """
+
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]]
+    meta: dict[str, Any]
+
+    def prompt_messages(self) -> list[dict[str, Any]]:
+        """The messages the model sees before producing its final turn."""
+        return self.messages[: self.meta["prompt_len"]]
+
+
+def tool_call(name: str, arguments: dict[str, Any], call_id: str) -> dict[str, Any]:
+    """An assistant tool call in the OpenAI shape, arguments kept as a dict."""
+    return {"type": "function", "id": call_id, "function": {"name": name, "arguments": arguments}}

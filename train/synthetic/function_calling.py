@@ -1,0 +1,165 @@
+"""Function-calling conversations: one call, parallel calls, no call, and multi-turn follow-ups.
+
+Reasoning scheme (regular on purpose)::
+
+    <think> The user asks for N thing(s).
+    1. <action> -> <function> with <arg> = <value>, ...
+    Call <function>[ and <function>]. </think> <tool_call>...</tool_call> [<tool_call>...]
+    <tool_response>{"result": "..."}</tool_response> ...
+    <think> <function> returned <result>. ... </think>
+    Answer: <function>: <result>; ...
+    Summary: <one line>
+
+The fake backends answer ``{"result": "<CODE>"}`` with a code drawn from the example's RNG, and
+the final answer copies those codes. When no offered function fits, the model says so without a
+call. Multi-turn dialogues repeat the earlier call with one argument changed ("now the same for
+Rome") or ask for another offered function; only the last turn's calls are in ``meta["calls"]``.
+"""
+
+import json
+import random
+from typing import Any
+
+from train.synthetic.example import SYSTEM_PROMPT, Example, tool_call
+from train.synthetic.function_pool import (
+    Function, clauses, random_arguments, random_function, random_value, request, value_text)
+from train.synthetic.problem import pick
+
+
+def _functions(rng: random.Random, level: int, split: str, n: int) -> list[Function]:
+    out: list[Function] = []
+    for _ in range(n):
+        n_params = rng.randint(1, min(5, 1 + level))
+        out.append(random_function(rng, split, n_params, avoid={f.name for f in out}))
+    return out
+
+
+def _describe(f: Function, args: dict[str, Any]) -> str:
+    if not args:
+        return f"{f.action} -> {f.name} with no arguments"
+    return f"{f.action} -> {f.name} with " + ", ".join(f"{k} = {value_text(v)}" for k, v in args.items())
+
+
+def _call_turn(rng: random.Random, calls: list[tuple[Function, dict]], counter: list[int],
+               intro: str) -> tuple[list[dict], list[str]]:
+    """The assistant's calls, the tool results and the closing assistant message for one turn."""
+    n = len(calls)
+    lines = [intro] + [f"{i + 1}. {_describe(f, a)}" for i, (f, a) in enumerate(calls)]
+    lines.append("Call " + " and ".join(f.name for f, _ in calls) + ".")
+    tcs, results, msgs = [], [], []
+    for f, a in calls:
+        cid = f"call_{counter[0]}"
+        counter[0] += 1
+        tcs.append(tool_call(f.name, dict(a), cid))
+        code = f"{f.obj[:3].upper()}-{rng.randint(1000, 99999)}"
+        results.append(code)
+        msgs.append({"role": "tool", "tool_call_id": cid, "content": json.dumps({"result": code})})
+    first = {"role": "assistant", "content": "", "reasoning_content": "\n".join(lines), "tool_calls": tcs}
+    answer = "; ".join(f"{f.name}: {r}" for (f, _), r in zip(calls, results))
+    names = " and ".join(f.name for f, _ in calls)
+    check = "\n".join(f"{f.name} returned {r}." for (f, _), r in zip(calls, results))
+    done = "The call succeeded." if n == 1 else f"All {n} calls succeeded."
+    close = {"role": "assistant", "reasoning_content": f"{check}\n{done}",
+             "content": f"Answer: {answer}\nSummary: Called {names} and reported the result{'s' if n > 1 else ''}."}
+    return [first, *msgs, close], results
+
+
+def _meta(task, level, split, answer, summary, calls, prompt_len, kind):
+    return {"task": task, "level": level, "answer": answer, "summary": summary, "split": split, "tools": True,
+            "answer_kind": kind, "tolerance": 0.0, "prompt_len": prompt_len, "unit": "",
+            "calls": [{"name": f.name, "arguments": dict(a)} for f, a in calls]}
+
+
+def _finish(task, level, split, funcs, messages, calls, prompt_len) -> Example:
+    close = messages[-1]["content"]
+    answer = close.split("\n")[0].removeprefix("Answer: ")
+    summary = close.split("\n")[1].removeprefix("Summary: ")
+    return Example(messages=messages, tools=[f.schema() for f in funcs],
+                   meta=_meta(task, level, split, answer, summary, calls, prompt_len, "results"))
+
+
+def _optional_rate(level: int) -> float:
+    return 1.0 if level <= 2 else 0.6
+
+
+def make_single(rng: random.Random, level: int, split: str) -> Example:
+    """One request, one call, among `level` (+0/1) offered functions."""
+    funcs = _functions(rng, level, split, min(5, level + rng.randint(0, 1)))
+    f = pick(rng, funcs)
+    args = random_arguments(rng, f, split, optional_rate=_optional_rate(level))
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": request(rng, f, args)}]
+    turn, _ = _call_turn(rng, [(f, args)], [0], "The user asks for 1 thing.")
+    return _finish("fc_single", level, split, funcs, messages + turn, [(f, args)], 2)
+
+
+def make_parallel(rng: random.Random, level: int, split: str) -> Example:
+    """2-3 independent requests in one message, answered by parallel calls."""
+    funcs = _functions(rng, level, split, min(5, level + 1))
+    n = 2 if level < 4 else rng.randint(2, 3)
+    calls = []
+    for _ in range(n):
+        f = pick(rng, funcs)
+        calls.append((f, random_arguments(rng, f, split, optional_rate=_optional_rate(level))))
+    parts = [request(rng, f, a).rstrip(".?") for f, a in calls]
+    joiner = pick(rng, (" Also, ", " And ", " Then also: ", " In addition, "))
+    text = parts[0] + "." + "".join(joiner + p[0].lower() + p[1:] + "." for p in parts[1:])
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": text}]
+    turn, _ = _call_turn(rng, calls, [0], f"The user asks for {n} things.")
+    return _finish("fc_parallel", level, split, funcs, messages + turn, calls, 2)
+
+
+def make_none(rng: random.Random, level: int, split: str) -> Example:
+    """A request no offered function can serve: the model explains and makes no call."""
+    funcs = _functions(rng, level, split, min(5, level + rng.randint(0, 1)))
+    other = random_function(rng, split, rng.randint(1, 3), avoid={f.name for f in funcs})
+    args = random_arguments(rng, other, split, optional_rate=1.0)
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": request(rng, other, args)}]
+    offered = ", ".join(f.name for f in funcs)
+    answer = f"I cannot {other.action}: none of the available functions does that."
+    summary = f"No offered function can {other.action}, so no call was made."
+    messages.append({"role": "assistant",
+                     "reasoning_content": f"The user asks to {other.action}.\nOffered functions: {offered}.\n"
+                                          f"None of them can {other.action}, so I make no call.",
+                     "content": f"Answer: {answer}\nSummary: {summary}"})
+    return Example(messages=messages, tools=[f.schema() for f in funcs],
+                   meta=_meta("fc_none", level, split, answer, summary, [], 2, "refusal"))
+
+
+def make_multiturn(rng: random.Random, level: int, split: str) -> Example:
+    """2 turns (3 from level 4); later turns change one argument of the last call or call anew."""
+    funcs = _functions(rng, level, split, min(5, level + 1))
+    f = pick(rng, funcs)
+    args = random_arguments(rng, f, split, optional_rate=_optional_rate(level))
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": request(rng, f, args)}]
+    counter = [0]
+    turn, _ = _call_turn(rng, [(f, args)], counter, "The user asks for 1 thing.")
+    messages += turn
+    calls = [(f, args)]
+    for _ in range(1 if level < 4 else 2):
+        prev_f, prev_args = calls[0]
+        if prev_args and rng.random() < 0.7:
+            key = pick(rng, sorted(prev_args))
+            param = next(p for p in prev_f.params if p.name == key)
+            new = random_value(rng, param, split)
+            while new == prev_args[key] and param.kind != "boolean":
+                new = random_value(rng, param, split)
+            if new == prev_args[key]:
+                new = not new
+            args = {**prev_args, key: new}
+            text = pick(rng, ("Now do the same with {c}.", "Great. Same again but {c}.",
+                              "Repeat that with {c} instead.", "And once more for {c}."))
+            text = text.format(c=clauses({key: new}))
+            intro = f"The user asks to repeat {prev_f.name} with {key} changed; the other arguments stay."
+            calls = [(prev_f, args)]
+        else:
+            g = pick(rng, funcs)
+            args = random_arguments(rng, g, split, optional_rate=_optional_rate(level))
+            ask = request(rng, g, args)
+            text = pick(rng, ("Thanks. Next, ", "OK. Now ", "Also ")) + ask[0].lower() + ask[1:]
+            intro = "The user asks for 1 more thing."
+            calls = [(g, args)]
+        messages.append({"role": "user", "content": text})
+        prompt_len = len(messages)
+        turn, _ = _call_turn(rng, calls, counter, intro)
+        messages += turn
+    return _finish("fc_multiturn", level, split, funcs, messages, calls, prompt_len)

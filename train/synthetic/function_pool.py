@@ -1,0 +1,182 @@
+"""Random functions for function-calling data: names, JSON schemas, argument values, requests.
+
+A function is ``<verb>_<object>`` with 1..5 typed parameters. The train and held-out splits draw
+from disjoint vocabularies (verbs, objects, parameter names and string values), so the held-out
+evaluation calls functions whose names and schemas never appeared in training. Requests name the
+verb, the object and every argument in words, so the call can be copied from the request: this is
+what a tiny model can learn, and what transfers to unseen schemas.
+"""
+
+import dataclasses
+import random
+from typing import Any
+
+from train.synthetic.problem import pick
+
+VERBS = {
+    "train": ("get", "book", "send", "create", "cancel", "search", "update", "check", "list", "schedule",
+              "translate", "track"),
+    "heldout": ("fetch", "reserve", "dispatch", "register", "revoke", "find", "modify", "verify", "browse",
+                "plan", "compute", "archive"),
+}
+OBJECTS = {
+    "train": ("weather", "flight", "email", "invoice", "stock_price", "hotel", "meeting", "reminder",
+              "playlist", "order", "ticket", "recipe", "account", "package", "taxi", "news"),
+    "heldout": ("forecast", "train_seat", "message", "receipt", "share_quote", "apartment", "appointment",
+                "alarm", "podcast", "shipment", "voucher", "menu", "profile", "parcel", "ride", "headline"),
+}
+_CITIES = {
+    "train": ("Paris", "Rome", "Tokyo", "Lima", "Oslo", "Cairo", "Denver", "Madrid", "Seoul", "Dublin"),
+    "heldout": ("Berlin", "Nairobi", "Quito", "Hanoi", "Perth", "Lisbon", "Austin", "Krakow", "Manila", "Tunis"),
+}
+_PEOPLE = {
+    "train": ("Alice", "Bruno", "Carmen", "Dmitri", "Esther", "Farid", "Greta", "Hugo"),
+    "heldout": ("Ingrid", "Jonas", "Keiko", "Luis", "Mirela", "Nadia", "Oskar", "Paula"),
+}
+_NOTES = {
+    "train": ("window seat", "ring twice", "no onions", "after lunch", "call first", "gift wrap"),
+    "heldout": ("aisle seat", "leave at door", "extra spicy", "before noon", "text first", "fragile"),
+}
+
+
+def _ticker(rng: random.Random) -> str:
+    return "".join(chr(65 + rng.randrange(26)) for _ in range(rng.randint(2, 4)))
+
+
+def _date(rng: random.Random) -> str:
+    return f"2026-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"
+
+
+def _code(rng: random.Random) -> str:
+    return f"{chr(65 + rng.randrange(26))}{chr(65 + rng.randrange(26))}-{rng.randint(100, 9999)}"
+
+
+# (name, kind, value source): kind is string | integer | number | boolean | enum.
+PARAMS: dict[str, tuple[tuple[str, str, Any], ...]] = {
+    "train": (
+        ("city", "string", "cities"), ("destination", "string", "cities"), ("date", "string", _date),
+        ("symbol", "string", _ticker), ("recipient", "string", "people"), ("order_id", "string", _code),
+        ("quantity", "integer", (1, 20)), ("nights", "integer", (1, 14)), ("max_price", "number", (10, 900)),
+        ("currency", "enum", ("USD", "EUR", "GBP", "JPY")), ("unit", "enum", ("celsius", "fahrenheit")),
+        ("seat_class", "enum", ("economy", "business", "first")), ("priority", "enum", ("low", "normal", "high")),
+        ("urgent", "boolean", None), ("note", "string", "notes"), ("guests", "integer", (1, 8)),
+    ),
+    "heldout": (
+        ("town", "string", "cities"), ("arrival_city", "string", "cities"), ("day", "string", _date),
+        ("ticker", "string", _ticker), ("contact", "string", "people"), ("reference", "string", _code),
+        ("count", "integer", (1, 20)), ("duration_days", "integer", (1, 14)), ("budget", "number", (10, 900)),
+        ("money_code", "enum", ("CHF", "CAD", "AUD", "INR")), ("scale", "enum", ("metric", "imperial")),
+        ("cabin", "enum", ("standard", "premium", "suite")), ("importance", "enum", ("minor", "major", "critical")),
+        ("express", "boolean", None), ("comment", "string", "notes"), ("travellers", "integer", (1, 8)),
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """A parameter: its name, JSON type (or "enum") and where its values come from."""
+
+    name: str
+    kind: str
+    source: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Function:
+    """A random function ``<verb>_<object>`` with its parameters; the first `required` are required."""
+
+    verb: str
+    obj: str
+    params: tuple[Param, ...]
+    required: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.verb}_{self.obj}"
+
+    @property
+    def action(self) -> str:
+        """The request's wording: ``"book the hotel"``."""
+        return f"{self.verb} the {self.obj.replace('_', ' ')}"
+
+    def schema(self) -> dict[str, Any]:
+        """The tool entry: ``{"type": "function", "function": {name, description, parameters}}``."""
+        props = {}
+        for p in self.params:
+            words = p.name.replace("_", " ")
+            if p.kind == "enum":
+                props[p.name] = {"type": "string", "enum": list(p.source), "description": f"The {words}."}
+            elif p.kind == "integer":
+                lo, hi = p.source
+                props[p.name] = {"type": "integer", "minimum": lo, "maximum": hi, "description": f"The {words}."}
+            elif p.kind == "number":
+                props[p.name] = {"type": "number", "minimum": 0, "description": f"The {words}."}
+            else:
+                props[p.name] = {"type": p.kind, "description": f"The {words}."}
+        desc = f"{self.verb.capitalize()} the {self.obj.replace('_', ' ')}."
+        return {"type": "function", "function": {
+            "name": self.name, "description": desc,
+            "parameters": {"type": "object", "properties": props, "required": list(self.required),
+                           "additionalProperties": False}}}
+
+
+def random_function(rng: random.Random, split: str, n_params: int, *, avoid: set[str] = frozenset()) -> Function:
+    """A function whose name is not in `avoid`, with `n_params` parameters (the first required)."""
+    while True:
+        verb, obj = pick(rng, VERBS[split]), pick(rng, OBJECTS[split])
+        if f"{verb}_{obj}" not in avoid:
+            break
+    params = tuple(Param(*p) for p in rng.sample(PARAMS[split], n_params))
+    n_req = rng.randint(1, n_params)
+    return Function(verb, obj, params, tuple(p.name for p in params[:n_req]))
+
+
+def random_value(rng: random.Random, p: Param, split: str) -> Any:
+    """A value satisfying `p`'s schema."""
+    if p.kind == "boolean":
+        return rng.random() < 0.5
+    if p.kind == "enum":
+        return pick(rng, p.source)
+    if p.kind == "integer":
+        return rng.randint(*p.source)
+    if p.kind == "number":
+        places = rng.randint(0, 2)
+        x = round(rng.uniform(*p.source), places)
+        return int(x) if places == 0 else x
+    if callable(p.source):
+        return p.source(rng)
+    return pick(rng, {"cities": _CITIES, "people": _PEOPLE, "notes": _NOTES}[p.source][split])
+
+
+def random_arguments(rng: random.Random, f: Function, split: str, *, optional_rate: float) -> dict[str, Any]:
+    """Arguments for `f`: every required parameter, each optional one with `optional_rate`."""
+    return {p.name: random_value(rng, p, split) for p in f.params
+            if p.name in f.required or rng.random() < optional_rate}
+
+
+def value_text(v: Any) -> str:
+    """How an argument value is written in a request: numbers and words as-is, booleans as words."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str) and " " in v:
+        return f'"{v}"'
+    return str(v)
+
+
+def clauses(args: dict[str, Any]) -> str:
+    """``{"city": "Paris", "nights": 3} -> "city Paris and nights 3"``."""
+    parts = [f"{k.replace('_', ' ')} {value_text(v)}" for k, v in args.items()]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+_ASK = (
+    "Please {a} with {c}.", "Can you {a}? Use {c}.", "I'd like you to {a} for {c}.", "{A}: {c}.",
+    "Could you {a} with {c}, please?", "{A} using {c}.", "I need to {a}, {c}.",
+)
+
+
+def request(rng: random.Random, f: Function, args: dict[str, Any]) -> str:
+    """A user request for one call; the action and every argument appear in the text."""
+    if not args:
+        return pick(rng, ("Please {a}.", "Can you {a}?", "{A}, please.")).format(a=f.action, A=f.action.capitalize())
+    return pick(rng, _ASK).format(a=f.action, A=f.action.capitalize(), c=clauses(args))

@@ -1,0 +1,131 @@
+"""The task registry, `generate` for one example and `mixture` for a deterministic stream."""
+
+import dataclasses
+import random
+from typing import Callable, Iterator
+
+from train.synthetic import algebra, arithmetic, chemistry, combinatorics, conversions, physics, word_problems
+from train.synthetic import function_calling as fc
+from train.synthetic.example import SPLITS, Example
+from train.synthetic.problem import Problem, build_stem_example
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """A registered task.
+
+    Attributes:
+      name: the registry key, recorded in ``meta["task"]``.
+      suite: "stem" (a problem with an answer; works with and without tools) or "tools"
+        (function calling over random schemas; tools always offered).
+      make: ``(rng, level, split) -> Problem`` for stem tasks, ``-> Example`` for tools tasks.
+    """
+
+    name: str
+    suite: str
+    make: Callable[[random.Random, int, str], Problem | Example]
+
+
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in (
+        Task("arithmetic", "stem", arithmetic.make_arithmetic),
+        Task("percentages", "stem", arithmetic.make_percentages),
+        Task("word_problems", "stem", word_problems.make_word_problem),
+        Task("linear_equations", "stem", algebra.make_linear_equation),
+        Task("unit_conversion", "stem", conversions.make_conversion),
+        Task("physics", "stem", physics.make_physics),
+        Task("chemistry", "stem", chemistry.make_chemistry),
+        Task("combinatorics", "stem", combinatorics.make_combinatorics),
+        Task("fc_single", "tools", fc.make_single),
+        Task("fc_parallel", "tools", fc.make_parallel),
+        Task("fc_none", "tools", fc.make_none),
+        Task("fc_multiturn", "tools", fc.make_multiturn),
+    )
+}
+
+SUITES = {"stem": tuple(n for n, t in TASKS.items() if t.suite == "stem"),
+          "tools": tuple(n for n, t in TASKS.items() if t.suite == "tools")}
+
+
+def _check(level: int, split: str) -> None:
+    if not isinstance(level, int) or not 1 <= level <= 5:
+        raise ValueError(f"level must be an integer 1..5, got {level!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+def generate(task: str | None = None, *, level: int, rng: random.Random | None = None, seed: int | None = None,
+             split: str = "train", tools: bool = True) -> Example:
+    """One example.
+
+    Args:
+      task: a key of `TASKS`; None draws one uniformly (among stem tasks when ``tools=False``).
+      level: difficulty 1..5.
+      rng: the random source (advanced by the call); or give `seed` instead.
+      seed: builds ``random.Random(seed)`` when `rng` is None. Same seed, same example.
+      split: "train" or "heldout"; selects disjoint vocabularies for function names and schemas.
+      tools: offer the calculator and python tools; False makes the model compute in its
+        reasoning (stem tasks only).
+
+    Raises:
+      ValueError: unknown task, level out of range, bad split, no randomness given, or
+        ``tools=False`` for a function-calling task.
+    """
+    _check(level, split)
+    if rng is None:
+        if seed is None:
+            raise ValueError("give rng or seed")
+        rng = random.Random(seed)
+    if task is None:
+        task = rng.choice(SUITES["stem"] if not tools else tuple(TASKS))
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+    spec = TASKS[task]
+    if spec.suite == "tools":
+        if not tools:
+            raise ValueError(f"task {task!r} is function calling and needs tools=True")
+        return spec.make(rng, level, split)
+    return build_stem_example(spec.make(rng, level, split), task=task, level=level, split=split, tools=tools)
+
+
+def mixture(seed: int, levels: dict[int, float], split: str = "train", n: int | None = None, *,
+            tasks: dict[str, float] | None = None, tools_fraction: float = 0.8) -> Iterator[Example]:
+    """A deterministic stream of examples: the i-th depends only on (`seed`, i).
+
+    Args:
+      seed: the stream's seed.
+      levels: level -> weight, e.g. ``{1: 1, 2: 2, 3: 2}`` (weights need not sum to 1).
+      split: "train" or "heldout".
+      n: how many examples; None streams forever.
+      tasks: task -> weight; default every task with weight 1.
+      tools_fraction: the share of stem examples that offer tools (the rest compute in reasoning).
+
+    Yields:
+      Examples. Each one is drawn from its own ``random.Random((seed, i))``-like seed, so a stream
+      can be resumed or sharded at any index by `mixture_at`.
+    """
+    if not levels or any(w < 0 for w in levels.values()) or sum(levels.values()) <= 0:
+        raise ValueError(f"levels must map levels to non-negative weights with a positive sum, got {levels!r}")
+    for lv in levels:
+        _check(lv, split)
+    tasks = tasks or {name: 1.0 for name in TASKS}
+    for name in tasks:
+        if name not in TASKS:
+            raise ValueError(f"unknown task {name!r} in tasks; known: {', '.join(TASKS)}")
+    if not 0 <= tools_fraction <= 1:
+        raise ValueError(f"tools_fraction must be in [0, 1], got {tools_fraction}")
+    i = 0
+    while n is None or i < n:
+        yield mixture_at(seed, i, levels, split, tasks, tools_fraction)
+        i += 1
+
+
+def mixture_at(seed: int, index: int, levels: dict[int, float], split: str, tasks: dict[str, float],
+               tools_fraction: float) -> Example:
+    """The `index`-th example of ``mixture(seed, levels, split, tasks=tasks, ...)``."""
+    rng = random.Random(seed * 1_000_003 + index)
+    level = rng.choices(list(levels), weights=list(levels.values()))[0]
+    task = rng.choices(list(tasks), weights=list(tasks.values()))[0]
+    tools = TASKS[task].suite == "tools" or rng.random() < tools_fraction
+    return generate(task, level=level, rng=rng, split=split, tools=tools)
