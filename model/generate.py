@@ -59,6 +59,60 @@ def bucket(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "cache_len", "attn_impl"))
+def _generate(graphdef, state, prompt, lengths, params, key, *, max_new, cache_len, attn_impl):
+    """Prefill every prompt, then decode up to max_new tokens per row on device.
+
+    Module-level (graphdef static) so every Generator over the same architecture shares the
+    compiled program.
+    """
+    model = nnx.merge(graphdef, state)
+    b, t = prompt.shape
+    positions = jnp.where(jnp.arange(t)[None, :] < lengths[:, None],
+                          jnp.arange(t)[None, :], -1).astype(jnp.int32)
+    cache = KVCache.create(model.config, b, cache_len)
+    logits, cache = model(prompt, positions=positions, cache=cache, attn_impl=attn_impl,
+                          logits_index=lengths - 1)
+    temperature, top_k, top_p, min_p, stop_ids = params
+
+    def pick(logits, step):
+        logits = logits[:, 0]  # [B, V]
+        tok = sample(logits, jax.random.fold_in(key, step), temperature=temperature,
+                     top_k=top_k, top_p=top_p, min_p=min_p)
+        logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tok[:, None], 1)[:, 0]
+        return tok, logprob
+
+    tok, lp = pick(logits, 0)
+    out = jnp.zeros((b, max_new), jnp.int32).at[:, 0].set(tok)
+    out_lp = jnp.zeros((b, max_new), jnp.float32).at[:, 0].set(lp)
+    done = jnp.isin(tok, stop_ids)
+
+    def cond(carry):
+        step, _, _, _, _, done, _ = carry
+        return (step < max_new) & ~jnp.all(done)
+
+    def body(carry):
+        step, tok, pos, cache, out, done, out_lp = carry
+        logits, cache = model(tok[:, None], positions=pos[:, None], cache=cache,
+                              attn_impl=attn_impl)
+        new, lp = pick(logits, step)
+        new = jnp.where(done, 0, new)
+        out = out.at[:, step].set(new)
+        out_lp = out_lp.at[:, step].set(jnp.where(done, 0.0, lp))
+        done = done | jnp.isin(new, stop_ids)
+        return step + 1, new, pos + 1, cache, out, done, out_lp
+
+    carry = (jnp.int32(1), tok, lengths.astype(jnp.int32), cache, out, done, out_lp)
+    step, _, _, _, out, _, out_lp = jax.lax.while_loop(cond, body, carry)
+    return out, out_lp, step
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "attn_impl"))
+def _score(graphdef, state, tokens, positions, *, attn_impl):
+    logits, _ = nnx.merge(graphdef, state)(tokens, positions=positions, attn_impl=attn_impl)
+    return jax.nn.log_softmax(logits, axis=-1)
+
+
 class Generator:
     """Compiled prefill + decode-loop and teacher-forced scoring for one model."""
 
@@ -66,51 +120,6 @@ class Generator:
         self.config = model.config
         self.graphdef, self.state = nnx.split(model)
         self.attn_impl = attn_impl
-
-    def _model(self, state):
-        return nnx.merge(self.graphdef, state)
-
-    @functools.partial(jax.jit, static_argnums=(0, 3, 4))
-    def _generate(self, state, prompt, max_new, cache_len, lengths, params, key):
-        model = self._model(state)
-        b, t = prompt.shape
-        positions = jnp.where(jnp.arange(t)[None, :] < lengths[:, None],
-                              jnp.arange(t)[None, :], -1).astype(jnp.int32)
-        cache = KVCache.create(self.config, b, cache_len)
-        logits, cache = model(prompt, positions=positions, cache=cache, attn_impl=self.attn_impl,
-                              logits_index=lengths - 1)
-        temperature, top_k, top_p, min_p, stop_ids = params
-
-        def pick(logits, step):
-            logits = logits[:, 0]  # [B, V]
-            tok = sample(logits, jax.random.fold_in(key, step), temperature=temperature,
-                         top_k=top_k, top_p=top_p, min_p=min_p)
-            logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tok[:, None], 1)[:, 0]
-            return tok, logprob
-
-        tok, lp = pick(logits, 0)
-        out = jnp.zeros((b, max_new), jnp.int32).at[:, 0].set(tok)
-        out_lp = jnp.zeros((b, max_new), jnp.float32).at[:, 0].set(lp)
-        done = jnp.isin(tok, stop_ids)
-
-        def cond(carry):
-            step, _, _, _, _, done, _ = carry
-            return (step < max_new) & ~jnp.all(done)
-
-        def body(carry):
-            step, tok, pos, cache, out, done, out_lp = carry
-            logits, cache = model(tok[:, None], positions=pos[:, None], cache=cache,
-                                  attn_impl=self.attn_impl)
-            new, lp = pick(logits, step)
-            new = jnp.where(done, 0, new)
-            out = out.at[:, step].set(new)
-            out_lp = out_lp.at[:, step].set(jnp.where(done, 0.0, lp))
-            done = done | jnp.isin(new, stop_ids)
-            return step + 1, new, pos + 1, cache, out, done, out_lp
-
-        carry = (jnp.int32(1), tok, lengths.astype(jnp.int32), cache, out, done, out_lp)
-        step, _, _, _, out, _, out_lp = jax.lax.while_loop(cond, body, carry)
-        return out, out_lp, step
 
     def generate(self, prompts: list[list[int]], gen: GenerationConfig) -> list[Generation]:
         """Generates a continuation of each prompt (a batch of token-id lists)."""
@@ -132,9 +141,10 @@ class Generator:
                   jnp.full((b,), gen.top_p, jnp.float32), jnp.full((b,), gen.min_p, jnp.float32),
                   jnp.asarray(list(gen.stop_ids) or [-1], jnp.int32))
         new_bucket = bucket(max_new, minimum=8)
-        out, out_lp, steps = self._generate(self.state, jnp.asarray(prompt), new_bucket,
-                                            t + new_bucket, jnp.asarray(lengths), params,
-                                            jax.random.key(gen.seed))
+        out, out_lp, steps = _generate(self.graphdef, self.state, jnp.asarray(prompt),
+                                       jnp.asarray(lengths), params, jax.random.key(gen.seed),
+                                       max_new=new_bucket, cache_len=t + new_bucket,
+                                       attn_impl=self.attn_impl)
         out, out_lp, steps = np.asarray(out), np.asarray(out_lp), int(steps)
         results = []
         stops = set(gen.stop_ids)
@@ -147,11 +157,6 @@ class Generator:
                     break
             results.append(Generation(ids, lps))
         return results
-
-    @functools.partial(jax.jit, static_argnums=0)
-    def _score(self, state, tokens, positions):
-        logits, _ = self._model(state)(tokens, positions=positions, attn_impl=self.attn_impl)
-        return jax.nn.log_softmax(logits, axis=-1)
 
     def score(self, ids: list[int]) -> Generation:
         """Teacher-forced scoring: for each next token, the argmax prediction and the
@@ -169,7 +174,8 @@ class Generator:
         tokens = np.zeros((1, t), np.int32)
         tokens[0, :len(ids)] = ids
         positions = np.where(np.arange(t) < len(ids), np.arange(t), -1)[None].astype(np.int32)
-        logprobs = np.asarray(self._score(self.state, jnp.asarray(tokens), jnp.asarray(positions)))[0]
+        logprobs = np.asarray(_score(self.graphdef, self.state, jnp.asarray(tokens),
+                                     jnp.asarray(positions), attn_impl=self.attn_impl))[0]
         n = len(ids) - 1
         given = logprobs[np.arange(n), np.asarray(ids[1:])]
         return Generation([int(x) for x in logprobs[:n].argmax(-1)], [float(x) for x in given])
