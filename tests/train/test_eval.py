@@ -1,0 +1,130 @@
+"""Eval: the scorer gives 100% to the generator's own answers, 0 to wrong ones, and runs a model."""
+
+import io
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from kestrel.errors import KestrelError
+from model import ModelConfig
+from model.checkpoint import abstract_params, model_from_params, save_checkpoint
+from model.tokenizer import Tokenizer
+from train import eval as ev
+from train.nano_tokenizer import corpus
+from train.synthetic import SUITES, render_kestrel
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train_sentencepiece(corpus(200, seed=7), 700)
+
+
+def scripted(tok, turns):
+    """A policy writing the same fixed turns (text) in every conversation."""
+    def policy(convs):
+        return [tok.encode(turns[min(len(c.rounds), len(turns) - 1)]) for c in convs]
+    return policy
+
+
+@pytest.mark.parametrize("suite,n", [("stem", 10), ("tools", 8)])
+def test_the_generators_own_answers_score_100(tok, suite, n):
+    result = ev.evaluate(tok, ev.oracle_policy(tok), suite, n=n, seed=1)
+    modes = ("tools", "no_tools") if suite == "stem" else ("tools",)
+    assert set(result["results"]) == set(modes)
+    assert len(result["rows"]) == n * len(modes)
+    for mode in modes:
+        res = result["results"][mode]
+        assert set(res["by_task"]) == set(SUITES[suite])
+        assert set(res["by_level"]) <= {"1", "2", "3", "4", "5"} and len(res["by_level"]) >= 2
+        overall = res["overall"]
+        assert overall["accuracy"] == 1.0 and overall["reasoning_tokens"] > 20
+        if mode == "tools":
+            assert overall["call_validity"] == overall["call_schema_valid"] == 1.0
+            assert overall["calls_per_problem"] >= 0.7
+        if suite == "tools":
+            assert overall["choice_match"] == overall["exact_match"] == 1.0
+    assert all(r["stop"] == "answer" for r in result["rows"])
+
+
+def test_wrong_answers_score_0(tok):
+    wrong = scripted(tok, ["<think>\nI guess.\n</think>\n\nAnswer: purple\nSummary: a guess.<|im_end|>"])
+    for suite in ("stem", "tools"):
+        result = ev.evaluate(tok, wrong, suite, n=8, seed=2)
+        for res in result["results"].values():
+            assert res["overall"]["accuracy"] == 0.0
+            assert res["overall"]["reasoning_tokens"] == len(tok.encode("\nI guess.\n"))
+        if suite == "tools":
+            made_no_call = result["results"]["tools"]["by_task"]
+            assert made_no_call["fc_single"]["exact_match"] == 0.0
+            assert made_no_call["fc_none"]["exact_match"] == 1.0  # no call was the right call
+
+
+def test_multi_step_transcript_is_the_chat_rendering(tok):
+    # The oracle plays a calculator conversation round by round through real tool execution; the
+    # final context must be exactly the chat rendering of the whole conversation.
+    (with_tools, _), = ev.heldout_examples("stem", 1, seed=3)
+    conv = ev.start(with_tools, "tools", tok)
+    ev.run_conversations([conv], ev.oracle_policy(tok), tok)
+    assert len(conv.rounds) >= 2 and conv.stop == "answer"
+    full = "".join(text for text, _ in render_kestrel(with_tools))
+    assert tok.decode(conv.context + conv.round_ids[-1]) + "\n" == full
+
+
+def test_tool_calls_are_executed_and_fed_back(tok):
+    call = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "6 * 7 + 0.5"}}\n</tool_call><|im_end|>'
+    bad = '<tool_call>\n{"name": "weather", "arguments": {}}\n</tool_call><|im_end|>'
+    (ex, _), = ev.heldout_examples("stem", 1, seed=4)
+    conv = ev.start(ex, "tools", tok)
+    ev.run_conversations([conv], scripted(tok, [call, bad, "Answer: 1<|im_end|>"]), tok)
+    text = tok.decode(conv.context)
+    assert "<tool_response>\n42.5\n</tool_response>" in text
+    assert "<tool_response>\nerror: 'weather' is not an available function\n</tool_response>" in text
+    assert text.endswith("<|im_start|>assistant\n") and len(conv.rounds) == 3
+    row = ev.score(conv, tok)
+    assert row["n_calls"] == 2 and row["calls_valid"] is False
+    assert row["calls_parse"] and not row["calls_name_offered"]
+    # A step limit ends a model that never stops calling.
+    conv = ev.start(ex, "tools", tok)
+    ev.run_conversations([conv], scripted(tok, [call]), tok, max_rounds=3)
+    assert conv.stop == "rounds" and len(conv.rounds) == 3
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tok, tmp_path_factory):
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                      head_dim=8, intermediate_size=64, max_position_embeddings=2048)
+    # Random weights straight into the abstract tree: eager init_model costs ~10 s on 2 cores.
+    rng = np.random.default_rng(0)
+
+    def fill(path, s):
+        if "scale" in jax.tree_util.keystr(path):
+            return np.ones(s.shape, s.dtype)
+        return (rng.normal(0, 0.05, s.shape)).astype(s.dtype)
+
+    params = jax.tree_util.tree_map_with_path(fill, abstract_params(cfg))
+    return save_checkpoint(model_from_params(cfg, params), tmp_path_factory.mktemp("ck") / "tiny", tokenizer=tok)
+
+
+def test_run_eval_on_a_tiny_random_model(tiny_ckpt):
+    out = io.StringIO()
+    result = ev.run_eval(str(tiny_ckpt), "stem", n=3, seed=0, max_new_tokens=8, json=True, batch_size=8,
+                         out=out)
+    assert json.loads(out.getvalue())["results"] == result["results"]
+    assert len(result["rows"]) == 6 and result["seconds"] > 0
+    for mode in ("tools", "no_tools"):
+        overall = result["results"][mode]["overall"]
+        assert 0.0 <= overall["accuracy"] <= 1.0 and overall["n"] == 3
+        assert 1 <= overall["generated_tokens"] <= 8 * 8
+    table = ev.format_table(result)
+    assert "[no_tools] all" in table and "arithmetic" in table and "level 1" in table
+
+
+def test_bad_arguments_are_user_errors(tiny_ckpt, tmp_path):
+    with pytest.raises(KestrelError, match="suite"):
+        ev.heldout_examples("poetry", 3)
+    with pytest.raises(KestrelError, match=">= 1"):
+        ev.heldout_examples("stem", 0)
+    with pytest.raises(KestrelError, match="not a Kestrel checkpoint"):
+        ev.run_eval(str(tmp_path), "stem", n=1, out=None)

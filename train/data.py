@@ -1,0 +1,244 @@
+"""The training data pipeline: synthetic STEM + tool-use conversations, packed, on a curriculum.
+
+Batch ``s`` is a pure function of ``(seed, s)``: its examples are ``mixture_at(seed_s, j, ...)``
+for j = 0, 1, ... with the curriculum's level mix at step ``s`` (``seed_s`` is derived from the
+seed and the step), rendered with ``render_kestrel``, tokenized segment by segment and packed
+first-fit into [B, T] rows (``train/packing.py``). So the iterator's whole state is the index of
+the next batch, a resumed run sees exactly the batches of an uninterrupted one, and the level mix
+of every batch follows the schedule exactly.
+
+grain runs it: ``MapDataset.range(start, ...)`` of batch indices, ``.map`` of the batch builder,
+``to_iter_dataset`` with reader threads, and optionally ``mp_prefetch`` worker processes (on a
+GPU host one Python thread cannot keep up with the step: a 64 x 1024 batch takes ~0.2 s).
+
+    data = SyntheticBatches(SyntheticDataConfig(tokenizer="checkpoints/kestrel-nano",
+                                                batch_size=8, seq_len=1024))
+    batch = next(data)          # {"tokens", "targets", "loss_mask", "segment_ids", "positions"}
+    state = data.get_state()    # {"next_batch": 1}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import sys
+from typing import Any, Iterator
+
+import grain
+import numpy as np
+
+from kestrel.errors import KestrelError
+from train.curriculum import Curriculum
+from train.packing import PackStats, TokenizedExample, pack_batch, tokenize_segments
+from train.synthetic import TASKS, Example, mixture_at, render_kestrel
+
+# Where the data factory finds the tokenizer when the run config names none.
+TOKENIZER_ENV = "KESTREL_DATA_TOKENIZER"
+
+
+def stream_seed(seed: int, step: int, tag: str = "train") -> int:
+    """A 63-bit seed for the example stream of batch `step`, distinct per (tag, seed, step)."""
+    digest = hashlib.blake2b(f"kestrel/{tag}/{seed}/{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticDataConfig:
+    """Settings of the synthetic pipeline.
+
+    Attributes:
+      tokenizer: a folder ``model.tokenizer.Tokenizer.load`` reads (a checkpoint or the output of
+        ``train/nano_tokenizer.py``).
+      batch_size: B.
+      seq_len: T.
+      seed: the data seed.
+      curriculum: level weights over steps; None is a constant uniform mix over levels 1..5.
+      tasks: task -> weight (default every task of ``TASKS`` with weight 1).
+      tools_fraction: the share of STEM examples that offer tools.
+      train_history: also learn earlier assistant turns of multi-turn conversations.
+      num_threads: grain reader threads (batches built in parallel in this process).
+      prefetch: batches grain keeps ready.
+      num_workers: grain worker processes (``mp_prefetch``); 0 keeps everything in-process.
+    """
+
+    tokenizer: str
+    batch_size: int = 8
+    seq_len: int = 1024
+    seed: int = 0
+    curriculum: Curriculum | None = None
+    tasks: tuple[tuple[str, float], ...] | None = None
+    tools_fraction: float = 0.8
+    train_history: bool = False
+    num_threads: int = 1
+    prefetch: int = 2
+    num_workers: int = 0
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.seq_len < 2:
+            raise ValueError(f"batch_size must be >= 1 and seq_len >= 2, got {self.batch_size}, {self.seq_len}")
+        if not 0 <= self.tools_fraction <= 1:
+            raise ValueError(f"tools_fraction must be in [0, 1], got {self.tools_fraction}")
+        if self.tasks is not None:
+            tasks = tuple(dict(self.tasks).items())
+            unknown = [t for t, _ in tasks if t not in TASKS]
+            if unknown:
+                raise ValueError(f"unknown tasks {unknown}; known: {', '.join(TASKS)}")
+            if any(w < 0 for _, w in tasks) or sum(w for _, w in tasks) <= 0:
+                raise ValueError(f"task weights must be >= 0 with a positive sum, got {tasks}")
+            object.__setattr__(self, "tasks", tasks)
+        if self.num_threads < 0 or self.prefetch < 0 or self.num_workers < 0:
+            raise ValueError("num_threads, prefetch and num_workers must be >= 0")
+
+    @property
+    def task_weights(self) -> dict[str, float]:
+        return dict(self.tasks) if self.tasks is not None else {name: 1.0 for name in TASKS}
+
+    @property
+    def schedule(self) -> Curriculum:
+        return self.curriculum or Curriculum.constant((1.0,) * 5)
+
+
+class BatchBuilder:
+    """``step -> packed batch``: the pure function grain maps over batch indices.
+
+    Picklable (for grain worker processes): the tokenizer is loaded lazily in each process.
+    """
+
+    def __init__(self, config: SyntheticDataConfig):
+        self.config = config
+        self._tokenizer = None
+
+    def __getstate__(self) -> dict:
+        return {"config": self.config, "_tokenizer": None}
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.config.tokenizer)
+        return self._tokenizer
+
+    def examples(self, step: int) -> Iterator[Example]:
+        """The endless example stream batch `step` is packed from."""
+        c = self.config
+        seed, levels, tasks = stream_seed(c.seed, step), c.schedule.levels_at(step), c.task_weights
+        j = 0
+        while True:
+            yield mixture_at(seed, j, levels, "train", tasks, c.tools_fraction)
+            j += 1
+
+    def build(self, step: int) -> tuple[dict[str, np.ndarray], PackStats, list[Example]]:
+        """Batch `step`, its packing stats and the examples placed in it (in placement order)."""
+        seen: list[Example] = []
+
+        def tokenized() -> Iterator[TokenizedExample]:
+            for ex in self.examples(step):
+                seen.append(ex)
+                yield tokenize_segments(self.tokenizer, render_kestrel(ex, train_history=self.config.train_history))
+
+        pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
+        batch, stats = pack_batch(tokenized(), self.config.batch_size, self.config.seq_len, pad_id=pad)
+        return batch, stats, [seen[k] for k in stats.placed]
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        return self.build(int(step))[0]
+
+
+def load_tokenizer(directory: str):
+    """The tokenizer in `directory` (a checkpoint or a tokenizer folder).
+
+    Raises:
+      KestrelError: no tokenizer there.
+    """
+    from model.tokenizer import Tokenizer
+
+    return Tokenizer.load(directory)
+
+
+class SyntheticBatches:
+    """An endless iterator of packed synthetic batches with ``get_state()``/``set_state()``.
+
+    Each batch is a dict of numpy arrays, all [B, T]: ``tokens`` and ``targets`` (int32; the
+    target is the next token of the same example), ``loss_mask`` (float32; 1 exactly where the
+    target is an assistant token of the final exchange), ``segment_ids`` (int32, 1.. per example
+    in a row, 0 on padding) and ``positions`` (int32, restarting at 0 per example).
+    """
+
+    def __init__(self, config: SyntheticDataConfig):
+        self.config = config
+        self.builder = BatchBuilder(config)
+        tok = self.builder.tokenizer  # fail now, not in a reader thread, if the folder is wrong
+        del tok
+        self._next = 0
+        self._it = None
+
+    def _pipeline(self, start: int):
+        c = self.config
+        ds = grain.MapDataset.range(start, sys.maxsize).map(self.builder)
+        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=c.num_threads, prefetch_buffer_size=c.prefetch))
+        if c.num_workers > 0:
+            # grain's workers read absl flags; outside absl.app.run they are not parsed yet.
+            from absl import flags
+
+            if not flags.FLAGS.is_parsed():
+                flags.FLAGS.mark_as_parsed()
+            it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=c.num_workers))
+        return iter(it)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._it is None:
+            self._it = self._pipeline(self._next)
+        batch = next(self._it)
+        self._next += 1
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        """``{"next_batch": s}``: the index of the batch ``next()`` returns."""
+        return {"next_batch": self._next}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Resumes at ``state["next_batch"]`` (what ``get_state`` returned)."""
+        if not isinstance(state, dict) or "next_batch" not in state:
+            raise ValueError(f"data state must be a dict with 'next_batch', got {state!r}")
+        nxt = int(state["next_batch"])
+        if nxt < 0:
+            raise ValueError(f"data state next_batch must be >= 0, got {nxt}")
+        self._next, self._it = nxt, None  # the pipeline restarts lazily at the new index
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """Batch `step` built directly (no prefetch): what the iterator yields at that index."""
+        return self.builder(step)
+
+
+def synthetic_batches(run_config) -> SyntheticBatches:
+    """The loop's data factory: ``data.source = "train.data:synthetic_batches"``.
+
+    Reads ``run_config.data`` (``batch_size``, ``seq_len``, ``seed``, and, where the config has
+    them, ``tokenizer``, ``curriculum``, ``tasks``, ``tools_fraction``, ``num_workers``); the
+    tokenizer folder falls back to ``$KESTREL_DATA_TOKENIZER``, the curriculum to
+    ``Curriculum.default(run_config.steps)``.
+
+    Raises:
+      KestrelError: no tokenizer given, or one larger than the model's vocabulary.
+    """
+    data = run_config.data
+    tokenizer = getattr(data, "tokenizer", None) or os.environ.get(TOKENIZER_ENV)
+    if not tokenizer:
+        raise KestrelError("the synthetic data source needs a tokenizer folder: set data.tokenizer or "
+                           f"${TOKENIZER_ENV} (train one with `python -m train.nano_tokenizer OUT`)")
+    curriculum = getattr(data, "curriculum", None) or Curriculum.default(run_config.steps)
+    tasks = getattr(data, "tasks", None)
+    config = SyntheticDataConfig(
+        tokenizer=str(tokenizer), batch_size=data.batch_size, seq_len=data.seq_len, seed=data.seed,
+        curriculum=curriculum, tasks=tuple(dict(tasks).items()) if tasks else None,
+        tools_fraction=getattr(data, "tools_fraction", 0.8),
+        num_threads=getattr(data, "num_threads", 1), num_workers=getattr(data, "num_workers", 0))
+    batches = SyntheticBatches(config)
+    vocab = batches.builder.tokenizer.vocab_size
+    if vocab > run_config.model.vocab_size:
+        raise KestrelError(f"tokenizer {tokenizer!r} has {vocab} ids but model.vocab_size is "
+                           f"{run_config.model.vocab_size}")
+    return batches

@@ -1,0 +1,75 @@
+"""Trains kestrel-nano's sentencepiece tokenizer on text from the synthetic generator.
+
+The corpus is whole conversations as ``render_kestrel`` writes them (system prompt, tool schemas,
+questions, reasoning, tool calls and results), drawn from the training split over every task and
+level, so the vocabulary covers exactly the text the model trains on. The tokenizer itself is
+``model.tokenizer.Tokenizer.train_sentencepiece``: BPE with byte fallback (any text encodes),
+digits split, and DESIGN.md's chat tokens (``<|im_start|>``, ``<think>``, ``<tool_call>``, ...)
+as single ids, plus the ChatML/Qwen3 chat template.
+
+    python -m train.nano_tokenizer checkpoints/kestrel-nano-tokenizer --vocab-size 32768
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Iterator
+
+from model.tokenizer import Tokenizer
+from train.data import stream_seed
+from train.synthetic import TASKS, mixture_at, render_kestrel
+
+ALL_LEVELS = {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0, 5: 1.0}
+
+
+def corpus(n: int, seed: int = 0, *, tools_fraction: float = 0.8) -> Iterator[str]:
+    """`n` rendered training conversations, uniform over tasks and levels 1..5.
+
+    Args:
+      n: how many conversations.
+      seed: the stream seed (its examples differ from every training batch's stream).
+      tools_fraction: the share of STEM examples that offer tools.
+
+    Yields:
+      The full chat text of each conversation.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    base = stream_seed(seed, 0, tag="tokenizer")
+    tasks = {name: 1.0 for name in TASKS}
+    for i in range(n):
+        ex = mixture_at(base, i, ALL_LEVELS, "train", tasks, tools_fraction)
+        yield "".join(text for text, _ in render_kestrel(ex))
+
+
+def train_nano_tokenizer(out_dir: str | os.PathLike | None = None, *, vocab_size: int = 32768,
+                         n_examples: int = 20_000, seed: int = 0) -> Tokenizer:
+    """Trains the tokenizer and optionally saves it (``tokenizer.model`` + ``tokenizer_config.json``).
+
+    Args:
+      out_dir: a folder to save into (created), or None.
+      vocab_size: the target vocabulary; the result may be smaller when the corpus has fewer
+        distinct pieces (the generator's text is regular), never larger.
+      n_examples: conversations in the corpus.
+      seed: the corpus seed.
+
+    Returns:
+      The trained `Tokenizer`; its ``vocab_size`` is what the model's embedding needs at least.
+    """
+    return Tokenizer.train_sentencepiece(corpus(n_examples, seed), vocab_size, out_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("out", help="folder to write tokenizer.model and tokenizer_config.json into")
+    parser.add_argument("--vocab-size", type=int, default=32768)
+    parser.add_argument("--examples", type=int, default=20_000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    tok = train_nano_tokenizer(args.out, vocab_size=args.vocab_size, n_examples=args.examples, seed=args.seed)
+    print(f"wrote {args.out}: {tok.vocab_size} ids")
+
+
+if __name__ == "__main__":
+    main()
