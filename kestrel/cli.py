@@ -90,6 +90,13 @@ def cmd_score(args) -> None:
         print(f"total log-probability {sum(result.logprobs):.6f}")
 
 
+def cmd_eval(args) -> None:
+    from train.eval import run_eval
+
+    run_eval(args.ckpt, args.suite, n=args.n, seed=args.seed, max_new_tokens=args.max_new_tokens,
+             json=args.json, batch_size=args.batch_size, max_rounds=args.max_rounds)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kestrel", description="Kestrel: a compact reasoning model and its whole stack in JAX.")
@@ -126,12 +133,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ids", required=True, help="comma-separated token ids")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_score)
+
+    # `kestrel train ...` hands its arguments to train.loop (see main()); listed here for --help.
+    sub.add_parser("train", help="train or distill: --config configs/NAME.py [--workdir DIR] "
+                                 "[--set key=value ...] [--resume]", add_help=False)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on held-out synthetic problems")
+    p.add_argument("ckpt")
+    p.add_argument("--suite", required=True, choices=["stem", "tools"])
+    p.add_argument("--n", type=int, default=100, help="problems per suite")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-rounds", type=int, default=8, help="tool-call rounds per problem")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv[:1] == ["train"]:
+            from train.loop import main as train_main
+
+            return train_main(argv[1:])
+        args = build_parser().parse_args(argv)
         args.func(args)
     except KestrelError as e:
         print(f"error: {e}", file=sys.stderr)

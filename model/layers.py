@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
@@ -79,7 +80,8 @@ class Embedding(nnx.Module):
                            cfg.param_dtype)
         self.dtype = DTYPES[cfg.dtype]
         # Gemma multiplies by sqrt(D) rounded to the compute dtype, as transformers does.
-        self.scale = float(jnp.asarray(cfg.hidden_size ** 0.5, self.dtype)) if cfg.embed_scale else None
+        # numpy, not jnp: this runs under nnx.eval_shape / jit tracing too.
+        self.scale = float(np.asarray(cfg.hidden_size ** 0.5, self.dtype)) if cfg.embed_scale else None
 
     def __call__(self, tokens: Int[Array, "B T"]) -> Float[Array, "B T D"]:
         x = jnp.take(self.table[...], tokens, axis=0).astype(self.dtype)
