@@ -4,6 +4,13 @@ The mask is described, never materialised by callers: absolute positions of quer
 (a negative key position marks an empty cache slot), causality, a left sliding window,
 segment ids (packed documents never attend across each other) and bidirectional span ids
 (tokens of one image see each other in both directions).
+
+Backends (``impl``): ``reference`` is the plain-jnp computation below (it materialises the mask);
+``pallas`` is Kestrel's block-sparse flash attention (model/kernels/flash.py: Triton on GPU,
+interpret mode on CPU; splash attention on TPU where the mask fits, model/kernels/tpu_splash.py);
+``xla`` and ``cudnn`` are ``jax.nn.dot_product_attention`` (model/kernels/dot_product.py), the
+peers the kernels are measured against; ``auto`` is the reference on CPU and ``pallas`` elsewhere.
+Every backend runs ``check_inputs`` first, so bad shapes raise ``ValueError`` before any tracing.
 """
 
 from __future__ import annotations
@@ -12,7 +19,13 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int
+
+from model.kernels.dot_product import dot_product_attention
+from model.kernels.flash import flash_attention
+from model.kernels.mask import MaskDescription
+from model.kernels.tpu_splash import splash_attention, splash_fits
 
 Impl = Literal["auto", "pallas", "reference", "xla", "cudnn"]
 
@@ -21,7 +34,8 @@ def check_inputs(q, k, v, q_positions, kv_positions, window, q_segment_ids, kv_s
                  q_span_ids, kv_span_ids) -> None:
     """Shape and argument checks shared by every implementation; raise before any tracing."""
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(f"q, k, v must be [B, T, N, H] / [B, S, K, H]; got {q.shape}, {k.shape}, {v.shape}")
+        raise ValueError(f"q, k, v must be [B, T, N, H] / [B, S, K, H]; "
+                         f"got {q.shape}, {k.shape}, {v.shape}")
     b, t, n, h = q.shape
     if k.shape != v.shape:
         raise ValueError(f"k and v shapes differ: {k.shape} vs {v.shape}")
@@ -50,20 +64,8 @@ def check_inputs(q, k, v, q_positions, kv_positions, window, q_segment_ids, kv_s
 def mask_from_description(q_positions, kv_positions, *, causal, window, q_segment_ids,
                           kv_segment_ids, q_span_ids, kv_span_ids) -> jax.Array:
     """The boolean [B, T, S] mask a description stands for (reference path only)."""
-    qp = q_positions[:, :, None]  # [B, T, 1]
-    kp = kv_positions[:, None, :]  # [B, 1, S]
-    allowed = kp >= 0
-    if causal:
-        order = kp <= qp
-        if q_span_ids is not None:
-            qs, ks = q_span_ids[:, :, None], kv_span_ids[:, None, :]
-            order = order | ((qs == ks) & (qs != 0))
-        allowed = allowed & order
-    if window is not None:
-        allowed = allowed & (qp - kp < window)
-    if q_segment_ids is not None:
-        allowed = allowed & (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])
-    return allowed
+    return MaskDescription(q_positions, kv_positions, causal, window, q_segment_ids,
+                           kv_segment_ids, q_span_ids, kv_span_ids).dense()
 
 
 def attention_reference(q, k, v, *, q_positions, kv_positions, causal=True, window=None,
@@ -88,9 +90,32 @@ def attention_reference(q, k, v, *, q_positions, kv_positions, causal=True, wind
     out = jnp.einsum("BKGTS,BSKH->BTKGH", p / jnp.where(l == 0, 1.0, l), v.astype(jnp.float32))
     out = out.reshape(b, t, n, h).astype(q.dtype)
     if return_lse:
-        lse = jnp.where(l[..., 0] > 0, jnp.log(l[..., 0]) + m_safe[..., 0], -jnp.inf)  # [B, K, G, T]
+        # [B, K, G, T]
+        lse = jnp.where(l[..., 0] > 0, jnp.log(l[..., 0]) + m_safe[..., 0], -jnp.inf)
         return out, lse.transpose(0, 3, 1, 2).reshape(b, t, n)
     return out
+
+
+def default_positions(b: int, t: int, s: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions when the caller gives none: keys 0..S-1, queries the last T of them (NumPy, so
+    block metadata is computed at trace time: the static fast path)."""
+    kv = np.broadcast_to(np.arange(s, dtype=np.int32), (b, s))
+    q = np.broadcast_to(np.arange(s - t, s, dtype=np.int32), (b, t))
+    return q, kv
+
+
+def resolve_impl(impl: str, platform: str | None = None) -> str:
+    """The implementation ``impl`` means on ``platform`` (default: JAX's default backend).
+
+    ``auto`` is the reference on CPU (interpret mode is for tests, not speed) and the Pallas
+    kernels on GPU and TPU.
+    """
+    if impl not in ("auto", "pallas", "reference", "xla", "cudnn"):
+        raise ValueError(f"impl must be auto, pallas, reference, xla or cudnn; got {impl!r}")
+    platform = platform or jax.default_backend()
+    if impl == "auto":
+        return "reference" if platform == "cpu" else "pallas"
+    return impl
 
 
 def attention(
@@ -98,8 +123,8 @@ def attention(
     k: Float[Array, "B S K H"],
     v: Float[Array, "B S K H"],
     *,
-    q_positions: Int[Array, "B T"],
-    kv_positions: Int[Array, "B S"],
+    q_positions: Int[Array, "B T"] | None = None,
+    kv_positions: Int[Array, "B S"] | None = None,
     causal: bool = True,
     window: int | None = None,
     q_segment_ids: Int[Array, "B T"] | None = None,
@@ -110,29 +135,70 @@ def attention(
     soft_cap: float | None = None,
     return_lse: bool = False,
     impl: Impl = "auto",
+    block_q: int = 128,
+    block_k: int = 128,
+    interpret: bool | None = None,
 ):
     """Attention of queries over keys under a described mask.
 
     Args:
       q: queries [B, T, N, H]. k, v: keys and values [B, S, K, H]; N a multiple of K.
-      q_positions, kv_positions: absolute positions; kv_positions < 0 marks empty slots.
+      q_positions, kv_positions: absolute positions; kv_positions < 0 marks empty slots. Both
+        None (training): keys at 0..S-1 and queries at the last T positions, known statically,
+        so the Pallas path computes its block metadata at trace time.
       causal: a key is visible only at a position <= the query's (except inside a span).
       window: left sliding window W: keys with q_pos - k_pos < W are visible.
       q_segment_ids, kv_segment_ids: packed documents; only equal ids attend.
       q_span_ids, kv_span_ids: nonzero equal ids attend bidirectionally (images).
       scale: softmax scale (default 1/sqrt(H)). soft_cap: tanh cap on logits.
       return_lse: also return the log-sum-exp [B, T, N] in float32.
-      impl: ``auto`` | ``pallas`` | ``reference`` | ``xla`` | ``cudnn``.
+      impl: ``auto`` | ``pallas`` | ``reference`` | ``xla`` | ``cudnn`` (see ``resolve_impl``).
+        ``pallas`` runs the block-sparse kernels (model/kernels/flash.py), in interpret mode on
+        CPU; on TPU, masks that splash attention can express go to splash attention and the
+        others to the reference.
+      block_q, block_k: Pallas block sizes (powers of two; capped by T and S).
+      interpret: force Pallas interpret mode on or off (default: on exactly on CPU).
 
     Returns:
       [B, T, N, H] in q's dtype (and the lse when asked).
     """
+    b, t = q.shape[:2] if q.ndim == 4 else (0, 0)
+    if (q_positions is None) != (kv_positions is None):
+        raise ValueError("q_positions and kv_positions must be given together (or both omitted)")
+    if q_positions is None:
+        if k.ndim != 4:
+            raise ValueError(f"k must be [B, S, K, H], got shape {k.shape}")
+        q_positions, kv_positions = default_positions(b, t, k.shape[1])
     check_inputs(q, k, v, q_positions, kv_positions, window, q_segment_ids, kv_segment_ids,
                  q_span_ids, kv_span_ids)
-    if impl not in ("auto", "pallas", "reference", "xla", "cudnn"):
-        raise ValueError(f"impl must be auto, pallas, reference, xla or cudnn; got {impl!r}")
-    return attention_reference(q, k, v, q_positions=q_positions, kv_positions=kv_positions,
-                               causal=causal, window=window, q_segment_ids=q_segment_ids,
-                               kv_segment_ids=kv_segment_ids, q_span_ids=q_span_ids,
-                               kv_span_ids=kv_span_ids, scale=scale, soft_cap=soft_cap,
-                               return_lse=return_lse)
+    if soft_cap is not None and not soft_cap > 0:
+        raise ValueError(f"soft_cap must be > 0, got {soft_cap}")
+    for name, size in (("block_q", block_q), ("block_k", block_k)):
+        if size < 1:
+            raise ValueError(f"{name} must be >= 1, got {size}")
+    impl = resolve_impl(impl)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    mask = MaskDescription(q_positions, kv_positions, causal, window, q_segment_ids,
+                           kv_segment_ids, q_span_ids, kv_span_ids)
+    reference = lambda: attention_reference(  # noqa: E731
+        q, k, v, q_positions=q_positions, kv_positions=kv_positions, causal=causal, window=window,
+        q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, q_span_ids=q_span_ids,
+        kv_span_ids=kv_span_ids, scale=scale, soft_cap=soft_cap, return_lse=return_lse)
+    if impl == "reference":
+        return reference()
+    if impl in ("xla", "cudnn"):
+        return dot_product_attention(q, k, v, mask, scale=scale, soft_cap=soft_cap,
+                                     return_lse=return_lse, implementation=impl)
+    platform = jax.default_backend()
+    if platform == "tpu":
+        # Kestrel's kernels are GPU-style (Triton / interpret); on TPU, masks splash attention
+        # can express go to splash, the rest (runtime positions, spans, lse) to the reference.
+        if not return_lse and splash_fits(mask, q.shape, k.shape, soft_cap):
+            return splash_attention(q, k, v, mask, scale=scale, soft_cap=soft_cap,
+                                    interpret=bool(interpret))
+        if not interpret:
+            return reference()
+    out, lse = flash_attention(q, k, v, mask, scale=scale, soft_cap=soft_cap, block_q=block_q,
+                               block_k=block_k,
+                               interpret=platform == "cpu" if interpret is None else interpret)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,228 @@
+"""Paged decode attention: a few new query tokens per sequence against a paged KV cache.
+
+Layout (shared with the serving engine): ``k_pages`` / ``v_pages`` [K, P, G, H] hold P physical
+pages of G tokens per kv head; ``page_table`` [B, max_pages] int32 maps each sequence's logical
+page j (tokens j*G .. j*G+G-1) to a physical page; ``lengths`` [B] counts the tokens in the cache,
+new ones included. The T queries of sequence b sit at positions lengths[b]-T .. lengths[b]-1 and
+are causal among themselves (T = 1: decode; T > 1: speculative verification).
+
+The Pallas kernel is flash-decoding: the grid is (B, K, splits) and each program reduces a
+contiguous range of logical pages with an online softmax, so a single long sequence still spreads
+over many programs; a cheap jnp pass merges the splits by their log-sum-exp. All T x N/K query rows
+of one kv head share every page load. Pages past the length, and pages wholly left of the sliding
+window, are never read: each program's loop bounds come from the length and the window. One
+page is one loop step, so on GPU (Triton) G must be a power of two >= 16; 64 or more keeps each
+load large enough to stream at HBM speed.
+
+Page-table bounds are checked (``ValueError``) when ``page_table`` and ``lengths`` are concrete.
+Under ``jit`` they are tracers and cannot be checked; the kernel then clamps page ids into
+[0, P), so a bad table reads a wrong page but never out of bounds.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jaxtyping import Array, Float, Int
+
+from model.kernels.attention import attention_reference, resolve_impl
+from model.kernels.flash import next_pow2, triton_params
+
+
+def check_paged_inputs(q, k_pages, v_pages, page_table, lengths, window) -> None:
+    """Shape and argument checks shared by the kernel and the reference; raise before tracing."""
+    if q.ndim != 4:
+        raise ValueError(f"q must be [B, T, N, H], got shape {q.shape}")
+    if k_pages.ndim != 4:
+        raise ValueError(f"k_pages must be [K, P, G, H], got shape {k_pages.shape}")
+    if v_pages.shape != k_pages.shape:
+        raise ValueError(f"v_pages shape {v_pages.shape} differs from k_pages shape "
+                         f"{k_pages.shape}")
+    b, t, n, h = q.shape
+    kh, p, g, hk = k_pages.shape
+    if hk != h:
+        raise ValueError(f"k_pages head dim {hk} differs from q head dim {h}")
+    if n % kh:
+        raise ValueError(f"query heads N={n} must be a multiple of kv heads K={kh}")
+    if page_table.ndim != 2 or page_table.shape[0] != b:
+        raise ValueError(f"page_table must be [B, max_pages] with B={b}, got {page_table.shape}")
+    if lengths.shape != (b,):
+        raise ValueError(f"lengths must be [B]=({b},), got {lengths.shape}")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    if isinstance(lengths, jax.core.Tracer) or isinstance(page_table, jax.core.Tracer):
+        return  # traced: bounds cannot be checked here; the kernel clamps page ids instead
+    lens = np.asarray(lengths)
+    capacity = page_table.shape[1] * g
+    if (lens < t).any() or (lens > capacity).any():
+        raise ValueError(f"lengths must lie in [T, max_pages * G] = [{t}, {capacity}], "
+                         f"got {lens.tolist()}")
+    table = np.asarray(page_table)
+    used = np.arange(table.shape[1])[None, :] < -(-lens[:, None] // g)  # [B, max_pages]
+    bad = used & ((table < 0) | (table >= p))
+    if bad.any():
+        row, col = map(int, np.argwhere(bad)[0])
+        raise ValueError(f"page_table[{row}, {col}] = {int(table[row, col])} points outside the "
+                         f"cache of P={p} pages")
+
+
+def paged_attention_reference(q, k_pages, v_pages, page_table, lengths, *, window=None,
+                              scale=None, soft_cap=None):
+    """Plain-jnp paged attention: gathers the pages into a dense cache and runs the reference."""
+    b, t, n, h = q.shape
+    kh, p, g, _ = k_pages.shape
+    table = jnp.clip(page_table, 0, p - 1)
+    dense = lambda pages: pages[:, table].reshape(kh, b, -1, h).transpose(1, 2, 0, 3)  # noqa: E731
+    k, v = dense(k_pages), dense(v_pages)  # [B, S, K, H]
+    s = k.shape[1]
+    slots = jnp.arange(s, dtype=jnp.int32)[None, :]
+    kv_positions = jnp.where(slots < lengths[:, None], slots, -1)
+    q_positions = lengths[:, None] - t + jnp.arange(t, dtype=jnp.int32)[None, :]
+    return attention_reference(q, k, v, q_positions=q_positions, kv_positions=kv_positions,
+                               causal=True, window=window, scale=scale, soft_cap=soft_cap)
+
+
+def _decode_kernel(len_ref, table_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, t, groups,
+                   page, pages_per_split, scale, soft_cap, window):
+    """One (sequence, kv head, split): online softmax over the split's pages in the window."""
+    length = len_ref[0]
+    rows, h = q_ref.shape
+    q = q_ref[...]  # [R, H]: row r is token r // groups of query head r % groups
+    q_pos = length - t + jnp.minimum(jnp.arange(rows) // groups, t - 1)  # [R]
+    lo = 0 if window is None else jnp.maximum(length - t - window + 1, 0)
+    split = pl.program_id(2)
+    first = jnp.maximum(split * pages_per_split, lo // page)
+    last = jnp.minimum((split + 1) * pages_per_split, (length + page - 1) // page)
+    precision = jax.lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    dims = (((1,), (1,)), ((), ()))
+
+    def body(j, carry):
+        o, m, l = carry
+        phys = table_ref[j]
+        k = k_ref[phys]  # [G, H]
+        v = v_ref[phys]
+        s = jax.lax.dot_general(q, k, dims, precision=precision,
+                                preferred_element_type=jnp.float32) * scale  # [R, G]
+        if soft_cap is not None:
+            s = soft_cap * jnp.tanh(s / soft_cap)
+        k_pos = j * page + jnp.arange(page)[None, :]
+        ok = (k_pos < length) & (k_pos <= q_pos[:, None])
+        if window is not None:
+            ok = ok & (q_pos[:, None] - k_pos < window)
+        s = jnp.where(ok, s, -jnp.inf)
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        alpha = jnp.exp(m - m_safe)
+        p = jnp.exp(s - m_safe[:, None])
+        pv = jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                                 precision=precision, preferred_element_type=jnp.float32)
+        return alpha[:, None] * o + pv, m_new, alpha * l + p.sum(axis=-1)
+
+    init = (jnp.zeros((rows, h), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
+            jnp.zeros((rows,), jnp.float32))
+    o, m, l = jax.lax.fori_loop(first, jnp.maximum(first, last), body, init)
+    o_ref[...] = o
+    m_ref[...] = m
+    l_ref[...] = l
+
+
+def _paged_pallas(q, k_pages, v_pages, page_table, lengths, *, window, scale, soft_cap,
+                  num_splits, interpret):
+    b, t, n, h = q.shape
+    kh, p, g, _ = k_pages.shape
+    groups = n // kh
+    max_pages = page_table.shape[1]
+    splits = max(1, min(num_splits, max_pages))
+    per_split = -(-max_pages // splits)
+    rows = t * groups
+    rows_pad = next_pow2(max(rows, 16))  # Triton dots need >= 16 rows
+    # [B, T, N, H] -> [B, K, T * N/K, H]: one kv head's query rows side by side.
+    qg = q.reshape(b, t, kh, groups, h).transpose(0, 2, 1, 3, 4).reshape(b, kh, rows, h)
+    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows_pad - rows), (0, 0)))
+    table = jnp.clip(page_table.astype(jnp.int32), 0, p - 1)
+    table = jnp.pad(table, ((0, 0), (0, next_pow2(max_pages) - max_pages)))
+    kernel = functools.partial(_decode_kernel, t=t, groups=groups, page=g,
+                               pages_per_split=per_split, scale=scale, soft_cap=soft_cap,
+                               window=window)
+    part = lambda *tail: pl.BlockSpec((None, None, None) + tail,  # noqa: E731
+                                      lambda b_, k_, s_: (b_, k_, s_) + (0,) * len(tail))
+    o, m, l = pl.pallas_call(
+        kernel,
+        grid=(b, kh, splits),
+        in_specs=[pl.BlockSpec((None, 1), lambda b_, k_, s_: (b_, 0)),
+                  pl.BlockSpec((None, table.shape[1]), lambda b_, k_, s_: (b_, 0)),
+                  pl.BlockSpec((None, None, rows_pad, h), lambda b_, k_, s_: (b_, k_, 0, 0)),
+                  pl.BlockSpec((None, p, g, h), lambda b_, k_, s_: (k_, 0, 0, 0)),
+                  pl.BlockSpec((None, p, g, h), lambda b_, k_, s_: (k_, 0, 0, 0))],
+        out_specs=[part(rows_pad, h), part(rows_pad), part(rows_pad)],
+        out_shape=[jax.ShapeDtypeStruct((b, kh, splits, rows_pad, h), jnp.float32),
+                   jax.ShapeDtypeStruct((b, kh, splits, rows_pad), jnp.float32),
+                   jax.ShapeDtypeStruct((b, kh, splits, rows_pad), jnp.float32)],
+        interpret=interpret, name="kestrel_paged_decode",
+        compiler_params=None if interpret or jax.default_backend() == "tpu" else triton_params(
+            num_warps=4, num_stages=2),
+    )(lengths.astype(jnp.int32)[:, None], table, qg, k_pages, v_pages)
+    # Merge the splits: rescale each by exp(m_split - m_max); splits that saw nothing have l = 0.
+    m_max = m.max(axis=2, keepdims=True)
+    w = jnp.exp(m - jnp.where(m_max == -jnp.inf, 0.0, m_max))  # [B, K, splits, R]
+    num = (w[..., None] * o).sum(axis=2)  # [B, K, R, H]
+    den = (w * l).sum(axis=2)[..., None]
+    out = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)[:, :, :rows]
+    out = out.reshape(b, kh, t, groups, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
+    return out.astype(q.dtype)
+
+
+def default_splits(batch: int, kv_heads: int, max_pages: int) -> int:
+    """Enough splits that B x K x splits programs fill an H100's 132 SMs about twice."""
+    return max(1, min(max_pages, -(-264 // max(1, batch * kv_heads))))
+
+
+def paged_attention(
+    q: Float[Array, "B T N H"],
+    k_pages: Float[Array, "K P G H"],
+    v_pages: Float[Array, "K P G H"],
+    page_table: Int[Array, "B M"],
+    lengths: Int[Array, "B"],
+    *,
+    window: int | None = None,
+    scale: float | None = None,
+    soft_cap: float | None = None,
+    num_splits: int | None = None,
+    impl: str = "auto",
+    interpret: bool | None = None,
+) -> Float[Array, "B T N H"]:
+    """Attention of each sequence's last T tokens over its paged cache.
+
+    Args:
+      q: [B, T, N, H] queries at positions lengths - T .. lengths - 1 (causal among themselves).
+      k_pages, v_pages: [K, P, G, H] paged keys and values; N a multiple of K.
+      page_table: [B, max_pages] physical page of each logical page.
+      lengths: [B] tokens in each sequence's cache, the T new ones included.
+      window: left sliding window W, or None; pages wholly outside it are not read.
+      scale: logit scale (default 1/sqrt(H)). soft_cap: tanh cap on logits.
+      num_splits: key-axis splits per (sequence, kv head) (default: fill the device).
+      impl: ``auto`` | ``pallas`` | ``reference`` (``xla`` and ``cudnn`` mean the reference).
+      interpret: force Pallas interpret mode (default: on exactly on CPU).
+
+    Returns:
+      [B, T, N, H] in q's dtype.
+    """
+    check_paged_inputs(q, k_pages, v_pages, page_table, lengths, window)
+    if soft_cap is not None and not soft_cap > 0:
+        raise ValueError(f"soft_cap must be > 0, got {soft_cap}")
+    if num_splits is not None and num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if resolve_impl(impl) != "pallas":
+        return paged_attention_reference(q, k_pages, v_pages, page_table, lengths,
+                                         window=window, scale=scale, soft_cap=soft_cap)
+    if num_splits is None:
+        num_splits = default_splits(q.shape[0], k_pages.shape[0], page_table.shape[1])
+    interpret = jax.default_backend() == "cpu" if interpret is None else interpret
+    return _paged_pallas(q, k_pages, v_pages, jnp.asarray(page_table), jnp.asarray(lengths),
+                         window=window, scale=scale, soft_cap=soft_cap, num_splits=num_splits,
+                         interpret=interpret)

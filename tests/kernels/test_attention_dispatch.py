@@ -1,0 +1,98 @@
+"""The attention entry point: input checks, backend dispatch and the TPU splash route."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from kernel_inputs import random_qkv
+
+from model.kernels import attention, resolve_impl
+from model.kernels.tpu_splash import splash_attention, splash_fits
+from model.kernels.mask import MaskDescription
+from model.kernels.attention import default_positions
+
+
+def _pos(b, n):
+    return jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+
+
+@pytest.mark.parametrize("shapes,kw,match", [
+    (((1, 4, 2, 8), (1, 4, 1, 4)), {}, "batch or head dim"),
+    (((1, 4, 3, 8), (1, 4, 2, 8)), {}, "multiple of kv heads"),
+    (((1, 4, 2, 8), (1, 4, 1, 8)), dict(window=0), "window must be >= 1"),
+    (((1, 4, 2, 8), (1, 4, 1, 8)), dict(q_positions=jnp.zeros((1, 5), jnp.int32),
+                                        kv_positions=jnp.zeros((1, 4), jnp.int32)), "q_positions"),
+    (((1, 4, 2, 8), (1, 4, 1, 8)), dict(q_segment_ids=jnp.zeros((1, 4), jnp.int32)),
+     "given together"),
+    (((1, 4, 2, 8), (1, 4, 1, 8)), dict(q_positions=jnp.zeros((1, 4), jnp.int32)),
+     "q_positions and kv_positions"),
+    (((1, 4, 2, 8), (1, 4, 1, 8)), dict(soft_cap=0.0), "soft_cap"),
+    (((1, 4, 2, 8), (1, 4, 1, 8)), dict(impl="triton"), "impl must be"),
+])
+def test_bad_input_raises_value_error(shapes, kw, match):
+    q, k = jnp.zeros(shapes[0]), jnp.zeros(shapes[1])
+    with pytest.raises(ValueError, match=match):
+        attention(q, k, k, **{"impl": "pallas", **kw})
+
+
+def test_auto_is_reference_on_cpu_and_pallas_on_accelerators():
+    assert resolve_impl("auto", "cpu") == "reference"
+    assert resolve_impl("auto", "gpu") == resolve_impl("auto", "tpu") == "pallas"
+    assert resolve_impl("xla", "gpu") == "xla"
+
+
+@pytest.mark.parametrize("kw", [dict(window=6), dict(causal=False, segments=True)])
+def test_xla_backend_matches_reference(kw):
+    q, k, v = random_qkv(0, 2, 12, 12, 4, 2, 8)
+    args = {}
+    if kw.pop("segments", False):
+        seg = np.ones((2, 12), np.int32)
+        seg[:, 5:] = 2
+        seg[0, :] = 3  # row 0: one document
+        seg_q = seg.copy()
+        seg_q[1, -1] = 7  # a query that sees nothing: zeros, as in the reference
+        args = dict(q_segment_ids=jnp.asarray(seg_q), kv_segment_ids=jnp.asarray(seg))
+    got = attention(q, k, v, impl="xla", **kw, **args)
+    want = attention(q, k, v, impl="reference", **kw, **args)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_xla_backend_refuses_soft_cap():
+    q, k, v = random_qkv(0, 1, 4, 4, 2, 1, 8)
+    with pytest.raises(ValueError, match="soft cap"):
+        attention(q, k, v, impl="xla", soft_cap=5.0)
+
+
+@pytest.mark.gpu
+def test_cudnn_backend_matches_reference():
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs a GPU")
+    q, k, v = random_qkv(0, 2, 256, 256, 4, 2, 64, dtype="bfloat16")
+    got = attention(q, k, v, impl="cudnn", window=64)
+    want = attention(q, k, v, impl="reference", window=64)
+    np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), atol=2e-2)
+
+
+def test_splash_route_matches_reference():
+    """The TPU route (splash attention, interpret mode here) on a windowed segment mask."""
+    b, t = 1, 128
+    q, k, v = random_qkv(1, b, t, t, 2, 1, 128)
+    qp, kp = default_positions(b, t, t)
+    seg = np.ones((b, t), np.int32)
+    seg[:, 50:] = 2
+    mask = MaskDescription(qp, kp, True, 32, jnp.asarray(seg), jnp.asarray(seg))
+    assert splash_fits(mask, q.shape, k.shape, None)
+    got = splash_attention(q, k, v, mask, scale=128 ** -0.5, soft_cap=None, interpret=True)
+    want = attention(q, k, v, impl="reference", window=32, q_segment_ids=jnp.asarray(seg),
+                     kv_segment_ids=jnp.asarray(seg))
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_splash_route_refuses_runtime_positions_and_spans():
+    qp, kp = default_positions(1, 128, 128)
+    shapes = ((1, 128, 2, 128), (1, 128, 1, 128))
+    assert not splash_fits(MaskDescription(qp + 1, kp + 1), *shapes, None)  # shifted positions
+    spans = np.zeros((1, 128), np.int32)
+    assert not splash_fits(MaskDescription(qp, kp, True, None, None, None, spans, spans),
+                           *shapes, None)
+    assert not splash_fits(MaskDescription(qp[:, :64], kp), (1, 64, 2, 128), shapes[1], None)
