@@ -38,6 +38,7 @@ from serve.tools.calculator import calculate
 from train.data import stream_seed
 from train.synthetic import SUITES, Example, check_answer, check_tool_calls, generate, parse_tool_calls, run_python
 from train.synthetic.render import render_segments
+from train.synthetic.checking import call_key
 
 MODES = ("tools", "no_tools")
 
@@ -103,20 +104,6 @@ def start(example: Example, mode: str, tokenizer) -> Conversation:
     text = tokenizer.render_chat(example.prompt_messages(), tools=example.tools or None,
                                  add_generation_prompt=True)
     return Conversation(example, mode, tokenizer.encode(text))
-
-
-def call_key(name: str, args: dict) -> str:
-    """A canonical text of a call: key order ignored, 3.0 == 3 (as ``check_tool_calls`` compares)."""
-    def norm(v):
-        if isinstance(v, float) and v.is_integer():
-            return int(v)
-        if isinstance(v, dict):
-            return {k: norm(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [norm(x) for x in v]
-        return v
-
-    return jsonlib.dumps([name, norm(args)], sort_keys=True)
 
 
 def _recorded_results(example: Example) -> dict[str, list[str]]:

@@ -128,8 +128,8 @@ def _normalise(call: Any) -> tuple[str, dict] | None:
     return fn["name"], args
 
 
-def _key(name: str, args: dict) -> str:
-    # Canonical JSON: key order does not matter; 3 and 3.0 are the same number, as in JSON Schema.
+def call_key(name: str, args: dict) -> str:
+    """A canonical text of a call: key order ignored; 3 and 3.0 are the same number (JSON Schema)."""
     def norm(v):
         if isinstance(v, float) and v.is_integer():
             return int(v)
@@ -183,8 +183,8 @@ def check_tool_calls(example: Example, calls: str | list[Any]) -> dict[str, Any]
             schema_ok = False
             errors.append(f"{name}: {error.message}")
     parses = len(parsed) == len(raw)
-    want = Counter(_key(c["name"], c["arguments"]) for c in expected)
-    got = Counter(_key(n, a) for n, a in parsed)
+    want = Counter(call_key(c["name"], c["arguments"]) for c in expected)
+    got = Counter(call_key(n, a) for n, a in parsed)
     return {
         "parses": parses,
         "names_offered": names_ok,
