@@ -138,6 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("train", help="train or distill: --config configs/NAME.py [--workdir DIR] "
                                  "[--set key=value ...] [--resume]", add_help=False)
 
+    from serve.chat_cli import add_chat_arguments, add_serve_arguments, chat_main, serve_main
+
+    p = sub.add_parser("serve", help="serve a checkpoint over gRPC and an OpenAI-compatible HTTP API")
+    add_serve_arguments(p)
+    p.set_defaults(func=serve_main)
+
+    p = sub.add_parser("chat", help="chat with a running server, streaming reasoning and tools")
+    add_chat_arguments(p)
+    p.set_defaults(func=chat_main)
+
+    sub.add_parser("batch", help="run an OpenAI batch JSONL file offline: IN OUT [CKPT]",
+                   add_help=False)
+
     p = sub.add_parser("eval", help="evaluate a checkpoint on held-out synthetic problems")
     p.add_argument("ckpt")
     p.add_argument("--suite", required=True, choices=["stem", "tools"])
@@ -158,15 +171,19 @@ def main(argv: list[str] | None = None) -> int:
             from train.loop import main as train_main
 
             return train_main(argv[1:])
+        if argv[:1] == ["batch"]:
+            from serve.batch import main as batch_main
+
+            return batch_main(argv[1:])
         args = build_parser().parse_args(argv)
-        args.func(args)
+        status = args.func(args)
     except KestrelError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":

@@ -64,6 +64,7 @@ class Attention(nnx.Module):
         q_span_ids: Int[Array, "B T"] | None = None,
         kv_span_ids: Int[Array, "B S"] | None = None,
         impl: str = "auto",
+        attend=None,
     ):
         """Attends x's queries over x's keys, or over a cache that ``write`` extends with them.
 
@@ -75,11 +76,19 @@ class Attention(nnx.Module):
           keys_values: this layer's cached keys and values [B, S, K, H], or None for self-only.
           write: ``write(cache_array, new)`` stores new [B, T, K, H] into a cache array.
           impl: the attention kernel implementation.
+          attend: a cache that places keys itself (the paged serving cache): ``attend(q, k, v, *,
+            window, scale, soft_cap, impl) -> (out [B, T, N, H], updated cache arrays)``; replaces
+            ``keys_values``/``write`` and the kernel call.
 
         Returns:
           ([B, T, D] output, (keys, values) as attended: the updated cache arrays).
         """
         q, k, v = self.project(x, rope)
+        if attend is not None:
+            out, kv = attend(q, k, v, window=self.window, scale=self.scale, soft_cap=self.soft_cap,
+                             impl=impl)
+            y = jnp.einsum("BTNH,NHD->BTD", out.astype(self.dtype), self.o_proj[...].astype(self.dtype))
+            return y, kv
         if keys_values is not None:
             k, v = write(keys_values[0], k), write(keys_values[1], v)
         out = kernels.attention(

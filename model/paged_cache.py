@@ -1,0 +1,131 @@
+"""A paged KV cache view for one serving step: the attention layer writes into pages, then attends.
+
+The serving engine keeps every layer's keys and values in pages, ``[K, P, G, H]`` per layer (the
+layout of ``model/kernels/paged.py``); which pages belong to which sequence is decided by
+``serve/kv_pages.py`` and arrives here as page tables. A ``PagedKVCache`` bundles, for one step of
+B sequences of T (padded) new tokens each:
+
+- the page arrays of every layer (updated and returned, so the caller can donate them),
+- per layer group (global, sliding), the page tables ``[B, M]`` and the slot of each new token
+  ``[B, T]`` (``page * G + offset``; -1 for padding tokens, whose K/V are dropped),
+- the new tokens' positions ``[B, T]`` (-1 for padding) and each sequence's cache length ``[B]``
+  after the step.
+
+Released sliding-window pages read -1 in a table: they are clamped to page 0 and hidden by the
+window mask. ``Transformer.__call__`` recognises this cache and hands each layer ``attend``, which
+scatters the new K/V into the pages and attends over them: decode steps (T = 1) go through the
+paged decode kernel, prefill chunks gather their pages into a dense view for the attention entry
+point (their queries sit at arbitrary, padded positions the paged kernel does not describe).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from model import kernels
+from model.config import ModelConfig
+from model.kernels.paged import paged_attention
+from model.layers import DTYPES
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PagedKVCache:
+    """Page arrays of every layer plus one step's page tables, slots and positions.
+
+    Attributes:
+      k, v: per layer, [K, P_g, G, H] pages (P_g: pages of the layer's group).
+      page_tables: per group, [B, M] physical page of each logical page (-1: released).
+      slots: per group, [B, T] flat slot ``page * G + offset`` of each new token (-1: padding).
+      positions: [B, T] positions of the new tokens (-1: padding).
+      lengths: [B] tokens in each sequence's cache after this step (new ones included).
+      layer_groups: static, the page group of each layer.
+      unpack: packed prefill only: [B, T] index of each (sequence, query) into the packed row of
+        N tokens (N: padding). Projections and MLPs then run on ``[1, N]`` real tokens, with no
+        per-sequence padding; only attention sees the ``[B, T]`` layout. ``positions`` and
+        ``slots`` are then [1, N].
+      pack: [N] index of each packed token into the flattened [B * T] layout.
+      query_positions: [B, T] positions in the unpacked layout (-1: padding).
+    """
+
+    k: tuple[Float[Array, "K P G H"], ...]
+    v: tuple[Float[Array, "K P G H"], ...]
+    page_tables: tuple[Int[Array, "B M"], ...]
+    slots: tuple[Int[Array, "B T"], ...]
+    positions: Int[Array, "B T"]
+    lengths: Int[Array, "B"]
+    layer_groups: tuple[int, ...] = dataclasses.field(metadata=dict(static=True), default=())
+    unpack: Int[Array, "B T"] | None = None
+    pack: Int[Array, "N"] | None = None
+    query_positions: Int[Array, "B T"] | None = None
+
+    @staticmethod
+    def create_pages(cfg: ModelConfig, num_pages: tuple[int, ...], page_size: int,
+                     layer_groups: tuple[int, ...], dtype: str | None = None):
+        """Zeroed page arrays: per layer, k and v of [K, P_g, G, H] with P_g = num_pages[group].
+
+        Returns:
+          (k tuple, v tuple), one entry per layer.
+        """
+        if len(layer_groups) != cfg.num_layers:
+            raise ValueError(f"layer_groups has {len(layer_groups)} entries for {cfg.num_layers} layers")
+        dt = DTYPES[dtype or cfg.dtype]
+        shape = lambda g: (cfg.num_kv_heads, num_pages[g], page_size, cfg.head_dim)  # noqa: E731
+        k = tuple(jnp.zeros(shape(g), dt) for g in layer_groups)
+        v = tuple(jnp.zeros(shape(g), dt) for g in layer_groups)
+        return k, v
+
+    def attend(self, layer: int, q: Float[Array, "B T N H"], k: Float[Array, "B T K H"],
+               v: Float[Array, "B T K H"], *, window: int | None, scale: float | None,
+               soft_cap: float | None, impl: str = "auto"):
+        """Writes layer ``layer``'s new keys/values into its pages and attends q over them.
+
+        Returns:
+          ([B, T, N, H] attention output, (k pages, v pages) updated).
+        """
+        g = self.layer_groups[layer]
+        k_pages, v_pages = self.k[layer], self.v[layer]
+        kh, p, page, h = k_pages.shape
+        b, t = q.shape[:2]
+        packed = self.unpack is not None
+        # Out-of-range slots are dropped by the scatter; -1 would wrap around to the last slot.
+        slots = self.slots[g].reshape(-1)
+        slots = jnp.where(slots < 0, p * page, slots)
+
+        def write(pages, new):  # new [B, T, K, H] -> pages [K, P, G, H]
+            flat = pages.reshape(kh, p * page, h)
+            new = new.astype(pages.dtype).reshape(b * t, kh, h).transpose(1, 0, 2)  # [K, B*T, H]
+            return flat.at[:, slots].set(new, mode="drop").reshape(kh, p, page, h)
+
+        k_pages, v_pages = write(k_pages, k), write(v_pages, v)
+        table = jnp.maximum(self.page_tables[g], 0)  # released sliding pages: hidden by the window
+        if packed:
+            n_q = q.shape[1]
+            q = jnp.take(q[0], self.unpack, axis=0, mode="fill", fill_value=0)  # [B, T, N, H]
+            b, t = q.shape[:2]
+        if t == 1:
+            out = paged_attention(q, k_pages.astype(q.dtype), v_pages.astype(q.dtype), table,
+                                  jnp.maximum(self.lengths, 1), window=window, scale=scale,
+                                  soft_cap=soft_cap, impl=impl)
+        else:
+            m = table.shape[1]
+            dense = lambda pages: pages[:, table].reshape(kh, b, m * page, h).transpose(1, 2, 0, 3)  # noqa: E731
+            kd, vd = dense(k_pages).astype(q.dtype), dense(v_pages).astype(q.dtype)  # [B, S, K, H]
+            s = jnp.arange(m * page, dtype=jnp.int32)[None, :]
+            kv_positions = jnp.where(s < self.lengths[:, None], s, -1)
+            q_positions = self.query_positions if packed else self.positions
+            out = kernels.attention(q, kd, vd, q_positions=q_positions, kv_positions=kv_positions,
+                                    causal=True, window=window, scale=scale, soft_cap=soft_cap,
+                                    impl=impl)
+        if packed:
+            out = out.reshape(b * t, *out.shape[2:])[self.pack][None]  # [1, N, N_h, H]
+            assert out.shape[1] == n_q
+        return out, (k_pages, v_pages)
+
+    def with_pages(self, k: tuple, v: tuple) -> "PagedKVCache":
+        """The same step with the updated page arrays of every layer."""
+        return dataclasses.replace(self, k=tuple(k), v=tuple(v))

@@ -1,0 +1,544 @@
+"""The serving engine: requests in, typed event streams out, one scheduler + runner loop between.
+
+    engine = Engine(model, tokenizer, num_pages=512, page_size=16, max_num_seqs=32,
+                    max_num_batched_tokens=512)
+    engine.start()                                   # or drive engine.step() by hand (tests)
+    handle = engine.submit(EngineRequest(messages=[{"role": "user", "content": "hi"}]))
+    for event in handle: ...                         # ReasoningDelta, AnswerDelta, ..., Finished
+    async for event in handle.events_async(): ...    # the same from asyncio code
+    engine.stop()
+
+Every check happens in ``submit``, in the caller's thread, before anything is queued: the channel
+spec (tools, tool_choice, response_format, effort), the prompt against the model's context and the
+KV pool, an unknown ``previous_response_id``. The loop (``step``) then runs
+``scheduler.schedule() -> runner.execute() -> scheduler.update()`` and feeds each sampled token to
+its request's channel machine, whose bitmask constrained that very token. Only the loop thread
+touches the scheduler: ``submit`` and ``cancel`` post to an inbox that each step drains first.
+
+Requests with ``channels=False`` skip the channel machine: no mask, and their text streams as
+``AnswerDelta`` (used by raw token clients, tests and the batch path's parity checks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import itertools
+import logging
+import queue
+import threading
+import time
+import uuid
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from model.tokenizer import Tokenizer
+from model.transformer import Transformer
+from serve import events as ev
+from serve.channel import ChannelMachine, ChannelSpec, fill_masks
+from serve.conversation import ResponseStore, StoredResponse
+from serve.grammar import IM_END, ChannelVocab, FunctionTool
+from serve.kv_pages import KVCacheManager
+from serve.request import FinishReason, Request, SamplingParams
+from serve.runner import ModelRunner, SampleOutput
+from serve.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineRequest:
+    """One generation request as the API layer hands it over.
+
+    Attributes:
+      messages: OpenAI-style chat messages, rendered with the tokenizer's chat template; or
+      prompt_token_ids: the prompt as token ids (exactly one of the two; with
+        ``previous_response_id`` they are the new turn, appended to the stored one's tokens).
+      tools: functions offered (``FunctionTool`` or OpenAI ``{"type": "function", "function":
+        {name, description, parameters}}`` dicts).
+      tool_choice, parallel_tool_calls, response_format, effort, reasoning_budget: see
+        ``serve.channel.ChannelSpec``.
+      params: sampling parameters (``max_tokens`` is cut to what the context leaves).
+      previous_response_id: continue a stored response (its tokens become the prompt's prefix).
+      store: keep the finished response for later ``previous_response_id`` use.
+      deadline: seconds from submission after which the request finishes with ``deadline``.
+      request_id: the id (default: a fresh ``resp_...``); also the stored response id.
+      channels: False: raw token generation, no channel machine or mask.
+      cache_salt: isolates prefix-cache sharing (e.g. per tenant).
+      chat_kwargs: extra chat-template variables (e.g. ``enable_thinking``).
+    """
+
+    messages: Sequence[Mapping[str, Any]] | None = None
+    prompt_token_ids: Sequence[int] | None = None
+    tools: Sequence[FunctionTool | Mapping[str, Any]] = ()
+    tool_choice: str = "auto"
+    parallel_tool_calls: bool = True
+    response_format: Mapping[str, Any] | None = None
+    effort: str = "medium"
+    reasoning_budget: int | None = None
+    params: SamplingParams = dataclasses.field(default_factory=SamplingParams)
+    previous_response_id: str | None = None
+    store: bool = True
+    deadline: float | None = None
+    request_id: str | None = None
+    channels: bool = True
+    cache_salt: str | None = None
+    chat_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class RequestHandle:
+    """A request's event stream and its result, filled by the engine loop.
+
+    Iterate it (blocking) or ``events_async()`` (asyncio) for the typed events; ``Finished`` is
+    always last. ``events``, ``output_token_ids`` and ``logprobs`` keep everything seen so far.
+    """
+
+    def __init__(self, request_id: str, prompt_token_ids: tuple[int, ...]):
+        self.request_id = request_id
+        self.prompt_token_ids = prompt_token_ids
+        self.events: list[ev.Event] = []
+        self.output_token_ids: list[int] = []
+        self.logprobs: list[SampleOutput] = []
+        self.usage: ev.Usage | None = None
+        self.finish_reason: str | None = None
+        self.request: Request | None = None
+        self._queue: queue.Queue = queue.Queue()
+        self._done = threading.Event()
+
+    @property
+    def finished(self) -> bool:
+        return self._done.is_set()
+
+    def _push(self, events: list[ev.Event]) -> None:
+        for e in events:
+            self.events.append(e)
+            self._queue.put(e)
+            if isinstance(e, ev.Finished):
+                self.usage, self.finish_reason = e.usage, e.reason
+                self._done.set()
+
+    def __iter__(self) -> Iterator[ev.Event]:
+        while True:
+            e = self._queue.get()
+            yield e
+            if isinstance(e, ev.Finished):
+                return
+
+    async def events_async(self):
+        """The events for asyncio code (each wait runs in a worker thread, never the loop)."""
+        while True:
+            e = await asyncio.to_thread(self._queue.get)
+            yield e
+            if isinstance(e, ev.Finished):
+                return
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Blocks until ``Finished`` (with a running engine); returns whether it came."""
+        return self._done.wait(timeout)
+
+    def text(self, kind: type = ev.AnswerDelta) -> str:
+        """The concatenated deltas of one channel so far (answer by default)."""
+        return "".join(e.text for e in self.events if isinstance(e, kind))
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineStats:
+    """Counters for metrics."""
+
+    num_waiting: int
+    num_running: int
+    pages_in_use: tuple[int, ...]
+    pages_free: tuple[int, ...]
+    prefix_hit_rate: float
+    num_preemptions: int
+    num_computed_tokens: int
+    num_output_tokens: int
+    output_tokens_per_s: float  # over the engine's busy time
+    mask_seconds: float  # host time spent computing channel masks
+    step_seconds: float  # busy time of the loop
+    num_stored_responses: int
+
+
+@dataclasses.dataclass
+class _Live:
+    request: Request
+    handle: RequestHandle
+    machine: ChannelMachine | None
+    decoder: Any
+    messages: tuple | None
+    tools: tuple
+    store: bool
+    prompt_recorded: bool = False
+
+
+class Engine:
+    """Continuous-batching generation over a paged KV cache.
+
+    Args:
+      model: the Transformer to serve.
+      tokenizer: its tokenizer (chat template, detokenizing, the channel vocabulary); may be
+        ``None`` for raw token requests only.
+      num_pages: KV pages per layer group (the global one).
+      page_size: tokens per page (G).
+      max_num_seqs: most requests running at once.
+      max_num_batched_tokens: tokens computed per step (prefill chunks plus decodes).
+      prefill_chunk_size: most tokens of one request per step.
+      num_sliding_pages: pages of the sliding-window group (default: ``num_pages``).
+      enable_prefix_caching: share full pages across requests with equal prefixes.
+      max_stored_responses: bound of the response store (LRU).
+      attn_impl: attention implementation for the runner.
+      seed: seeds the engine RNG that seeds requests without a ``seed``.
+      vocab: the channel vocabulary (default: built from ``tokenizer``).
+      clock: time source (deadlines, rates).
+    """
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer | None, *, num_pages: int,
+                 page_size: int = 16, max_num_seqs: int = 32, max_num_batched_tokens: int = 512,
+                 prefill_chunk_size: int | None = None, num_sliding_pages: int | None = None,
+                 enable_prefix_caching: bool = True, max_stored_responses: int = 1024,
+                 attn_impl: str = "auto", seed: int = 0, vocab: ChannelVocab | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        cfg = model.config
+        self.config = cfg
+        self.tokenizer = tokenizer
+        self.clock = clock
+        self.kv = KVCacheManager.for_layers(cfg.layer_types, cfg.sliding_window, num_pages=num_pages,
+                                            page_size=page_size, num_sliding_pages=num_sliding_pages,
+                                            enable_prefix_caching=enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, max_num_seqs, max_num_batched_tokens, prefill_chunk_size,
+                                   clock=clock)
+        self.runner = ModelRunner(model, self.kv, attn_impl=attn_impl)
+        self.responses = ResponseStore(max_stored_responses)
+        self._vocab = vocab
+        self._rng = np.random.default_rng(seed)
+        self._inbox: collections.deque = collections.deque()
+        self._live: dict[str, _Live] = {}
+        self._wake = threading.Condition()
+        self._step_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._ids = itertools.count()
+        self.num_output_tokens = 0
+        self.mask_seconds = 0.0
+        self.step_seconds = 0.0
+
+    # ------------------------------------------------------------------ submission
+
+    @property
+    def vocab(self) -> ChannelVocab:
+        """The channel vocabulary, built on first use from the tokenizer."""
+        if self._vocab is None:
+            tok = self.tokenizer
+            if tok is None:
+                raise ValueError("channel requests need a tokenizer; pass one or use channels=False")
+            self._vocab = ChannelVocab.from_token_bytes(
+                tok.token_bytes(), tok.special_ids, tok.encode, vocab_size=self.config.vocab_size,
+                eos_ids=sorted(tok.stop_ids))
+        return self._vocab
+
+    def submit(self, req: EngineRequest) -> RequestHandle:
+        """Checks and queues a request.
+
+        Returns:
+          Its handle.
+
+        Raises:
+          ValueError: anything wrong with the request (nothing was queued).
+        """
+        if not isinstance(req, EngineRequest):
+            raise ValueError(f"submit() takes an EngineRequest, got {type(req).__name__}")
+        if (req.messages is None) == (req.prompt_token_ids is None):
+            raise ValueError("give exactly one of messages and prompt_token_ids")
+        rid = req.request_id or f"resp_{uuid.uuid4().hex[:24]}"
+        if rid in self._live or any(item[1] == rid for item in list(self._inbox) if item[0] == "add"):
+            raise ValueError(f"request id {rid!r} is already in flight")
+        tools = tuple(_function_tool(t) for t in req.tools)
+        spec = None
+        if req.channels:
+            spec = ChannelSpec(tools=tools, tool_choice=req.tool_choice,
+                               parallel_tool_calls=req.parallel_tool_calls,
+                               response_format=req.response_format, effort=req.effort,
+                               reasoning_budget=req.reasoning_budget)
+        tool_schemas = tuple(_tool_schema(t) for t in tools)
+        prompt, messages = self._prompt(req, tool_schemas)
+        context = self.config.max_position_embeddings
+        if len(prompt) >= context:
+            raise ValueError(f"the prompt has {len(prompt)} tokens; the model's context is {context} "
+                             f"tokens, which leaves no room for output")
+        bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
+        params = req.params
+        changes: dict[str, Any] = {}
+        if params.max_tokens > context - len(prompt):
+            changes["max_tokens"] = context - len(prompt)
+        if params.seed is None:
+            changes["seed"] = int(self._rng.integers(0, 2**31))
+        if spec is not None:
+            changes["stop_token_ids"] = tuple(sorted(set(params.stop_token_ids) | set(self.vocab.eos_ids)))
+        if changes:
+            params = dataclasses.replace(params, **changes)
+        deadline = None if req.deadline is None else self.clock() + float(req.deadline)
+        request = Request(rid, prompt, params, deadline=deadline, cache_salt=req.cache_salt)
+        lifetime = len(prompt) + params.max_tokens - 1
+        need = self.kv.required_pages(lifetime, self.scheduler.prefill_chunk_size)
+        for n, group in zip(need, self.kv.groups):
+            if n > group.pool.num_pages:
+                raise ValueError(f"a prompt of {len(prompt)} tokens plus max_tokens={params.max_tokens} "
+                                 f"needs {n} KV pages of {self.kv.page_size} tokens; the pool has "
+                                 f"{group.pool.num_pages}")
+        machine = ChannelMachine(self.vocab, spec, input_tokens=len(prompt)) if spec is not None else None
+        decoder = None
+        if machine is None and self.tokenizer is not None:
+            decoder = self.tokenizer.stream_decoder(skip_special_tokens=True)
+        handle = RequestHandle(rid, prompt)
+        handle.request = request
+        live = _Live(request, handle, machine, decoder, messages, tool_schemas, req.store)
+        with self._wake:
+            self._inbox.append(("add", rid, live))
+            self._wake.notify()
+        return handle
+
+    def _prompt(self, req: EngineRequest, tool_schemas) -> tuple[tuple[int, ...], tuple | None]:
+        prev = None
+        if req.previous_response_id is not None:
+            prev = self.responses.get(req.previous_response_id)
+            if prev is None:
+                raise ValueError(f"previous_response_id {req.previous_response_id!r} is unknown or was evicted")
+        if req.prompt_token_ids is not None:
+            ids = tuple(req.prompt_token_ids)
+            if not ids:
+                raise ValueError("prompt_token_ids is empty")
+            return (prev.token_ids if prev else ()) + ids, None
+        if self.tokenizer is None:
+            raise ValueError("messages need a tokenizer with a chat template")
+        new = [dict(m) for m in req.messages]
+        if not new:
+            raise ValueError("messages is empty")
+        tools = list(tool_schemas) or None
+        kw = dict(req.chat_kwargs)
+        if prev is None or prev.messages is None:
+            text = self.tokenizer.render_chat(new, tools=tools, add_generation_prompt=True, **kw)
+            head = prev.token_ids if prev else ()
+            return head + tuple(self.tokenizer.encode(text)), tuple(new)
+        # Continue the stored turn token for token: the new messages rendered as what follows it.
+        before = list(prev.messages)
+        full = self.tokenizer.render_chat(before + new, tools=tools, add_generation_prompt=True, **kw)
+        prior = self.tokenizer.render_chat(before, tools=tools, add_generation_prompt=False, **kw)
+        if full.startswith(prior):
+            end = prior.rfind(IM_END)
+            suffix = (prior[end + len(IM_END):] if end >= 0 else "") + full[len(prior):]
+        else:  # the template rewrites earlier turns (e.g. drops reasoning): render the new ones alone
+            suffix = "\n" + self.tokenizer.render_chat(new, tools=tools, add_generation_prompt=True, **kw)
+        head = prev.token_ids
+        im_end = self.vocab.tag_ids[IM_END]
+        if not head or head[-1] not in self.vocab.eos_ids:
+            head = head + (im_end,)  # the turn was cut short: close it
+        return head + tuple(self.tokenizer.encode(suffix)), tuple(before + new)
+
+    def cancel(self, request_id: str) -> None:
+        """Cancels a request (its stream ends with ``Finished("cancelled")``); unknown ids are ignored."""
+        with self._wake:
+            self._inbox.append(("cancel", request_id, None))
+            self._wake.notify()
+
+    def get_response(self, response_id: str) -> StoredResponse | None:
+        return self.responses.get(response_id)
+
+    def delete_response(self, response_id: str) -> bool:
+        return self.responses.delete(response_id)
+
+    # ------------------------------------------------------------------ the loop
+
+    def has_work(self) -> bool:
+        return bool(self._inbox) or self.scheduler.has_unfinished()
+
+    def step(self) -> bool:
+        """Runs one scheduler + runner step; returns whether there was anything to do."""
+        with self._step_lock:
+            t0 = time.perf_counter()
+            self._drain_inbox()
+            if not self.scheduler.has_unfinished():
+                return False
+            out = self.scheduler.schedule()
+            for r in out.expired:
+                self._end(r.request_id, FinishReason.DEADLINE.value)
+            masks = self._masks(out)
+            try:
+                sampled = self.runner.execute(out, masks)
+            except Exception:
+                log.exception("model step failed; aborting its requests")
+                for e in out.scheduled:
+                    if self.scheduler.abort(e.request_id) is not None:
+                        self._end(e.request_id, FinishReason.ERROR.value)
+                self.scheduler.update(out, {})
+                self.step_seconds += time.perf_counter() - t0
+                return True
+            results = self.scheduler.update(out, {k: s.token_id for k, s in sampled.items()})
+            for res in results:
+                self._on_token(res.request, sampled[res.request.request_id], res.finished)
+            self.step_seconds += time.perf_counter() - t0
+            return True
+
+    def _masks(self, out) -> dict[str, np.ndarray]:
+        rows = [(e.request_id, self._live[e.request_id].machine) for e in out.scheduled
+                if e.samples and self._live[e.request_id].machine is not None]
+        if not rows:
+            return {}
+        t = time.perf_counter()
+        buf = np.empty((len(rows), self.vocab.n_words), np.int32)
+        fill_masks([m for _, m in rows], buf)
+        self.mask_seconds += time.perf_counter() - t
+        return {rid: buf[i] for i, (rid, _) in enumerate(rows)}
+
+    def _on_token(self, request: Request, sample: SampleOutput, finished: bool) -> None:
+        live = self._live[request.request_id]
+        h = live.handle
+        if not live.prompt_recorded:
+            live.prompt_recorded = True
+            if live.machine is not None:
+                live.machine.record_prompt(request.num_prompt_tokens, request.num_cached_tokens)
+        h.output_token_ids.append(sample.token_id)
+        h.logprobs.append(sample)
+        self.num_output_tokens += 1
+        if live.machine is None:
+            text = live.decoder.push(sample.token_id) if live.decoder is not None else ""
+            h._push([ev.AnswerDelta(text)] if text else [])
+            if finished:
+                self._end(request.request_id, request.finish_reason.value)
+            return
+        events = live.machine.advance(sample.token_id)
+        h._push([e for e in events if not isinstance(e, ev.Finished)])
+        if live.machine.done:
+            if not finished:  # the machine ended the turn on a token the scheduler did not stop at
+                self.scheduler.abort(request.request_id, FinishReason.STOP)
+            self._end(request.request_id, live.machine.finish_reason, finished_event=events[-1])
+        elif finished:
+            self._end(request.request_id, request.finish_reason.value)
+
+    def _end(self, rid: str, reason: str, finished_event: ev.Finished | None = None) -> None:
+        """Closes a request's stream (the scheduler has freed it) and stores the response."""
+        live = self._live.pop(rid, None)
+        if live is None:
+            return
+        h, r = live.handle, live.request
+        events: list[ev.Event] = []
+        if finished_event is None:
+            if live.machine is not None:
+                if not live.prompt_recorded:
+                    live.machine.record_prompt(r.num_prompt_tokens, r.num_cached_tokens)
+                events = live.machine.finish(reason)
+            else:
+                if live.decoder is not None:
+                    tail = live.decoder.flush()
+                    if tail:
+                        events.append(ev.AnswerDelta(tail))
+                events.append(ev.Finished(reason, ev.Usage(
+                    input_tokens=r.num_prompt_tokens, cached_input_tokens=r.num_cached_tokens,
+                    answer_tokens=r.num_output_tokens)))
+            finished_event = events[-1]
+        if live.store and reason not in (FinishReason.CANCELLED.value, FinishReason.ERROR.value):
+            self.responses.put(self._stored(live, reason, finished_event.usage))
+        h._push(events if events else [finished_event])
+
+    def _stored(self, live: _Live, reason: str, usage: ev.Usage) -> StoredResponse:
+        h = live.handle
+        messages = None
+        if live.messages is not None:
+            calls = [{"type": "function", "function": {"name": e.name, "arguments": e.arguments}}
+                     for e in h.events if isinstance(e, ev.ToolCallDone)]
+            msg: dict[str, Any] = {"role": "assistant", "content": h.text(ev.AnswerDelta)}
+            reasoning = h.text(ev.ReasoningDelta)
+            if reasoning:
+                msg["reasoning_content"] = reasoning
+            if calls:
+                msg["tool_calls"] = calls
+            messages = tuple(live.messages) + (msg,)
+        return StoredResponse(h.request_id, messages, tuple(h.prompt_token_ids),
+                              tuple(h.output_token_ids), reason, usage, live.tools)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            with self._wake:
+                if not self._inbox:
+                    return
+                op, rid, live = self._inbox.popleft()
+            if op == "add":
+                self._live[rid] = live
+                try:
+                    self.scheduler.add(live.request)
+                except ValueError as e:  # checked in submit; a race on ids ends up here
+                    del self._live[rid]
+                    live.handle._push([ev.Finished(FinishReason.ERROR.value, ev.Usage())])
+                    log.warning("request %s rejected: %s", rid, e)
+            elif op == "cancel":
+                if self.scheduler.cancel(rid) is not None:
+                    self._end(rid, FinishReason.CANCELLED.value)
+
+    def run_until_idle(self, max_steps: int | None = None) -> int:
+        """Steps until no request is left (manual driving, tests, batch jobs); returns the steps."""
+        n = 0
+        while self.has_work() and (max_steps is None or n < max_steps):
+            self.step()
+            n += 1
+        return n
+
+    def start(self) -> None:
+        """Runs the loop in a background thread."""
+        if self._thread is not None:
+            raise RuntimeError("the engine is already running")
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="kestrel-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Stops the loop thread (running requests stay queued)."""
+        if self._thread is None:
+            return
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout)
+        self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not self.has_work():
+                    self._wake.wait(0.5)
+                if self._stopping:
+                    return
+            self.step()
+
+    # ------------------------------------------------------------------ metrics
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler.stats()
+        rate = self.num_output_tokens / self.step_seconds if self.step_seconds else 0.0
+        return EngineStats(
+            num_waiting=s.num_waiting + len(self._inbox), num_running=s.num_running,
+            pages_in_use=s.pages_in_use, pages_free=s.pages_free,
+            prefix_hit_rate=s.prefix_hits / s.prefix_queries if s.prefix_queries else 0.0,
+            num_preemptions=s.num_preemptions, num_computed_tokens=s.num_computed_tokens,
+            num_output_tokens=self.num_output_tokens, output_tokens_per_s=rate,
+            mask_seconds=self.mask_seconds, step_seconds=self.step_seconds,
+            num_stored_responses=len(self.responses))
+
+
+def _function_tool(t: FunctionTool | Mapping[str, Any]) -> FunctionTool:
+    if isinstance(t, FunctionTool):
+        return t
+    if not isinstance(t, Mapping):
+        raise ValueError(f"a tool must be a FunctionTool or an OpenAI tool dict, got {type(t).__name__}")
+    fn = t.get("function", t)
+    if t.get("type", "function") != "function" or not isinstance(fn, Mapping) or "name" not in fn:
+        raise ValueError(f"a tool must be {{'type': 'function', 'function': {{'name': ...}}}}, got {dict(t)!r}")
+    return FunctionTool(fn["name"], fn.get("parameters", {"type": "object", "properties": {}}),
+                        fn.get("description", ""))
+
+
+def _tool_schema(t: FunctionTool) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": t.name, "description": t.description,
+                                             "parameters": dict(t.parameters)}}
