@@ -55,7 +55,7 @@ class Attention(nnx.Module):
         x: Float[Array, "B T D"],
         *,
         rope: tuple[Array, Array],
-        q_positions: Int[Array, "B T"],
+        q_positions: Int[Array, "B T"] | None,
         kv_positions: Int[Array, "B S"],
         keys_values: tuple[Array, Array] | None = None,
         write=None,
@@ -71,7 +71,8 @@ class Attention(nnx.Module):
         Args:
           x: the layer input [B, T, D].
           rope: cos and sin tables [B, T, H] for x's positions.
-          q_positions: positions of x's tokens [B, T].
+          q_positions: positions of x's tokens [B, T]; None (with kv_positions None) means
+            0..T-1, a mask the kernel can plan at trace time.
           kv_positions: positions of the attended keys [B, S] (-1: empty slot).
           keys_values: this layer's cached keys and values [B, S, K, H], or None for self-only.
           write: ``write(cache_array, new)`` stores new [B, T, K, H] into a cache array.

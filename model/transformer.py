@@ -91,9 +91,15 @@ class Transformer(nnx.Module):
         paged = isinstance(cache, PagedKVCache)
         if paged and positions is None:
             positions = cache.positions
+        # Without a cache or given positions the mask is static (0..T-1), so attention may plan
+        # its block sparsity at trace time instead of from runtime positions.
+        static_positions = positions is None and cache is None
         if positions is None:
             start = cache.lengths[:, None] if cache is not None else jnp.zeros((b, 1), jnp.int32)
             positions = start + jnp.arange(t, dtype=jnp.int32)[None, :]
+        if span_ids is not None and cache is not None:
+            raise ValueError("span_ids with a KV cache are not supported: the cache keeps no span "
+                             "ids; run spans (images) through a cache-free forward or prefill")
         if segment_ids is not None and cache is not None:
             raise ValueError("segment_ids are for packed training sequences, not cached decoding")
         x = self.embed(tokens) if embeddings is None else embeddings.astype(DTYPES[cfg.dtype])
@@ -109,15 +115,17 @@ class Transformer(nnx.Module):
             write = lambda values, new: cache.write(slots, values, new)  # noqa: E731
         else:
             kv_positions, write = positions, None
+        q_positions = None if static_positions else positions
+        if static_positions:
+            kv_positions = None
 
         new_k, new_v = [], []
         for i, block in enumerate(self.blocks):
             x, (k, v) = block(
-                x, rope=ropes[block.layer_type], q_positions=positions, kv_positions=kv_positions,
+                x, rope=ropes[block.layer_type], q_positions=q_positions, kv_positions=kv_positions,
                 keys_values=None if cache is None or paged else (cache.k[i], cache.v[i]), write=write,
                 q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-                q_span_ids=span_ids, kv_span_ids=None if span_ids is None else (
-                    span_ids if cache is None else None), impl=attn_impl,
+                q_span_ids=span_ids, kv_span_ids=span_ids, impl=attn_impl,
                 attend=functools.partial(cache.attend, i) if paged else None)
             new_k.append(k)
             new_v.append(v)
