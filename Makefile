@@ -1,5 +1,8 @@
 # Two entry points for a fresh machine with only Python 3.11 and pip: `make demo` and `make test`.
 PYTHON ?= python3
+# Test files run in parallel, one file per worker (module fixtures such as a converted SmolLM2
+# are built once per file); two workers fit the 2-core CI machine.
+WORKERS ?= 2
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
@@ -21,10 +24,10 @@ demo: $(STAMP)
 	$(PY) -m kestrel.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(WORKERS) --dist loadfile
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q -m ''
+	$(PY) -m pytest -q -n $(WORKERS) --dist loadfile -m 'not gpu'
 
 clean:
 	rm -rf $(VENV)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
@@ -22,15 +21,7 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], 
           std: float = 0.02, init: str = "normal") -> nnx.Param:
     """A parameter initialised (normal with ``std``, or ``zeros``/``ones``) with logical axes."""
     if init == "normal":
-        key = rngs.params()
-        if isinstance(key, jax.core.Tracer):  # inside jit / eval_shape
-            value = jax.random.normal(key, shape, jnp.float32) * std
-        else:
-            # Eagerly, a jax.random draw compiles once per shape (~0.1-0.5 s each on CPU);
-            # NumPy seeded from the same key is as deterministic and costs nothing to start.
-            seed = np.asarray(jax.random.key_data(key)).ravel().tolist()
-            value = jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32)
-                                * np.float32(std))
+        value = jax.random.normal(rngs.params(), shape, jnp.float32) * std
     elif init == "zeros":
         value = jnp.zeros(shape, jnp.float32)
     else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -166,6 +167,15 @@ def rope_frequencies(cfg: ModelConfig) -> dict[str, tuple]:
         cfg.head_dim, cfg.rope_local_theta, RopeScaling(), cfg.max_position_embeddings)}
 
 
-def init_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
-    """A randomly initialised model (normal(0.02) weights, unit norms)."""
+@functools.partial(nnx.jit, static_argnums=0)
+def _init_compiled(cfg: ModelConfig, seed) -> Transformer:
     return Transformer(cfg, rngs=nnx.Rngs(params=seed))
+
+
+def init_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
+    """A randomly initialised model (normal(0.02) weights, unit norms).
+
+    Built in one compiled program (eagerly, every parameter's initialiser would compile on its
+    own); the values equal an initialisation traced inside any other jit, e.g. the training loop's.
+    """
+    return _init_compiled(cfg, jax.random.key(seed))

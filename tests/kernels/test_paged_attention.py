@@ -66,7 +66,10 @@ def test_pages_outside_length_and_window_are_not_read(interpret):
     lengths = np.array([38, 9], np.int32)
     window = 5
     q = jnp.asarray(np.random.default_rng(4).standard_normal((2, 1, 4, H), np.float32))
-    want = _compiled("reference", 1, window, None, None, None)(q, k_pages, v_pages, table, lengths)
+    # Copies: on CPU, JAX may alias these NumPy buffers and run asynchronously, so poisoning
+    # them in place below could race with the reference computation.
+    want = np.asarray(_compiled("reference", 1, window, None, None, None)(
+        q, k_pages.copy(), v_pages.copy(), table, lengths))
     # Sequence 0 sees positions 33..37 (logical page 2); sequence 1 sees 4..8 (page 0).
     unread = {0: [0, 1, 3], 1: [1, 2, 3]}
     for row, pages in unread.items():
