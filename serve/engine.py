@@ -37,8 +37,9 @@ import numpy as np
 from model.tokenizer import Tokenizer
 from model.transformer import Transformer
 from serve import events as ev
-from serve.channel import ChannelMachine, ChannelSpec, fill_masks
+from serve.channel import ChannelMachine, ChannelSpec, State, fill_masks
 from serve.conversation import ResponseStore, StoredResponse
+from serve.effort import EffortModel
 from serve.grammar import IM_END, ChannelVocab, FunctionTool
 from serve.kv_pages import KVCacheManager
 from serve.request import FinishReason, Request, SamplingParams
@@ -103,6 +104,7 @@ class RequestHandle:
         self.logprobs: list[SampleOutput] = []
         self.usage: ev.Usage | None = None
         self.finish_reason: str | None = None
+        self.reasoning_budget: int | None = None  # the predicted budget of an effort="auto" request
         self.request: Request | None = None
         self._queue: queue.Queue = queue.Queue()
         self._done = threading.Event()
@@ -171,6 +173,8 @@ class _Live:
     tools: tuple
     store: bool
     prompt_recorded: bool = False
+    # Samples of answer tokens whose text no AnswerDelta has carried yet (logprobs requests).
+    pending_logprobs: list = dataclasses.field(default_factory=list)
 
 
 class Engine:
@@ -199,8 +203,9 @@ class Engine:
                  prefill_chunk_size: int | None = None, num_sliding_pages: int | None = None,
                  enable_prefix_caching: bool = True, max_stored_responses: int = 1024,
                  attn_impl: str = "auto", seed: int = 0, vocab: ChannelVocab | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 effort: EffortModel | None = None, clock: Callable[[], float] = time.monotonic):
         cfg = model.config
+        self.effort = effort or EffortModel()
         self.config = cfg
         self.tokenizer = tokenizer
         self.clock = clock
@@ -256,11 +261,17 @@ class Engine:
             raise ValueError(f"request id {rid!r} is already in flight")
         tools = tuple(_function_tool(t) for t in req.tools)
         spec = None
+        # effort="auto": the probe sets the budget from the prompt's last hidden state after
+        # prefill; a model without a probe reasons at its medium budget.
+        predict = req.channels and req.effort == "auto" and req.reasoning_budget is None
+        budget = req.reasoning_budget
+        if predict and self.effort.probe is None:
+            predict, budget = False, self.effort.budgets["medium"]
         if req.channels:
             spec = ChannelSpec(tools=tools, tool_choice=req.tool_choice,
                                parallel_tool_calls=req.parallel_tool_calls,
                                response_format=req.response_format, effort=req.effort,
-                               reasoning_budget=req.reasoning_budget)
+                               reasoning_budget=budget, effort_budgets=self.effort.budgets)
         tool_schemas = tuple(_tool_schema(t) for t in tools)
         prompt, messages = self._prompt(req, tool_schemas)
         context = self.config.max_position_embeddings
@@ -281,7 +292,8 @@ class Engine:
         if changes:
             params = dataclasses.replace(params, **changes)
         deadline = None if req.deadline is None else self.clock() + float(req.deadline)
-        request = Request(rid, prompt, params, deadline=deadline, cache_salt=req.cache_salt)
+        request = Request(rid, prompt, params, deadline=deadline, cache_salt=req.cache_salt,
+                          wants_hidden=predict)
         lifetime = len(prompt) + params.max_tokens - 1
         need = self.kv.required_pages(lifetime, self.scheduler.prefill_chunk_size)
         for n, group in zip(need, self.kv.groups):
@@ -325,18 +337,30 @@ class Engine:
             return head + tuple(self.tokenizer.encode(text)), tuple(new)
         # Continue the stored turn token for token: the new messages rendered as what follows it.
         before = list(prev.messages)
-        full = self.tokenizer.render_chat(before + new, tools=tools, add_generation_prompt=True, **kw)
-        prior = self.tokenizer.render_chat(before, tools=tools, add_generation_prompt=False, **kw)
-        if full.startswith(prior):
-            end = prior.rfind(IM_END)
-            suffix = (prior[end + len(IM_END):] if end >= 0 else "") + full[len(prior):]
-        else:  # the template rewrites earlier turns (e.g. drops reasoning): render the new ones alone
-            suffix = "\n" + self.tokenizer.render_chat(new, tools=tools, add_generation_prompt=True, **kw)
+        suffix = self._continuation(before, new, tools, kw)
         head = prev.token_ids
         im_end = self.vocab.tag_ids[IM_END]
         if not head or head[-1] not in self.vocab.eos_ids:
             head = head + (im_end,)  # the turn was cut short: close it
         return head + tuple(self.tokenizer.encode(suffix)), tuple(before + new)
+
+    def _continuation(self, before: list[dict], new: list[dict], tools, kw) -> str:
+        """The text the chat template writes for `new` after the stored turns `before`.
+
+        The stored turns end in ``<|im_end|>``; the continuation is what the template writes for
+        the whole conversation after as many ``<|im_end|>`` as the stored turns have. Counting
+        turn ends instead of comparing prefixes matters: templates rewrite earlier turns once a
+        later user turn exists (Qwen3 drops their reasoning and empty think blocks), and the
+        stored tokens keep what the model really wrote. So the new turns are written exactly as
+        mid-conversation turns: no second system block, no repeated tools header.
+        """
+        render = self.tokenizer.render_chat
+        turns = render(before, tools=tools, add_generation_prompt=False, **kw).count(IM_END)
+        parts = render(before + new, tools=tools, add_generation_prompt=True, **kw).split(IM_END)
+        if turns == 0 or len(parts) <= turns:
+            raise ValueError("the chat template cannot continue a stored conversation: its turns "
+                             f"do not end in {IM_END}")
+        return IM_END.join(parts[turns:])
 
     def cancel(self, request_id: str) -> None:
         """Cancels a request (its stream ends with ``Finished("cancelled")``); unknown ids are ignored."""
@@ -400,16 +424,25 @@ class Engine:
             live.prompt_recorded = True
             if live.machine is not None:
                 live.machine.record_prompt(request.num_prompt_tokens, request.num_cached_tokens)
+        if sample.hidden is not None and live.machine is not None and self.effort.probe is not None:
+            h.reasoning_budget = self.effort.probe.budget(sample.hidden)
+            live.machine.set_budget(h.reasoning_budget)
         h.output_token_ids.append(sample.token_id)
         h.logprobs.append(sample)
         self.num_output_tokens += 1
         if live.machine is None:
             text = live.decoder.push(sample.token_id) if live.decoder is not None else ""
-            h._push([ev.AnswerDelta(text)] if text else [])
+            events = [ev.AnswerDelta(text)] if text else []
+            if request.params.logprobs:
+                events = self._attach_logprobs(live, sample, events, in_answer=True)
+            h._push(events)
             if finished:
                 self._end(request.request_id, request.finish_reason.value)
             return
         events = live.machine.advance(sample.token_id)
+        if request.params.logprobs:
+            events = self._attach_logprobs(live, sample, events,
+                                           in_answer=live.machine.state is State.ANSWER)
         h._push([e for e in events if not isinstance(e, ev.Finished)])
         if live.machine.done:
             if not finished:  # the machine ended the turn on a token the scheduler did not stop at
@@ -417,6 +450,19 @@ class Engine:
             self._end(request.request_id, live.machine.finish_reason, finished_event=events[-1])
         elif finished:
             self._end(request.request_id, request.finish_reason.value)
+
+    @staticmethod
+    def _attach_logprobs(live: _Live, sample: SampleOutput, events: list, *, in_answer: bool) -> list:
+        """Gives each AnswerDelta the samples of the answer tokens its text completes."""
+        if in_answer:
+            live.pending_logprobs.append(sample)
+        out = []
+        for e in events:
+            if isinstance(e, ev.AnswerDelta) and live.pending_logprobs:
+                e = dataclasses.replace(e, logprobs=tuple(live.pending_logprobs))
+                live.pending_logprobs = []
+            out.append(e)
+        return out
 
     def _end(self, rid: str, reason: str, finished_event: ev.Finished | None = None) -> None:
         """Closes a request's stream (the scheduler has freed it) and stores the response."""
@@ -439,6 +485,9 @@ class Engine:
                     input_tokens=r.num_prompt_tokens, cached_input_tokens=r.num_cached_tokens,
                     answer_tokens=r.num_output_tokens)))
             finished_event = events[-1]
+            if live.pending_logprobs:  # a flushed tail carries the samples still waiting
+                events = [dataclasses.replace(e, logprobs=tuple(live.pending_logprobs))
+                          if isinstance(e, ev.AnswerDelta) else e for e in events]
         if live.store and reason not in (FinishReason.CANCELLED.value, FinishReason.ERROR.value):
             self.responses.put(self._stored(live, reason, finished_event.usage))
         h._push(events if events else [finished_event])

@@ -201,3 +201,20 @@ def test_engine_greedy_equals_each_request_alone():
         alone.run_until_idle()
         assert a.output_token_ids == h.output_token_ids
     assert len({tuple(h.output_token_ids) for h in hs}) > 6
+
+
+def test_continuing_a_turn_with_reasoning_and_tools_writes_only_the_new_turn():
+    # Qwen3's template drops the reasoning of turns before the last user message, so rendering the
+    # real history twice is not a prefix pair; the continuation must still be the plain new turn,
+    # without a second system block or tools header.
+    engine = make_engine()
+    tools = [{"type": "function", "function": {"name": "add", "description": "Add.", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}}}}}]
+    before = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "What is 6 * 7?"},
+              {"role": "assistant", "content": "42", "reasoning_content": "6 * 7 = 42."}]
+    for new, want in (([{"role": "user", "content": "And 2 + 2?"}],
+                       "\n<|im_start|>user\nAnd 2 + 2?<|im_end|>\n<|im_start|>assistant\n"),
+                      ([{"role": "tool", "tool_call_id": "c", "content": "4"}],
+                       "\n<|im_start|>user\n<tool_response>\n4\n</tool_response><|im_end|>\n"
+                       "<|im_start|>assistant\n")):
+        assert engine._continuation(before, new, tools, {}) == want
