@@ -94,7 +94,8 @@ def cmd_eval(args) -> None:
     from train.eval import run_eval
 
     run_eval(args.ckpt, args.suite, n=args.n, seed=args.seed, max_new_tokens=args.max_new_tokens,
-             json=args.json, batch_size=args.batch_size, max_rounds=args.max_rounds)
+             json=args.json, batch_size=args.batch_size, max_rounds=args.max_rounds,
+             constrained=args.constrained, effort=args.effort)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,12 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on held-out synthetic problems")
     p.add_argument("ckpt")
-    p.add_argument("--suite", required=True, choices=["stem", "tools"])
+    p.add_argument("--suite", required=True, choices=["stem", "tools", "summary"])
     p.add_argument("--n", type=int, default=100, help="problems per suite")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-rounds", type=int, default=8, help="tool-call rounds per problem")
+    p.add_argument("--constrained", action="store_true",
+                   help="decode through the serving engine: grammar-constrained tool calls, reasoning budgets")
+    p.add_argument("--effort", choices=["none", "low", "medium", "high", "auto"], default="medium",
+                   help="reasoning effort with --constrained")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
     return parser

@@ -88,8 +88,9 @@ class ChannelSpec:
         parallel_tool_calls: False: after one call only the end of turn is allowed.
         response_format: JSON schema the answer must satisfy (the reasoning stays free).
         effort: ``"none"`` (``<think>`` banned), ``"low"``/``"medium"``/``"high"`` (budget from
-            ``effort_budgets``) or ``"auto"`` (budget from a predictor, given as
-            ``reasoning_budget``).
+            ``effort_budgets``) or ``"auto"`` (budget from a predictor: given as
+            ``reasoning_budget``, or set on the machine after prefill with
+            ``ChannelMachine.set_budget``; until then ``effort_budgets["high"]`` bounds it).
         reasoning_budget: most reasoning tokens; overrides the effort table.
         effort_budgets: the served model's effort -> budget table.
         prompt_opens_think: the prompt already ends in ``<think>`` (DeepSeek-R1-style templates).
@@ -134,10 +135,8 @@ class ChannelSpec:
             _positive_int("reasoning_budget", self.reasoning_budget)
             if self.effort == "none":
                 raise ValueError("reasoning_budget was given but effort='none' disables reasoning")
-        elif self.effort == "auto":
-            raise ValueError("effort='auto' needs reasoning_budget (the predicted budget)")
-        elif self.effort not in ("none",) and self.effort not in self.effort_budgets:
-            raise ValueError(f"effort_budgets has no entry for effort {self.effort!r}")
+        elif self.effort not in ("none",) and self._table_effort not in self.effort_budgets:
+            raise ValueError(f"effort_budgets has no entry for effort {self._table_effort!r}")
         if self.prompt_opens_think and self.effort == "none":
             raise ValueError("prompt_opens_think conflicts with effort='none' (reasoning disabled)")
 
@@ -150,7 +149,11 @@ class ChannelSpec:
         """The reasoning budget in tokens; None when reasoning is disabled."""
         if not self.reasoning_enabled:
             return None
-        return self.reasoning_budget or self.effort_budgets[self.effort]
+        return self.reasoning_budget or self.effort_budgets[self._table_effort]
+
+    @property
+    def _table_effort(self) -> str:
+        return "high" if self.effort == "auto" else self.effort
 
     @property
     def tools_allowed(self) -> bool:
@@ -500,6 +503,16 @@ class ChannelMachine:
     def _emit_text(text: str, kind, out: list) -> None:
         if text:
             out.append(kind(text))
+
+    def set_budget(self, budget: int) -> None:
+        """Replaces the reasoning budget (``effort="auto"``: the predictor's, once the prompt's
+        hidden state is known). No effect when reasoning is disabled or the hand-off has begun;
+        a budget already spent closes the reasoning at the next token."""
+        _positive_int("budget", budget)
+        if self._budget is None or self._forcing_handoff or self.state is State.DONE:
+            return
+        self._budget = budget
+        self._maybe_force()
 
     def _maybe_force(self) -> None:
         """Starts the hand-off when the reasoning budget has just room enough for it."""

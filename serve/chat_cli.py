@@ -6,8 +6,10 @@ The lead wires these into ``kestrel/cli.py``::
     add_chat_arguments(sub.add_parser("chat"));   ... chat_main(args)
 
 ``kestrel chat`` shows the reasoning dimmed, each tool call and its result, and the answer as they
-stream; ``--function file.py:name`` (or ``module:name``) registers a local Python function as a
-tool, which the client runs when the model calls it and sends the result back.
+stream, then one line with the response id and its token usage (cached input included);
+``--function file.py:name`` (or ``module:name``) registers a local Python function as a tool,
+which the client runs when the model calls it and sends the result back;
+``--previous-response-id`` continues a stored conversation.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ def build_server(args):
     from model.checkpoint import load_checkpoint
     from serve.api.auth import load_api_keys
     from serve.api.server import KestrelServer, TlsConfig
+    from serve.effort import EffortModel
     from serve.engine import Engine
 
     ckpt = Path(args.ckpt)
@@ -66,8 +69,13 @@ def build_server(args):
             raise KestrelError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     keys = load_api_keys(args.api_keys_file, args.api_keys_env)
     model, tokenizer = load_checkpoint(ckpt)
+    try:
+        effort = EffortModel.load(ckpt)
+    except ValueError as e:
+        raise KestrelError(str(e)) from None
     engine = Engine(model, tokenizer, num_pages=args.num_pages, page_size=args.page_size,
-                    max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+                    max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                    effort=effort)
     tls = TlsConfig(args.tls_cert, args.tls_key) if args.tls_cert else None
     return KestrelServer(engine, model_id=args.model_id or ckpt.resolve().name, api_keys=keys, tls=tls,
                          max_queued=args.max_queued, max_output_tokens=args.max_output_tokens)
@@ -99,6 +107,8 @@ def add_chat_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tool-choice", default=None, help="none, auto, required or a function name")
     p.add_argument("--max-output-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--previous-response-id", default="", help="continue this stored response")
     p.add_argument("--model", default="")
     p.add_argument("--api-key-env", default="KESTREL_API_KEY", help="environment variable holding the API key")
     p.add_argument("--tls", action="store_true", help="connect with TLS (system roots)")
@@ -179,13 +189,25 @@ class _Printer:
         self._enter(f"local{name}{output}", None)
         self.out.write(self._style(CYAN, f"[local result] {name}: {output}"))
 
-    def end(self) -> None:
+    def end(self, response=None) -> None:
         self.out.write("\n")
+        if response is not None and response.HasField("usage"):
+            u = response.usage
+            self.out.write(self._style(DIM, f"[{response.id}] input {u.input_tokens} tokens "
+                                            f"({u.cached_input_tokens} cached), reasoning {u.reasoning_tokens}, "
+                                            f"output {u.output_tokens}") + "\n")
         self.out.flush()
 
 
 def chat_main(args, out: TextIO | None = None) -> int:
     """Sends one message and streams the response; returns the exit status (0: completed)."""
+    from protos.kestrel.v1 import kestrel_pb2 as pb
+
+    return 0 if chat(args, out).status == pb.RESPONSE_STATUS_COMPLETED else 1
+
+
+def chat(args, out: TextIO | None = None):
+    """`chat_main`'s work: streams the response (and local function rounds); returns the last one."""
     import grpc
 
     from protos.kestrel.v1 import kestrel_pb2 as pb
@@ -211,8 +233,9 @@ def chat_main(args, out: TextIO | None = None) -> int:
             raise KestrelError(f"--image: file {path!r} does not exist")
     request = build_request(args.message, model=args.model, instructions=args.system, tools=tools,
                             tool_choice=args.tool_choice, effort=args.effort, summary=args.summary,
-                            max_output_tokens=args.max_output_tokens,
-                            temperature=args.temperature, images=args.image)
+                            max_output_tokens=args.max_output_tokens, temperature=args.temperature,
+                            seed=args.seed, previous_response_id=args.previous_response_id,
+                            images=args.image)
     printer = _Printer(out, color=not args.no_color and out.isatty())
     api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
     try:
@@ -236,5 +259,5 @@ def chat_main(args, out: TextIO | None = None) -> int:
                 request = follow
     except grpc.RpcError as e:
         raise KestrelError(f"{args.server}: {e.code().name}: {e.details()}") from None
-    printer.end()
-    return 0 if final.status == pb.RESPONSE_STATUS_COMPLETED else 1
+    printer.end(final)
+    return final

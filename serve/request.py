@@ -171,6 +171,8 @@ class Request:
       mm_spans: image placeholder spans in the prompt (keys for the prefix cache).
       cache_salt: isolates prefix-cache sharing (e.g. per tenant); requests share pages only when
         their salts are equal.
+      wants_hidden: the runner returns the prompt's last hidden state with the first sampled
+        token (``effort="auto"`` predicts the reasoning budget from it).
       status, output_token_ids, num_computed_tokens, num_cached_tokens, total_computed_tokens,
       num_preemptions, finish_reason, first_scheduled_time, finish_time: engine state (see the
         module docstring); not constructor arguments.
@@ -183,6 +185,7 @@ class Request:
     deadline: float | None = None
     mm_spans: tuple[MultiModalSpan, ...] = ()
     cache_salt: str | None = None
+    wants_hidden: bool = False
 
     status: RequestStatus = dataclasses.field(default=RequestStatus.WAITING, init=False)
     output_token_ids: list[int] = dataclasses.field(default_factory=list, init=False)

@@ -46,11 +46,14 @@ class SampleOutput:
       token_id: the token.
       logprob: its log-probability under the model (``None`` unless the request asked).
       top_logprobs: ``(token id, logprob)`` of the most likely tokens, best first.
+      hidden: the final hidden state [D] at the last prompt token, for the first token of a
+        request with ``wants_hidden`` (else None).
     """
 
     token_id: int
     logprob: float | None = None
     top_logprobs: tuple[tuple[int, float], ...] = ()
+    hidden: np.ndarray | None = None
 
 
 def _pow2(n: int, minimum: int = 1) -> int:
@@ -72,6 +75,7 @@ class _Flags:
     penalties: bool
     masked: bool
     logprobs: bool  # with MAX_TOP_LOGPROBS alternatives
+    hidden: bool = False  # return each row's last hidden state (prefill of a wants_hidden request)
 
 
 def _unpack_bits(words: jax.Array, vocab: int) -> jax.Array:
@@ -137,14 +141,18 @@ def _step(graphdef, layer_groups, attn_impl, flags, state, k, v, tokens, tables,
     cache = PagedKVCache(k=k, v=v, page_tables=tables, slots=slots, positions=positions,
                          lengths=lengths, layer_groups=layer_groups, unpack=unpack, pack=pack,
                          query_positions=query_positions)
+    last_hidden = None
     if packing is None:
         logits, cache = model(tokens, cache=cache, attn_impl=attn_impl, logits_index=logits_index)
         logits = logits[:, 0]
     else:  # logits of each sequence's last token only: [B, D] rows of the packed hidden states
         _, cache, hidden = model(tokens, cache=cache, attn_impl=attn_impl,
                                  logits_index=jnp.zeros((1,), jnp.int32), return_hidden=True)
-        logits = model.logits(hidden[0][logits_index][None])[0]
+        last_hidden = hidden[0][logits_index]
+        logits = model.logits(last_hidden[None])[0]
     out = sample_tokens(logits, sp, flags)
+    if flags.hidden and last_hidden is not None:
+        out = (*out, last_hidden.astype(jnp.float32))
     return out, cache.k, cache.v
 
 
@@ -250,12 +258,14 @@ class ModelRunner:
                  np.full((*x.shape[:-2], n_packed - total), fill, np.int32)], -1)[..., None, :]
             tokens, positions, slots = pack_row(tokens, 0), pack_row(positions, -1), pack_row(slots, -1)
         sp, flags = self._sampling_inputs(entries, b, masks)
-        (tok, lp, top_ids, top_lp), self.k, self.v = _step(
+        outs, self.k, self.v = _step(
             self.graphdef, self.layer_groups, self.attn_impl, flags, self.state, self.k, self.v,
             jnp.asarray(tokens), tuple(jnp.asarray(x) for x in tables),
             tuple(jnp.asarray(x) for x in slots), jnp.asarray(positions), jnp.asarray(lengths),
             jnp.asarray(logits_index), sp, packing)
         self.num_steps += 1
+        tok, lp, top_ids, top_lp = outs[:4]
+        hidden = np.asarray(outs[4]) if len(outs) > 4 else None
         tok = np.asarray(tok)
         lp = None if lp is None else np.asarray(lp)
         top_ids = None if top_ids is None else np.asarray(top_ids)
@@ -265,12 +275,13 @@ class ModelRunner:
             if not e.samples:
                 continue
             params = e.request.params
+            h = hidden[i] if hidden is not None and e.request.wants_hidden else None
             if not params.logprobs:
-                out[e.request_id] = SampleOutput(int(tok[i]))
+                out[e.request_id] = SampleOutput(int(tok[i]), hidden=h)
                 continue
             k = params.top_logprobs
             top = tuple((int(a), float(c)) for a, c in zip(top_ids[i, :k], top_lp[i, :k])) if k else ()
-            out[e.request_id] = SampleOutput(int(tok[i]), float(lp[i]), top)
+            out[e.request_id] = SampleOutput(int(tok[i]), float(lp[i]), top, hidden=h)
         return out
 
     def _sampling_inputs(self, entries: list[ScheduledRequest], b: int, masks):
@@ -312,5 +323,7 @@ class ModelRunner:
                 history[i, :len(ids)] = ids
                 is_output[i, e.request.num_prompt_tokens:len(ids)] = True
             p["history"], p["history_is_output"] = history, is_output
-        flags = _Flags(sampling=sampling, penalties=penalties, masked=masked, logprobs=logprobs)
+        hidden = any(e.samples and e.request.wants_hidden and len(e.token_ids) > 1 for e in entries)
+        flags = _Flags(sampling=sampling, penalties=penalties, masked=masked, logprobs=logprobs,
+                       hidden=hidden)
         return {k: jnp.asarray(v) for k, v in p.items()}, flags

@@ -101,8 +101,10 @@ def start(example: Example, mode: str, tokenizer) -> Conversation:
     """A conversation at the example's prompt, rendered by the tokenizer's chat template."""
     if tokenizer.chat_template is None:
         raise KestrelError("the checkpoint's tokenizer has no chat template; eval needs one")
+    # A summary is written without thinking: the prompt ends in Qwen3's empty think block.
+    no_think = {"enable_thinking": False} if example.meta["answer_kind"] == "summary" else {}
     text = tokenizer.render_chat(example.prompt_messages(), tools=example.tools or None,
-                                 add_generation_prompt=True)
+                                 add_generation_prompt=True, **no_think)
     return Conversation(example, mode, tokenizer.encode(text))
 
 
@@ -208,6 +210,34 @@ def generator_policy(generator, tokenizer, *, max_new_tokens: int, batch_size: i
             for i, gen in zip(rows, generator.generate(prompts, config)):
                 out[i] = gen.token_ids
         return out
+
+    return policy
+
+
+def engine_policy(engine, *, max_new_tokens: int, effort: str = "medium", tool_choice: str = "auto") -> Policy:
+    """Greedy decoding through the serving engine: continuous batching, and the channel machine.
+
+    Each turn is one ``EngineRequest`` over the conversation's tokens with the example's tools, so
+    tool calls are constrained by the grammar of the offered functions' schemas and reasoning is
+    bounded by `effort`'s budget, exactly as ``kestrel serve`` decodes. Summary prompts (which end
+    in an empty think block) are decoded with ``effort="none"``. `tool_choice` applies where tools
+    are offered.
+    """
+    from serve.engine import EngineRequest
+    from serve.request import SamplingParams
+
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
+
+    def policy(convs: list[Conversation]) -> list[list[int]]:
+        handles = []
+        for c in convs:
+            summary = c.example.meta["answer_kind"] == "summary"
+            handles.append(engine.submit(EngineRequest(
+                prompt_token_ids=c.context, tools=c.example.tools, store=False, params=params,
+                tool_choice=tool_choice if c.example.tools else "none",
+                effort="none" if summary else effort)))
+        engine.run_until_idle()
+        return [list(h.output_token_ids) for h in handles]
 
     return policy
 
@@ -337,19 +367,23 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def run_eval(ckpt_dir: str, suite: str, *, n: int = 100, seed: int = 0, max_new_tokens: int = 512,
-             json: bool = False, batch_size: int = 32, max_rounds: int = 8,
-             out: TextIO | None = sys.stdout) -> dict[str, Any]:
+             json: bool = False, batch_size: int = 32, max_rounds: int = 8, constrained: bool = False,
+             effort: str = "medium", out: TextIO | None = sys.stdout) -> dict[str, Any]:
     """``kestrel eval CKPT --suite stem|tools [--json]``: loads, plays, scores, prints.
 
     Args:
       ckpt_dir: a Kestrel checkpoint folder with a tokenizer and chat template.
-      suite: ``stem`` (each problem with and without tools) or ``tools`` (function calling).
+      suite: ``stem`` (each problem with and without tools), ``tools`` (function calling) or
+        ``summary`` (one-line summaries of reasoning).
       n: problems (the stem suite plays 2n conversations).
       seed: the held-out seed.
       max_new_tokens: the limit of one model turn.
       json: print the result as one JSON object (else a table).
       batch_size: rows per generation call.
       max_rounds: model turns per conversation at most.
+      constrained: decode through the serving engine (`engine_policy`): grammar-constrained tool
+        calls and reasoning budgets; else plain greedy decoding (`generator_policy`).
+      effort: the reasoning effort when `constrained` (low, medium, high; none disables thinking).
       out: where to print; None prints nothing.
 
     Returns:
@@ -367,10 +401,25 @@ def run_eval(ckpt_dir: str, suite: str, *, n: int = 100, seed: int = 0, max_new_
     model, tokenizer = load_checkpoint(ckpt_dir)
     if tokenizer is None:
         raise KestrelError(f"{ckpt_dir} has no tokenizer; eval needs one")
-    policy = generator_policy(Generator(model), tokenizer, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    if constrained:
+        from serve.effort import EffortModel
+        from serve.engine import Engine
+
+        pages = batch_size * -(-model.config.max_position_embeddings // 16)
+        try:
+            effort_model = EffortModel.load(ckpt_dir)
+        except ValueError as e:
+            raise KestrelError(str(e)) from None
+        engine = Engine(model, tokenizer, num_pages=pages, page_size=16, max_num_seqs=batch_size,
+                        max_num_batched_tokens=1024, effort=effort_model)
+        policy = engine_policy(engine, max_new_tokens=max_new_tokens, effort=effort)
+    else:
+        policy = generator_policy(Generator(model), tokenizer, max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size)
     result = evaluate(tokenizer, policy, suite, n=n, seed=seed, max_rounds=max_rounds,
                       context_len=model.config.max_position_embeddings)
     result.update(checkpoint=str(ckpt_dir), max_new_tokens=max_new_tokens,
+                  decoding=f"engine, effort {effort}" if constrained else "greedy",
                   seconds=round(time.perf_counter() - t0, 2))
     if out is not None:
         print(jsonlib.dumps(result) if json else format_table(result), file=out)

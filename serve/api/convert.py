@@ -70,14 +70,14 @@ class Policy:
     """Server settings that shape requests.
 
     Attributes:
-      effort_budgets: reasoning tokens per effort (``auto`` uses ``medium``'s until a predictor
-        exists).
+      effort_budgets: reasoning tokens per effort, overriding the engine's table (the served
+        checkpoint's calibrated ``effort.json``); None uses the engine's. ``auto`` is always the
+        engine's: its predictor, or its medium budget when the model has none.
       python_timeout_s: default and upper bound of the python tool's wall-clock limit.
       max_tool_rounds: most built-in tool rounds in one response.
     """
 
-    effort_budgets: Mapping[str, int] = dataclasses.field(
-        default_factory=lambda: {"low": 1024, "medium": 4096, "high": 16384})
+    effort_budgets: Mapping[str, int] | None = None
     python_timeout_s: float = 10.0
     max_tool_rounds: int = 8
 
@@ -239,10 +239,12 @@ def _sampling(req: pb.CreateRequest, model: ModelInfo) -> tuple[SamplingParams, 
                  "repetition_penalty"):
         if s.HasField(name):
             kw[name] = getattr(s, name)
-    if s.logprobs or s.top_logprobs:
-        # The engine samples them, but output_text deltas cannot carry them yet (see the report of
-        # serve/api); refusing beats silently returning none.
-        raise invalid("sampling.logprobs is not supported by this server yet")
+    if s.top_logprobs and not s.logprobs:
+        raise invalid("sampling.top_logprobs needs sampling.logprobs")
+    if s.top_logprobs > 20:
+        raise invalid(f"sampling.top_logprobs must be 0..20, got {s.top_logprobs}")
+    if s.logprobs:
+        kw["logprobs"], kw["top_logprobs"] = True, s.top_logprobs
     try:
         params = SamplingParams(**kw)
     except ValueError as e:
@@ -313,8 +315,8 @@ def prepare(req: pb.CreateRequest, *, model: ModelInfo, records: RecordStore, po
         if req.reasoning.budget_tokens < 1:
             raise invalid("reasoning.budget_tokens must be >= 1")
         budget = req.reasoning.budget_tokens
-    elif effort != "none":
-        budget = policy.effort_budgets.get(effort if effort != "auto" else "medium")
+    elif effort not in ("none", "auto") and policy.effort_budgets is not None:
+        budget = policy.effort_budgets.get(effort)
     summary = SUMMARIES.get(req.reasoning.summary, "none")
     params, stop = _sampling(req, model)
     if len(req.metadata) > MAX_METADATA:

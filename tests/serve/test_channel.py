@@ -224,6 +224,27 @@ def test_effort_table_sets_budget_and_none_bans_think():
     assert evs[-1].usage.reasoning_tokens == 0 and text_of(evs, ev.AnswerDelta) == "hi"
 
 
+@pytest.mark.parametrize("when", [0, 3, 40])
+def test_auto_budget_set_after_prefill_bounds_the_reasoning(when):
+    # effort="auto" without a budget reasons under the table's high budget until the engine's
+    # predictor calls set_budget (after prefill); a budget already spent closes at once.
+    spec = ChannelSpec(effort="auto", effort_budgets={"low": 8, "medium": 16, "high": 500})
+    assert spec.budget == 500
+    m = ChannelMachine(V, spec)
+    rng = np.random.default_rng(when)
+    prefix = [THINK] + [int(t) for t in rng.choice(enc("abc def ghi"), size=when)]
+    evs = drive(m, prefix)
+    m.set_budget(30)
+    more, toks = random_run(m, rng, reasoning_len=10**9, avoid=[END_THINK, CALL])
+    u = more[-1].usage
+    handoff = V.encode(HANDOFF_TEXT)
+    short = handoff[handoff.index(END_THINK):]
+    assert u.reasoning_tokens == (30 if len(prefix) + len(handoff) <= 30 else max(30, len(prefix) + len(short)))
+    assert ev.ReasoningDone(forced=True) in evs + more and u.answer_tokens >= 1
+    with pytest.raises(ValueError, match="budget"):
+        m.set_budget(0)
+
+
 def test_natural_close_before_budget_is_not_forced():
     m = ChannelMachine(V, ChannelSpec(effort="auto", reasoning_budget=200))
     evs = drive(m, [THINK, *enc("short"), END_THINK, *enc("done"), IM_END])
@@ -356,7 +377,6 @@ def test_random_streams_utf8_safe_and_usage_adds_up(seed):
     (dict(effort="auto", reasoning_budget=0), "reasoning_budget must be a positive int"),
     (dict(effort="auto", reasoning_budget=-5), "reasoning_budget must be a positive int"),
     (dict(effort="auto", reasoning_budget=True), "reasoning_budget must be a positive int"),
-    (dict(effort="auto"), "needs reasoning_budget"),
     (dict(effort="none", reasoning_budget=10), "effort='none'"),
     (dict(effort="extreme"), "effort must be one of"),
     (dict(effort="low", effort_budgets={"low": 0}), "effort_budgets"),

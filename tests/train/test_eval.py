@@ -128,3 +128,37 @@ def test_bad_arguments_are_user_errors(tiny_ckpt, tmp_path):
         ev.heldout_examples("stem", 0)
     with pytest.raises(KestrelError, match="not a Kestrel checkpoint"):
         ev.run_eval(str(tmp_path), "stem", n=1, out=None)
+
+
+def test_engine_policy_constrains_every_call_to_the_offered_schemas(tok, tiny_ckpt):
+    from model.checkpoint import load_checkpoint
+    from serve.engine import Engine
+
+    model, tokenizer = load_checkpoint(str(tiny_ckpt))
+    engine = Engine(model, tokenizer, num_pages=512, page_size=16, max_num_seqs=8, max_num_batched_tokens=512)
+    # A random model calls functions only because tool_choice=required leaves no other way; the
+    # grammar then makes every call parse, name an offered function and satisfy its schema.
+    # (A random model may ramble inside a string argument until max_new_tokens: such a turn ends
+    # with an unfinished call, which is "length", not a call.)
+    policy = ev.engine_policy(engine, max_new_tokens=300, effort="none", tool_choice="required")
+    result = ev.evaluate(tokenizer, policy, "tools", n=6, seed=3, max_rounds=1)
+    called = [r for r in result["rows"] if "calls_valid" in r and r["stop"] != "length"]
+    assert len(called) >= 2, result["rows"]
+    assert all(r["calls_valid"] for r in called), called
+    assert engine.kv.pool.num_used == 0
+
+
+def test_effort_calibration_writes_budgets_probe_and_table(tiny_ckpt, tmp_path):
+    from serve.effort import EffortModel
+    from train.effort_calibration import calibrate
+
+    out = tmp_path / "effort.json"
+    record = calibrate(str(tiny_ckpt), n=3, eval_n=1, max_new_tokens=12, out=str(out))
+    b = record["budgets"]
+    assert 16 <= b["low"] < b["medium"] < b["high"] and all(v % 16 == 0 for v in b.values())
+    assert set(record["table"]) == {"low", "medium", "high", "auto"}
+    assert record["calibration"]["turns"] >= 6
+    loaded = EffortModel.load(tiny_ckpt)
+    assert loaded.budgets == b and loaded.probe is not None
+    assert loaded.probe.weights.shape == (32,)
+    assert json.loads(out.read_text())["table"] == record["table"]

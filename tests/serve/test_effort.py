@@ -1,0 +1,68 @@
+"""Reasoning effort: the probe fits what it should, the file round-trips, and the engine's
+``effort="auto"`` takes its budget from the prompt's last hidden state after prefill."""
+
+import json
+
+import numpy as np
+import pytest
+
+from serve import events as ev
+from serve.effort import EffortModel, EffortProbe, fit_probe
+from serve.engine import EngineRequest
+from serve.request import SamplingParams
+from test_engine import make_engine
+
+PROMPT = [{"role": "user", "content": "What is 2 + 2?"}]
+
+
+def test_probe_recovers_a_linear_log_length():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 16))
+    w = rng.normal(size=16) * 0.3
+    tokens = np.expm1(x @ w + 3.0)
+    probe = fit_probe(x, tokens, l2=1e-3, margin=1.0, slack=0, min_budget=1, max_budget=10_000)
+    pred = np.array([probe.predict_tokens(h) for h in x[:20]])
+    np.testing.assert_allclose(pred, tokens[:20], rtol=1e-3)
+    assert probe.budget(x[0]) == round(tokens[0])
+    with pytest.raises(ValueError, match="expects 16"):
+        probe.predict_tokens(np.zeros(15))
+
+
+def test_effort_file_round_trips_and_bad_files_are_refused(tmp_path):
+    assert EffortModel.load(tmp_path).probe is None  # no file: the default table
+    model = EffortModel({"low": 32, "medium": 64, "high": 128},
+                        EffortProbe(np.arange(4, dtype=np.float32), 1.5, 1.2, 4, 16, 128))
+    model.save(tmp_path, {"turns": 3})
+    back = EffortModel.load(tmp_path)
+    assert back.budgets == model.budgets and back.probe.bias == 1.5
+    np.testing.assert_array_equal(back.probe.weights, model.probe.weights)
+    (tmp_path / "effort.json").write_text(json.dumps({"budgets": {"low": 1}}))
+    with pytest.raises(ValueError, match="need positive low, medium and high"):
+        EffortModel.load(tmp_path)
+    (tmp_path / "effort.json").write_text("{")
+    with pytest.raises(ValueError, match="not a valid effort file"):
+        EffortModel.load(tmp_path)
+
+
+def _run(engine, effort):
+    h = engine.submit(EngineRequest(messages=PROMPT, effort=effort,
+                                    params=SamplingParams(max_tokens=60, temperature=0.0)))
+    engine.run_until_idle()
+    return h
+
+
+def test_auto_budget_comes_from_the_probe_after_prefill():
+    d = make_engine().config.hidden_size
+    # A probe that ignores the prompt predicts exp(bias) - 1 tokens: the budget is known exactly.
+    probe = EffortProbe(np.zeros(d, np.float32), float(np.log1p(9.0)), margin=1.0, slack=0,
+                        min_budget=1, max_budget=1000)
+    engine = make_engine(effort=EffortModel({"low": 5, "medium": 40, "high": 50}, probe))
+    h = _run(engine, "auto")
+    assert h.reasoning_budget == 9
+    assert h.usage.reasoning_tokens <= 9
+    assert engine.kv.pool.num_used == 0
+    # Without a probe, auto reasons at the model's medium budget; low/high use the table.
+    plain = make_engine(effort=EffortModel({"low": 5, "medium": 7, "high": 50}))
+    h = _run(plain, "auto")
+    assert h.reasoning_budget is None and h.usage.reasoning_tokens <= 7
+    assert _run(plain, "low").usage.reasoning_tokens <= 5

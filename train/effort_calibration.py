@@ -1,0 +1,194 @@
+"""Calibrates a checkpoint's reasoning effort: the budget table and the ``effort=auto`` probe.
+
+    python -m train.effort_calibration CKPT [--n 100] [--eval-n 100] [--out bench/results/effort.json]
+
+1. Plays held-out STEM and function-calling problems (seed 1; ``kestrel eval`` uses seed 0) through
+   the serving engine at an unbounded budget, and records every turn: its prompt and the reasoning
+   tokens the model spent on it.
+2. Budgets from that distribution of reasoning tokens per turn: ``low`` its median, ``medium`` its
+   90th percentile, ``high`` 1.5 x its maximum (each rounded up to a multiple of 16).
+3. The ``auto`` probe (``serve/effort.py``): ridge regression of ``log(1 + reasoning tokens)`` on
+   the turn prompt's last hidden state, fitted on 80% of the turns and checked on the other 20%
+   (then refitted on all of them).
+4. Writes ``CKPT/effort.json``, then plays the eval set (seed 0) at low, medium, high and auto and
+   reports accuracy, reasoning tokens per problem and the share of turns that ended in an answer;
+   with ``--out`` the whole record is saved as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kestrel.errors import KestrelError
+from serve.effort import EffortModel, fit_probe
+from train import eval as ev
+
+EFFORTS = ("low", "medium", "high", "auto")
+UNBOUNDED = 1 << 20
+
+
+def _ceil16(x: float) -> int:
+    return int(16 * math.ceil(max(x, 1) / 16))
+
+
+def recording_policy(policy, log: list):
+    """Wraps a policy to keep ``(prompt ids, generated ids)`` of every turn it writes."""
+    def wrapped(convs):
+        outs = policy(convs)
+        log.extend((list(c.context), list(o)) for c, o in zip(convs, outs))
+        return outs
+    return wrapped
+
+
+def last_hidden_states(model, prompts: list[list[int]], batch: int = 16) -> np.ndarray:
+    """The final hidden state at each prompt's last token, [N, D] (right-padded batches)."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def forward(state, tokens, index):
+        _, _, hidden = nnx.merge(graphdef, state)(tokens, return_hidden=True)
+        return jnp.take_along_axis(hidden, index[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+
+    out = np.zeros((len(prompts), model.config.hidden_size), np.float32)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    for lo in range(0, len(order), batch):
+        rows = order[lo:lo + batch]
+        width = 128 * math.ceil(max(len(prompts[i]) for i in rows) / 128)
+        tokens = np.zeros((batch, width), np.int32)
+        index = np.zeros((batch,), np.int32)
+        for j, i in enumerate(rows):
+            tokens[j, :len(prompts[i])] = prompts[i]
+            index[j] = len(prompts[i]) - 1
+        hidden = np.asarray(forward(state, jnp.asarray(tokens), jnp.asarray(index)))
+        for j, i in enumerate(rows):
+            out[i] = hidden[j]
+    return out
+
+
+def make_engine(model, tokenizer, effort: EffortModel):
+    from serve.engine import Engine
+
+    pages = 32 * math.ceil(model.config.max_position_embeddings / 16)
+    return Engine(model, tokenizer, num_pages=pages, page_size=16, max_num_seqs=32,
+                  max_num_batched_tokens=1024, effort=effort)
+
+
+def play(model, tokenizer, effort_model: EffortModel, effort: str, suites: dict[str, int], seed: int,
+         max_new_tokens: int, log: list | None = None) -> dict:
+    """Plays the suites through a fresh engine at `effort`; per-suite results and timing."""
+    engine = make_engine(model, tokenizer, effort_model)
+    policy = ev.engine_policy(engine, max_new_tokens=max_new_tokens, effort=effort)
+    if log is not None:
+        policy = recording_policy(policy, log)
+    out = {}
+    for suite, n in suites.items():
+        t0 = time.perf_counter()
+        res = ev.evaluate(tokenizer, policy, suite, n=n, seed=seed,
+                          context_len=model.config.max_position_embeddings)
+        rows = [r for r in res["rows"] if r["mode"] == "tools"]
+        out[suite] = {
+            "n": len(rows),
+            "accuracy": float(np.mean([r["correct"] for r in rows])),
+            "reasoning_tokens_per_problem": float(np.mean([r["reasoning_tokens"] for r in rows])),
+            "answered": float(np.mean([r["stop"] == "answer" for r in rows])),
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+    return out
+
+
+def calibrate(ckpt: str, *, n: int = 100, eval_n: int = 100, max_new_tokens: int = 512,
+              out: str | None = None) -> dict:
+    from model.checkpoint import load_checkpoint
+
+    model, tokenizer = load_checkpoint(ckpt)
+    if tokenizer is None:
+        raise KestrelError(f"{ckpt} has no tokenizer")
+    think, end = tokenizer.token_to_id("<think>"), tokenizer.token_to_id("</think>")
+    if think is None or end is None:
+        raise KestrelError(f"{ckpt}: the tokenizer has no <think> / </think> tokens; nothing to calibrate")
+
+    # 1. Turns at an unbounded budget.
+    unbounded = EffortModel({"low": UNBOUNDED, "medium": UNBOUNDED, "high": UNBOUNDED})
+    log: list = []
+    play(model, tokenizer, unbounded, "high", {"stem": n, "tools": n}, seed=1,
+         max_new_tokens=max_new_tokens, log=log)
+    spent = np.array([ev._think_tokens(ids, think, end) for _, ids in log], np.float64)
+    prompts = [p for p, _ in log]
+
+    # 2. Budgets.
+    budgets = {"low": _ceil16(np.percentile(spent, 50)), "medium": _ceil16(np.percentile(spent, 90)),
+               "high": _ceil16(1.5 * spent.max())}
+    budgets["medium"] = max(budgets["medium"], budgets["low"] + 16)
+    budgets["high"] = max(budgets["high"], budgets["medium"] + 16)
+
+    # 3. The probe, checked on held-back turns, then refitted on all.
+    hidden = last_hidden_states(model, prompts)
+    perm = np.random.default_rng(0).permutation(len(spent))
+    cut = int(0.8 * len(perm))
+    fit, test = perm[:cut], perm[cut:]
+    probe_kw = dict(margin=1.25, slack=8, min_budget=16, max_budget=budgets["high"])
+    trial = fit_probe(hidden[fit], spent[fit], **probe_kw)
+    pred = np.array([trial.predict_tokens(h) for h in hidden[test]])
+    mae = float(np.mean(np.abs(pred - spent[test])))
+    corr = float(np.corrcoef(pred, spent[test])[0, 1]) if len(test) > 2 and spent[test].std() > 0 else None
+    covered = float(np.mean([trial.budget(h) >= s for h, s in zip(hidden[test], spent[test])]))
+    probe = fit_probe(hidden, spent, **probe_kw)
+    calibration = {"turns": len(spent), "problems": 2 * n, "seed": 1,
+                   "reasoning_tokens_per_turn": {"mean": float(spent.mean()), "p50": float(np.percentile(spent, 50)),
+                                                 "p90": float(np.percentile(spent, 90)), "max": float(spent.max())},
+                   "probe_heldout": {"turns": len(test), "mae_tokens": mae, "correlation": corr,
+                                     "budget_covers_need": covered}}
+    model_effort = EffortModel(budgets, probe)
+    path = model_effort.save(ckpt, calibration)
+    print(f"wrote {path}: budgets {budgets}; probe on held-back turns: MAE {mae:.1f} tokens, "
+          f"correlation {corr}, budget >= need on {covered:.0%}", flush=True)
+
+    # 4. The effort table on the eval set.
+    table = {}
+    for effort in EFFORTS:
+        table[effort] = play(model, tokenizer, model_effort, effort, {"stem": eval_n, "tools": eval_n},
+                             seed=0, max_new_tokens=max_new_tokens)
+        print(effort, json.dumps(table[effort]), flush=True)
+    record = {"benchmark": "effort_calibration", "checkpoint": str(ckpt), "budgets": budgets,
+              "calibration": calibration, "eval_seed": 0, "eval_problems_per_suite": eval_n,
+              "table": table, "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("ckpt")
+    parser.add_argument("--n", type=int, default=100, help="calibration problems per suite")
+    parser.add_argument("--eval-n", type=int, default=100, help="eval problems per suite and effort")
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    if args.n < 2 or args.eval_n < 1:
+        raise SystemExit("--n must be >= 2 and --eval-n >= 1")
+    try:
+        calibrate(args.ckpt, n=args.n, eval_n=args.eval_n, max_new_tokens=args.max_new_tokens, out=args.out)
+    except KestrelError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
