@@ -59,7 +59,12 @@ class ReasoningDone:
 
 @dataclasses.dataclass(frozen=True)
 class AnswerDelta:
+    """Answer text; ``logprobs`` (when the request asked for them) holds one sample record per
+    answer token whose text this delta completes (``serve.runner.SampleOutput``: token id,
+    log-probability, top alternatives)."""
+
     text: str
+    logprobs: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,7 +22,7 @@ from serve.api.auth import KeyChecker
 from serve.api.convert import prepare
 from serve.api.errors import OPENAI_ERROR_TYPE, ApiError, not_found
 from serve.api.metrics import ServerMetrics
-from serve.api.openai_schema import (chat_request, chat_usage_json, item_json, response_json,
+from serve.api.openai_schema import (chat_request, chat_usage_json, item_json, logprob_json, response_json,
                                      responses_request)
 from serve.api.session import ResponseRunner, new_id
 
@@ -60,10 +60,12 @@ class _ChatStream:
         self.reasoning: list[str] = []
         self.tool_calls: list[dict] = []
         self.error: pb.Error | None = None
+        self.logprobs: list[dict] = []
 
-    def chunk(self, delta: dict, finish: str | None = None) -> dict:
+    def chunk(self, delta: dict, finish: str | None = None, logprobs: list | None = None) -> dict:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
+                             "logprobs": None if logprobs is None else {"content": logprobs}}]}
 
     def on(self, e: pb.ResponseEvent) -> list[dict]:
         kind = e.WhichOneof("event")
@@ -73,8 +75,12 @@ class _ChatStream:
             self.reasoning.append(e.reasoning_text_delta.delta)
             return [self.chunk({"reasoning_content": e.reasoning_text_delta.delta})]
         if kind == "output_text_delta":
-            self.content.append(e.output_text_delta.delta)
-            return [self.chunk({"content": e.output_text_delta.delta})]
+            d = e.output_text_delta
+            self.content.append(d.delta)
+            records = [logprob_json(r) for r in d.logprobs] if d.logprobs else None
+            if records:
+                self.logprobs += records
+            return [self.chunk({"content": d.delta}, logprobs=records)]
         if kind == "output_item_added" and e.output_item_added.item.HasField("function_call"):
             item = e.output_item_added.item
             index = self.calls[item.id] = len(self.calls)
@@ -107,7 +113,8 @@ class _ChatStream:
         if self.tool_calls:
             msg["tool_calls"] = self.tool_calls
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "message": msg, "finish_reason": self.finish, "logprobs": None}],
+                "choices": [{"index": 0, "message": msg, "finish_reason": self.finish,
+                             "logprobs": {"content": self.logprobs} if self.logprobs else None}],
                 "usage": chat_usage_json(self.usage or pb.Usage())}
 
 
@@ -161,7 +168,8 @@ class _ResponsesStream:
                             part={"type": "summary_text", "text": x.text})]
         if kind == "output_text_delta":
             return [self.ev("response.output_text.delta", item_id=x.item_id, output_index=x.output_index,
-                            content_index=x.content_index, delta=x.delta, logprobs=[])]
+                            content_index=x.content_index, delta=x.delta,
+                            logprobs=[logprob_json(r) for r in x.logprobs])]
         if kind == "output_text_done":
             return [self.ev("response.output_text.done", item_id=x.item_id, output_index=x.output_index,
                             content_index=x.content_index, text=x.text, logprobs=[])]

@@ -99,8 +99,13 @@ def _sampling(body: dict, req: pb.CreateRequest) -> None:
         s.top_k = int(body["top_k"])
     if body.get("seed") is not None:
         s.seed = int(body["seed"])
-    if body.get("logprobs") or body.get("top_logprobs"):
-        s.logprobs = True  # refused by prepare() with a clear message until deltas carry them
+    if body.get("logprobs"):
+        s.logprobs = True
+    top = body.get("top_logprobs")
+    if top is not None:
+        if not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= 20:
+            raise invalid(f"top_logprobs must be an integer 0..20, got {top!r}")
+        s.top_logprobs = top  # without logprobs: refused by prepare()
     stop = body.get("stop")
     if stop is not None:
         s.stop.extend([stop] if isinstance(stop, str) else list(stop))
@@ -266,6 +271,13 @@ def chat_usage_json(u: pb.Usage) -> dict:
             "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens}}
 
 
+def logprob_json(r: pb.TokenLogprob) -> dict:
+    """A TokenLogprob in OpenAI's form (Chat Completions and Responses) (bytes as a list of ints)."""
+    return {"token": r.token, "logprob": r.logprob, "bytes": list(r.bytes),
+            "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": list(t.bytes)}
+                             for t in r.top_logprobs]}
+
+
 def item_json(item: pb.OutputItem) -> dict:
     status = _ITEM_STATUS[item.status]
     kind = item.WhichOneof("item")
@@ -276,7 +288,8 @@ def item_json(item: pb.OutputItem) -> dict:
                 "content": [{"type": "reasoning_text", "text": c.text} for c in r.content]}
     if kind == "message":
         return {"type": "message", "id": item.id, "role": "assistant", "status": status,
-                "content": [{"type": "output_text", "text": c.text, "annotations": [], "logprobs": []}
+                "content": [{"type": "output_text", "text": c.text, "annotations": [],
+                             "logprobs": [logprob_json(r) for r in c.logprobs]}
                             for c in item.message.content]}
     if kind == "function_call":
         f = item.function_call

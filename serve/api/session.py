@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import re
 import time
 import uuid
 from typing import AsyncIterator
@@ -30,6 +29,7 @@ from serve.api.errors import ApiError, invalid
 from serve.api.metrics import ServerMetrics
 from serve.api.records import RecordStore, ResponseRecord
 from serve.engine import Engine, EngineRequest
+from serve.summaries import summary_request_fields
 from serve.tool_loop import run_builtin
 
 import grpc
@@ -38,7 +38,6 @@ log = logging.getLogger("kestrel.api")
 
 _REASONS = {"length": pb.INCOMPLETE_REASON_MAX_OUTPUT_TOKENS, "cancelled": pb.INCOMPLETE_REASON_CANCELLED,
             "deadline": pb.INCOMPLETE_REASON_DEADLINE_EXCEEDED}
-_SENTENCE = re.compile(r"(?<=[.!?])\s+")
 
 
 def new_id(prefix: str) -> str:
@@ -60,18 +59,6 @@ def usage_proto(u: ev.Usage) -> pb.Usage:
 
 def _add_usage(a: ev.Usage, b: ev.Usage) -> ev.Usage:
     return ev.Usage(**{f.name: getattr(a, f.name) + getattr(b, f.name) for f in dataclasses.fields(ev.Usage)})
-
-
-def summarize(reasoning: str, level: str) -> str:
-    """An extractive summary of the reasoning: its first sentences (1 concise, 3 otherwise).
-
-    A stand-in until the engine writes summaries with the model itself.
-    """
-    sentences = [s for s in _SENTENCE.split(reasoning.strip()) if s]
-    keep = 1 if level == "concise" else 3
-    text = " ".join(sentences[:keep])
-    limit = 200 if level == "concise" else 600
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 async def pump(handle) -> AsyncIterator[ev.Event]:
@@ -116,6 +103,15 @@ class ResponseRunner:
         self.max_queued = max_queued
         self.active = 0
         self.accepting = True
+        self._token_bytes: list[bytes] | None = None
+
+    @property
+    def token_bytes(self) -> list[bytes]:
+        """Each token id's bytes (for log-probability records), read once from the tokenizer."""
+        if self._token_bytes is None:
+            tok = self.engine.tokenizer
+            self._token_bytes = tok.token_bytes() if tok is not None else []
+        return self._token_bytes
 
     async def start(self, prepared: Prepared, *, deadline_s: float | None = None) -> ResponseRun:
         """Submits the first round; raises ApiError when the engine refuses the request."""
@@ -186,6 +182,11 @@ class ResponseRun:
         self.answer_emitted = ""
         self.answer_held = ""
         self.stop_hit = False
+        # Reasoning of earlier rounds: a round's summary covers the response's reasoning so far.
+        self.reasoning_so_far: list[str] = []
+        self.summary_tokens = 0
+        self.summary_handles: set[str] = set()
+        self.logprobs_held: tuple = ()  # answer tokens' samples not yet sent with their text
 
     # ------------------------------------------------------------------ engine rounds
 
@@ -255,10 +256,18 @@ class ResponseRun:
                         finished = e  # the last event: pump ends by itself
                         continue
                     self._tick()
+                    if self.rs is not None and not isinstance(e, ev.ReasoningDelta):
+                        async for out in self._finish_reasoning(forced=getattr(e, "forced", False)):
+                            yield out
                     for out in self._translate(e):
                         yield out
                 rec.running_id = None
                 self.usage = _add_usage(self.usage, finished.usage)
+                if self.rs is not None:
+                    ok = finished.reason in ("stop", "tool_calls")
+                    async for out in self._finish_reasoning(
+                            forced=False, status=pb.ITEM_STATUS_COMPLETED if ok else pb.ITEM_STATUS_INCOMPLETE):
+                        yield out
                 for out in self._close_text_items(finished.reason):
                     yield out
                 if finished.reason == "tool_calls" and self.builtin_calls and not rec.cancelled:
@@ -323,11 +332,10 @@ class ResponseRun:
             out.append(self._event(reasoning_text_delta=pb.ReasoningTextDelta(
                 item_id=self.rs.id, output_index=self.rs_index, content_index=0, delta=e.text)))
         elif isinstance(e, ev.ReasoningDone):
-            out += self._close_reasoning(forced=e.forced)
+            pass  # events() closed the reasoning item (and ran its summary) before this event
         elif isinstance(e, ev.AnswerDelta):
-            out += self._answer(e.text)
+            out += self._answer(e.text, e.logprobs)
         elif isinstance(e, ev.ToolCallName):
-            out += self._close_reasoning(forced=False)
             call_id = new_id("call")
             if e.name in self.prepared.builtins:
                 item = pb.OutputItem(id=new_id("tc"), status=pb.ITEM_STATUS_IN_PROGRESS,
@@ -359,29 +367,58 @@ class ResponseRun:
                 out.append(self._done_item(item, index))
         return out
 
-    def _close_reasoning(self, forced: bool, status=pb.ITEM_STATUS_COMPLETED) -> list[pb.ResponseEvent]:
-        if self.rs is None:
-            return []
+    async def _finish_reasoning(self, forced: bool, status=pb.ITEM_STATUS_COMPLETED
+                                ) -> AsyncIterator[pb.ResponseEvent]:
+        """Closes the open reasoning item: its text, its summary (a model pass) and done."""
         item, index = self.rs, self.rs_index
         self.rs = None
         text = item.reasoning.content[0].text
         item.reasoning.budget_exhausted = forced
-        out = [self._event(reasoning_text_done=pb.ReasoningTextDone(
-            item_id=item.id, output_index=index, content_index=0, text=text))]
-        if self.prepared.summary != "none":
-            summary = summarize(text, self.prepared.summary)
-            item.reasoning.summary.add(text=summary)
-            out.append(self._event(reasoning_summary_text_delta=pb.ReasoningSummaryTextDelta(
-                item_id=item.id, output_index=index, summary_index=0, delta=summary)))
-            out.append(self._event(reasoning_summary_text_done=pb.ReasoningSummaryTextDone(
-                item_id=item.id, output_index=index, summary_index=0, text=summary)))
-        out.append(self._done_item(item, index, status))
-        return out
+        self.reasoning_so_far.append(text)
+        yield self._event(reasoning_text_done=pb.ReasoningTextDone(
+            item_id=item.id, output_index=index, content_index=0, text=text))
+        if self.prepared.summary != "none" and text.strip():
+            summary = item.reasoning.summary.add(text="")
+            async for delta in self._summary_pass("\n".join(self.reasoning_so_far)):
+                summary.text += delta
+                yield self._event(reasoning_summary_text_delta=pb.ReasoningSummaryTextDelta(
+                    item_id=item.id, output_index=index, summary_index=0, delta=delta))
+            yield self._event(reasoning_summary_text_done=pb.ReasoningSummaryTextDone(
+                item_id=item.id, output_index=index, summary_index=0, text=summary.text))
+        yield self._done_item(item, index, status)
 
-    def _answer(self, text: str) -> list[pb.ResponseEvent]:
-        out = self._close_reasoning(forced=False)
+    async def _summary_pass(self, reasoning: str) -> AsyncIterator[str]:
+        """The served model's summary of `reasoning`, streamed (see ``serve/summaries.py``).
+
+        Its tokens are not part of the response's output budget or usage; the response's log line
+        records them as ``summary_tokens``. A summary that cannot run (the reasoning no longer
+        fits the context, the engine is shutting down) is left empty rather than failing the
+        response it describes.
+        """
+        engine = self.runner.engine
+        req = EngineRequest(request_id=new_id("sum"), **summary_request_fields(reasoning, self.prepared.summary))
+        try:
+            handle = await asyncio.to_thread(engine.submit, req)
+        except (ValueError, RuntimeError) as e:
+            log.warning("reasoning summary skipped: %s", e)
+            return
+        self.summary_handles.add(handle.request_id)
+        try:
+            async for e in pump(handle):
+                if isinstance(e, ev.AnswerDelta) and e.text:
+                    yield e.text
+                elif isinstance(e, ev.Finished):
+                    self.summary_tokens += e.usage.output_tokens
+        finally:
+            self.summary_handles.discard(handle.request_id)
+            if not handle.finished:
+                engine.cancel(handle.request_id)
+
+    def _answer(self, text: str, logprobs: tuple = ()) -> list[pb.ResponseEvent]:
+        out: list[pb.ResponseEvent] = []
         if self.stop_hit:
             return out
+        self.logprobs_held += logprobs
         stops = self.prepared.stop
         if stops:
             self.answer_held += text
@@ -403,22 +440,40 @@ class ResponseRun:
         return out + self._emit_answer(text)
 
     def _emit_answer(self, text: str) -> list[pb.ResponseEvent]:
+        """Emits answer text with the log-probabilities of the tokens held so far (text held back
+        for stop strings keeps its tokens' records until it is emitted)."""
         out = []
         if self.msg is None:
             item = pb.OutputItem(id=new_id("msg"), status=pb.ITEM_STATUS_IN_PROGRESS,
                                  message=pb.OutputMessage(content=[pb.OutputText(text="")]))
             self.msg, self.msg_index, added = self._add_item(item)
             out.append(added)
-        self.msg.message.content[0].text += text
+        records, self.logprobs_held = [self._token_logprob(s) for s in self.logprobs_held], ()
+        part = self.msg.message.content[0]
+        part.text += text
+        part.logprobs.extend(records)
         self.answer_emitted += text
         out.append(self._event(output_text_delta=pb.OutputTextDelta(
-            item_id=self.msg.id, output_index=self.msg_index, content_index=0, delta=text)))
+            item_id=self.msg.id, output_index=self.msg_index, content_index=0, delta=text, logprobs=records)))
         return out
+
+    def _token_logprob(self, sample) -> pb.TokenLogprob:
+        spell = self.runner.token_bytes
+
+        def text(i: int) -> tuple[str, bytes]:
+            b = spell[i] if 0 <= i < len(spell) else b""
+            return b.decode("utf-8", errors="replace"), b
+
+        t, b = text(sample.token_id)
+        top = [pb.TopLogprob(token=text(i)[0], token_id=i, logprob=lp, bytes=text(i)[1])
+               for i, lp in sample.top_logprobs]
+        return pb.TokenLogprob(token=t, token_id=sample.token_id, logprob=sample.logprob or 0.0, bytes=b,
+                               top_logprobs=top)
 
     def _close_text_items(self, reason: str) -> list[pb.ResponseEvent]:
         ok = reason in ("stop", "tool_calls") or self.stop_hit
         status = pb.ITEM_STATUS_COMPLETED if ok else pb.ITEM_STATUS_INCOMPLETE
-        out = self._close_reasoning(forced=False, status=status)
+        out: list[pb.ResponseEvent] = []
         if self.answer_held and not self.stop_hit:
             held, self.answer_held = self.answer_held, ""
             out += self._emit_answer(held)
@@ -496,6 +551,7 @@ class ResponseRun:
             "response_id": r.id, "status": pb.ResponseStatus.Name(status), "reason": reason,
             "rounds": self.round + 1, "input_tokens": self.usage.input_tokens,
             "output_tokens": self.usage.output_tokens, "reasoning_tokens": self.usage.reasoning_tokens,
+            "summary_tokens": self.summary_tokens,
             "seconds": round(elapsed, 4),
             "ttft_s": None if self.first_token_at is None else round(self.first_token_at - self.t0, 4)}})
         if not rec.stored:

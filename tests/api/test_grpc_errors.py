@@ -70,8 +70,8 @@ CASES = {
         mode=pb.ToolChoice.MODE_REQUIRED)), INVALID, "tool_choice.mode REQUIRED needs at least one tool"),
     "bad temperature": (pb.CreateRequest(input=[user("hi")], sampling=pb.SamplingOptions(temperature=-1)), INVALID,
                         "sampling.temperature must be in [0.0, inf], got -1.0"),
-    "logprobs": (pb.CreateRequest(input=[user("hi")], sampling=pb.SamplingOptions(logprobs=True)), INVALID,
-                 "sampling.logprobs is not supported by this server yet"),
+    "logprobs": (pb.CreateRequest(input=[user("hi")], sampling=pb.SamplingOptions(top_logprobs=3)), INVALID,
+                 "sampling.top_logprobs needs sampling.logprobs"),
     "too many output tokens": (pb.CreateRequest(input=[user("hi")], max_output_tokens=100000), INVALID,
                                "max_output_tokens must be in [1, 256], got 100000"),
     "budget with effort none": (pb.CreateRequest(input=[user("hi")], reasoning=pb.Reasoning(

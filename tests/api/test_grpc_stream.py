@@ -14,6 +14,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from conftest import MODEL_ID, user
 from protos.kestrel.v1 import kestrel_pb2 as pb
+from serve import events as ev
+from serve.engine import EngineRequest
+from serve.summaries import summary_request_fields
 from serve.tool_loop import run_builtin
 from serve.tools.calculator import calculate
 
@@ -33,7 +36,7 @@ def check_sequence(events) -> None:
     assert terminal == [kinds(events)[-1]]
 
 
-def test_reasoning_summary_and_answer_stream(stub):
+def test_reasoning_summary_and_answer_stream(stub, engine):
     req = pb.CreateRequest(model=MODEL_ID, input=[user("What is 2 + 2?")],
                            reasoning=pb.Reasoning(effort=pb.REASONING_EFFORT_LOW, summary=pb.REASONING_SUMMARY_AUTO),
                            sampling=pb.SamplingOptions(seed=1))
@@ -62,7 +65,12 @@ def test_reasoning_summary_and_answer_stream(stub):
     assert [i.WhichOneof("item") for i in stored.output] == ["reasoning", "message"]
     assert stored.output[0].reasoning.content[0].text == reasoning
     assert stored.output[0].reasoning.budget_exhausted
-    assert stored.output[0].reasoning.summary[0].text
+    # The summary is the served model's own pass over the reasoning (serve/summaries.py).
+    summary = "".join(e.reasoning_summary_text_delta.delta for e in events
+                      if e.HasField("reasoning_summary_text_delta"))
+    again = engine.submit(EngineRequest(**summary_request_fields(reasoning, "auto")))
+    assert summary == "".join(e.text for e in again if isinstance(e, ev.AnswerDelta))
+    assert stored.output[0].reasoning.summary[0].text == summary
     assert stored.output[1].message.content[0].text == answer
 
 
@@ -300,3 +308,26 @@ def test_builtin_python_runs_in_the_sandbox(stub):
     expected = run_builtin("python", started.arguments, python_timeout_s=3)
     assert (finished.output, finished.is_error) == (expected.output, expected.is_error)
     assert finished.duration.ToTimedelta().total_seconds() > 0
+
+
+def test_answer_deltas_carry_log_probabilities(stub, engine):
+    req = pb.CreateRequest(model=MODEL_ID, input=[user("Say something.")], max_output_tokens=12,
+                           reasoning=pb.Reasoning(effort=pb.REASONING_EFFORT_NONE),
+                           sampling=pb.SamplingOptions(temperature=0.0, logprobs=True, top_logprobs=3))
+    events = list(stub.Create(req, timeout=60))
+    check_sequence(events)
+    deltas = [e.output_text_delta for e in events if e.HasField("output_text_delta")]
+    assert deltas
+    records = [r for d in deltas for r in d.logprobs]
+    spell = engine.tokenizer.token_bytes()
+    # The model's own distribution (before masks and penalties, as vLLM reports by default): the
+    # channel machine's mask may have ruled out its favourite, so the sampled token is not always
+    # the top alternative; the records' bytes spell the answer text.
+    for r in records:
+        tops = [t.logprob for t in r.top_logprobs]
+        assert len(tops) == 3 and tops == sorted(tops, reverse=True) and r.logprob <= tops[0] + 1e-6
+        assert r.bytes == spell[r.token_id]
+    answer = "".join(d.delta for d in deltas)
+    assert b"".join(r.bytes for r in records).decode() == answer
+    stored = stub.Get(pb.GetRequest(response_id=events[0].created.response.id), timeout=10)
+    assert list(stored.output[-1].message.content[0].logprobs) == records

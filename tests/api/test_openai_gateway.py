@@ -77,6 +77,20 @@ def test_chat_non_streaming_json_schema(client):
     assert out.choices[0].message.model_extra.get("reasoning_content")
 
 
+def test_chat_logprobs_streamed_and_whole(client):
+    kw = dict(model=MODEL_ID, messages=[{"role": "user", "content": "Say hi."}], max_completion_tokens=10,
+              temperature=0, logprobs=True, top_logprobs=2, reasoning_effort="none")
+    whole = client.chat.completions.create(**kw)
+    content = whole.choices[0].logprobs.content
+    assert content and all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
+    assert bytes(b for t in content for b in t.bytes).decode() == whole.choices[0].message.content
+    streamed = [t for chunk in client.chat.completions.create(stream=True, **kw)
+                for c in chunk.choices if c.logprobs for t in c.logprobs.content]
+    assert [t.token for t in streamed] == [t.token for t in content]
+    with pytest.raises(openai.BadRequestError, match="top_logprobs must be an integer 0..20"):
+        client.chat.completions.create(**{**kw, "top_logprobs": 50})
+
+
 def test_responses_stream_event_names(client):
     stream = client.responses.create(model=MODEL_ID, input="What is 1 + 1?", reasoning={"effort": "low"},
                                      max_output_tokens=40, stream=True)
