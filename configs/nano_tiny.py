@@ -9,7 +9,7 @@ from model.config import ModelConfig
 from sharding.mesh import MeshConfig
 from train.config import CheckpointConfig, DataConfig, OptimizerConfig, RunConfig
 
-VOCAB_SIZE = 7808
+VOCAB_SIZE = 8768
 
 
 def config() -> RunConfig:

@@ -220,7 +220,13 @@ class SentencePieceBackend:
         (directory / self.file_name).write_bytes(self.proto)
 
 
-def train_sentencepiece_proto(lines, vocab_size: int) -> bytes:
+# Every digit string of one to three digits ("7", "07", "007", ..., "999"): with these as symbols a
+# number is cut left to right into three-digit chunks ("5285656" -> "528" "565" "6") the same way
+# wherever it appears, so copying a number is copying a few distinctive tokens.
+NUMBER_CHUNKS = tuple(f"{n:0{w}d}" for w in (1, 2, 3) for n in range(10 ** w))
+
+
+def train_sentencepiece_proto(lines, vocab_size: int, *, number_chunks: bool = False) -> bytes:
     """Trains Kestrel's own tokenizer: BPE with byte fallback and the chat tokens as symbols.
 
     Identity normalization and no whitespace folding or dummy prefix, so that decode(encode(text))
@@ -229,11 +235,13 @@ def train_sentencepiece_proto(lines, vocab_size: int) -> bytes:
     Args:
       lines: an iterable of training strings.
       vocab_size: the target vocabulary size (an upper bound for a small corpus).
+      number_chunks: numbers become three-digit chunks (`NUMBER_CHUNKS` as symbols, matched
+        longest first from the left) instead of single digits.
 
     Returns:
       The serialized sentencepiece ``ModelProto``.
     """
-    if vocab_size < 256 + len(CHAT_SPECIAL_TOKENS) + 4:
+    if vocab_size < 256 + len(CHAT_SPECIAL_TOKENS) + 4 + (len(NUMBER_CHUNKS) if number_chunks else 0):
         raise ValueError(
             f"vocab_size must leave room for 256 byte tokens and the special tokens, got {vocab_size}"
         )
@@ -246,7 +254,7 @@ def train_sentencepiece_proto(lines, vocab_size: int) -> bytes:
         hard_vocab_limit=False,
         byte_fallback=True,
         character_coverage=1.0,
-        user_defined_symbols=list(CHAT_SPECIAL_TOKENS),
+        user_defined_symbols=list(CHAT_SPECIAL_TOKENS) + (list(NUMBER_CHUNKS) if number_chunks else []),
         unk_id=0,
         bos_id=1,
         eos_id=2,
@@ -258,7 +266,7 @@ def train_sentencepiece_proto(lines, vocab_size: int) -> bytes:
         normalization_rule_name="identity",
         remove_extra_whitespaces=False,
         add_dummy_prefix=False,
-        split_digits=True,
+        split_digits=not number_chunks,
         allow_whitespace_only_pieces=True,
         max_sentence_length=1 << 20,
         num_threads=min(8, os.cpu_count() or 1),

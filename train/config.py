@@ -12,13 +12,19 @@ import dataclasses
 import difflib
 import importlib.util
 import pathlib
+import typing
 from typing import Any
 
 from kestrel.errors import KestrelError
 from model.config import ModelConfig
+from model.kernels.attention import Impl
 from sharding.distributed import DistributedConfig
 from sharding.mesh import MeshConfig
 from sharding.rules import STRATEGIES
+from train.curriculum import Curriculum
+
+# The values of ``RunConfig.attention``: model/kernels/attention.py's ``Impl``.
+ATTENTION_IMPLS = typing.get_args(Impl)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +66,12 @@ class DataConfig:
       seed: the data seed.
       tokenizer: a tokenizer (checkpoint) folder, for sources that tokenize text.
       num_workers: data worker processes, for sources that have them.
+      curriculum: level weights over steps for the synthetic source (None: easy to hard over the
+        run, ``Curriculum.default(steps)``).
+      tasks: ``((task, weight), ...)`` for the synthetic source (None: every task, weight 1).
+      tools_fraction: the share of synthetic STEM examples that offer tools.
+      session_size: up to this many STEM problems per synthetic conversation (see
+        ``train.data.SyntheticDataConfig``).
     """
 
     source: str = "toy"
@@ -68,6 +80,10 @@ class DataConfig:
     seed: int = 0
     tokenizer: str | None = None
     num_workers: int = 0
+    curriculum: Curriculum | None = None
+    tasks: tuple[tuple[str, float], ...] | None = None
+    tools_fraction: float = 0.8
+    session_size: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +131,9 @@ class RunConfig:
       z_loss: weight of the z-loss ``log(Z)^2`` that keeps logits from drifting; 0 disables it.
       log_every: progress-bar and JSONL interval in steps.
       peak_flops_per_device: for the MFU estimate; ``None`` looks the device kind up.
+      attention: the attention implementation of the training step (``auto``, ``reference``,
+        ``xla``, ``pallas``, ``cudnn``; see ``model/kernels/attention.py``). On XLA:CPU ``xla``
+        trains a packed 4 x 1024 batch ~1.8x faster than ``auto`` (the reference).
       compiler_options: XLA options for the jitted init and step, e.g.
         ``{"xla_backend_optimization_level": 0}``, which compiles CPU smoke runs several times
         faster.
@@ -129,6 +148,7 @@ class RunConfig:
     z_loss: float = 0.0
     log_every: int = 1
     peak_flops_per_device: float | None = None
+    attention: str = "auto"
     compiler_options: dict | None = None
     mesh: MeshConfig = MeshConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
@@ -140,6 +160,8 @@ class RunConfig:
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy {self.strategy!r} is unknown; choose one of {sorted(STRATEGIES)}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"attention {self.attention!r} is unknown; choose one of {ATTENTION_IMPLS}")
         if self.compute_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"compute_dtype must be float32 or bfloat16, got {self.compute_dtype!r}")
         for name in ("steps", "log_every"):

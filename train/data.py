@@ -19,6 +19,7 @@ GPU host one Python thread cannot keep up with the step: a 64 x 1024 batch takes
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import os
@@ -31,7 +32,7 @@ import numpy as np
 from kestrel.errors import KestrelError
 from train.curriculum import Curriculum
 from train.packing import PackStats, TokenizedExample, pack_batch, tokenize_segments
-from train.synthetic import TASKS, Example, mixture_at, render_kestrel
+from train.synthetic import SUITES, TASKS, Example, mixture_at, render_kestrel, render_session
 
 # Where the data factory finds the tokenizer when the run config names none.
 TOKENIZER_ENV = "KESTREL_DATA_TOKENIZER"
@@ -57,6 +58,10 @@ class SyntheticDataConfig:
       tasks: task -> weight (default every task of ``TASKS`` with weight 1).
       tools_fraction: the share of STEM examples that offer tools.
       train_history: also learn earlier assistant turns of multi-turn conversations.
+      session_size: up to this many consecutive STEM problems of the stream (with the same tools)
+        become one conversation (``render_session``: one system/tools header, every exchange
+        trained, reasoning kept), k drawn uniformly from 1..session_size per conversation; the
+        header is then paid once for k problems. 1 keeps one problem per conversation.
       num_threads: grain reader threads (batches built in parallel in this process).
       prefetch: batches grain keeps ready.
       num_workers: grain worker processes (``mp_prefetch``); 0 keeps everything in-process.
@@ -70,6 +75,7 @@ class SyntheticDataConfig:
     tasks: tuple[tuple[str, float], ...] | None = None
     tools_fraction: float = 0.8
     train_history: bool = False
+    session_size: int = 1
     num_threads: int = 1
     prefetch: int = 2
     num_workers: int = 0
@@ -87,6 +93,8 @@ class SyntheticDataConfig:
             if any(w < 0 for _, w in tasks) or sum(w for _, w in tasks) <= 0:
                 raise ValueError(f"task weights must be >= 0 with a positive sum, got {tasks}")
             object.__setattr__(self, "tasks", tasks)
+        if self.session_size < 1:
+            raise ValueError(f"session_size must be >= 1, got {self.session_size}")
         if self.num_threads < 0 or self.prefetch < 0 or self.num_workers < 0:
             raise ValueError("num_threads, prefetch and num_workers must be >= 0")
 
@@ -127,18 +135,48 @@ class BatchBuilder:
             yield mixture_at(seed, j, levels, "train", tasks, c.tools_fraction)
             j += 1
 
+    def conversations(self, step: int) -> Iterator[list[Example]]:
+        """The stream of batch `step` grouped into conversations (see ``session_size``).
+
+        A STEM problem opens a session of k problems; the next STEM problems of the stream with
+        the same tools join it, and the examples passed over on the way wait, in order, to open
+        the following conversations.
+        """
+        c = self.config
+        rng = np.random.default_rng(stream_seed(c.seed, step, tag="sessions"))
+        stream = self.examples(step)
+        waiting: collections.deque[Example] = collections.deque()
+        while True:
+            first = waiting.popleft() if waiting else next(stream)
+            group = [first]
+            if c.session_size > 1 and first.meta["task"] in SUITES["stem"]:
+                want = int(rng.integers(1, c.session_size + 1))
+                mates = [ex for ex in waiting if ex.meta["task"] in SUITES["stem"] and ex.tools == first.tools]
+                for ex in mates[:want - 1]:
+                    waiting.remove(ex)
+                    group.append(ex)
+                while len(group) < want and len(waiting) < 16:
+                    ex = next(stream)
+                    if ex.meta["task"] in SUITES["stem"] and ex.tools == first.tools:
+                        group.append(ex)
+                    else:
+                        waiting.append(ex)
+            yield group
+
     def build(self, step: int) -> tuple[dict[str, np.ndarray], PackStats, list[Example]]:
         """Batch `step`, its packing stats and the examples placed in it (in placement order)."""
-        seen: list[Example] = []
+        seen: list[list[Example]] = []
 
         def tokenized() -> Iterator[TokenizedExample]:
-            for ex in self.examples(step):
-                seen.append(ex)
-                yield tokenize_segments(self.tokenizer, render_kestrel(ex, train_history=self.config.train_history))
+            for group in self.conversations(step):
+                seen.append(group)
+                segs = (render_session(group) if len(group) > 1
+                        else render_kestrel(group[0], train_history=self.config.train_history))
+                yield tokenize_segments(self.tokenizer, segs)
 
         pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
         batch, stats = pack_batch(tokenized(), self.config.batch_size, self.config.seq_len, pad_id=pad)
-        return batch, stats, [seen[k] for k in stats.placed]
+        return batch, stats, [ex for k in stats.placed for ex in seen[k]]
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
         return self.build(int(step))[0]
@@ -229,12 +267,11 @@ def synthetic_batches(run_config) -> SyntheticBatches:
     if not tokenizer:
         raise KestrelError("the synthetic data source needs a tokenizer folder: set data.tokenizer or "
                            f"${TOKENIZER_ENV} (train one with `python -m train.nano_tokenizer OUT`)")
-    curriculum = getattr(data, "curriculum", None) or Curriculum.default(run_config.steps)
-    tasks = getattr(data, "tasks", None)
+    curriculum = data.curriculum or Curriculum.default(run_config.steps)
     config = SyntheticDataConfig(
         tokenizer=str(tokenizer), batch_size=data.batch_size, seq_len=data.seq_len, seed=data.seed,
-        curriculum=curriculum, tasks=tuple(dict(tasks).items()) if tasks else None,
-        tools_fraction=getattr(data, "tools_fraction", 0.8),
+        curriculum=curriculum, tasks=tuple(dict(data.tasks).items()) if data.tasks else None,
+        tools_fraction=data.tools_fraction, session_size=data.session_size,
         num_threads=getattr(data, "num_threads", 1), num_workers=getattr(data, "num_workers", 0))
     batches = SyntheticBatches(config)
     vocab = batches.builder.tokenizer.vocab_size

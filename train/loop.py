@@ -91,7 +91,8 @@ def make_train_step(graphdef, tx, cfg: RunConfig, teacher_graphdef=None):
 
     def forward(gd, params, batch):
         logits, _ = nnx.merge(gd, params)(
-            batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+            batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"],
+            attn_impl=cfg.attention)
         return logits  # [B, T, V] float32
 
     schedule = make_optimizer(cfg.optimizer, cfg.steps)[1]
@@ -298,7 +299,7 @@ def _jitted(cfg, mesh, graphdef, tx, p_shard, o_shard, b_shard, t_shard, teacher
     recompiling: jit caches executables per function object.
     """
     key = (repr((cfg.student, cfg.optimizer, cfg.steps, cfg.seed, cfg.z_loss, cfg.distill.weight,
-                 cfg.distill.temperature, cfg.strategy, cfg.compiler_options)), mesh,
+                 cfg.distill.temperature, cfg.strategy, cfg.attention, cfg.compiler_options)), mesh,
            repr(teacher_graphdef))
     if key in _JIT_CACHE:
         return _JIT_CACHE[key]

@@ -4,7 +4,9 @@ The corpus is whole conversations as ``render_kestrel`` writes them (system prom
 questions, reasoning, tool calls and results), drawn from the training split over every task and
 level, so the vocabulary covers exactly the text the model trains on. The tokenizer itself is
 ``model.tokenizer.Tokenizer.train_sentencepiece``: BPE with byte fallback (any text encodes),
-digits split, and DESIGN.md's chat tokens (``<|im_start|>``, ``<think>``, ``<tool_call>``, ...)
+numbers cut into three-digit chunks (``"5285656" -> "528" "565" "6"``, the same wherever the
+number appears: a tiny model learns to copy a few distinctive tokens far sooner than a run of
+single digits, each of which occurs everywhere), and DESIGN.md's chat tokens (``<|im_start|>``, ``<think>``, ``<tool_call>``, ...)
 as single ids, plus the ChatML/Qwen3 chat template.
 
     python -m train.nano_tokenizer checkpoints/kestrel-nano-tokenizer --vocab-size 32768
@@ -44,7 +46,7 @@ def corpus(n: int, seed: int = 0, *, tools_fraction: float = 0.8) -> Iterator[st
 
 
 def train_nano_tokenizer(out_dir: str | os.PathLike | None = None, *, vocab_size: int = 32768,
-                         n_examples: int = 20_000, seed: int = 0) -> Tokenizer:
+                         n_examples: int = 20_000, seed: int = 0, number_chunks: bool = True) -> Tokenizer:
     """Trains the tokenizer and optionally saves it (``tokenizer.model`` + ``tokenizer_config.json``).
 
     Args:
@@ -53,11 +55,13 @@ def train_nano_tokenizer(out_dir: str | os.PathLike | None = None, *, vocab_size
         distinct pieces (the generator's text is regular), never larger.
       n_examples: conversations in the corpus.
       seed: the corpus seed.
+      number_chunks: numbers as three-digit chunks (False: single digits).
 
     Returns:
       The trained `Tokenizer`; its ``vocab_size`` is what the model's embedding needs at least.
     """
-    return Tokenizer.train_sentencepiece(corpus(n_examples, seed), vocab_size, out_dir)
+    return Tokenizer.train_sentencepiece(corpus(n_examples, seed), vocab_size, out_dir,
+                                         number_chunks=number_chunks)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -66,8 +70,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab-size", type=int, default=32768)
     parser.add_argument("--examples", type=int, default=20_000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--number-chunks", action=argparse.BooleanOptionalAction, default=True,
+                        help="numbers as three-digit chunks (--no-number-chunks: single digits)")
     args = parser.parse_args(argv)
-    tok = train_nano_tokenizer(args.out, vocab_size=args.vocab_size, n_examples=args.examples, seed=args.seed)
+    tok = train_nano_tokenizer(args.out, vocab_size=args.vocab_size, n_examples=args.examples, seed=args.seed,
+                               number_chunks=args.number_chunks)
     print(f"wrote {args.out}: {tok.vocab_size} ids")
 
 

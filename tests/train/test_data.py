@@ -133,3 +133,38 @@ def test_the_loop_builds_and_places_it(tok_dir, monkeypatch):
     placed = shard_batch(next(data), NamedSharding(mesh, P("data")), 8, 1536)
     assert placed["tokens"].shape == (8, 1536) and len(placed["tokens"].sharding.device_set) == 8
     assert data.get_state() == {"next_batch": 1}
+
+
+def test_sessions_share_one_header_and_train_every_exchange(tok_dir):
+    from train.synthetic import SUITES, render_session
+
+    data = SyntheticBatches(config(tok_dir, session_size=3, seq_len=4096, batch_size=1))
+    groups = []
+    for group in data.builder.conversations(5):
+        groups.append(group)
+        if len(groups) == 40:
+            break
+    again = []
+    for group in data.builder.conversations(5):
+        again.append(group)
+        if len(again) == 40:
+            break
+    assert groups == again  # deterministic per step
+    multi = [g for g in groups if len(g) > 1]
+    assert multi and max(len(g) for g in groups) <= 3
+    for g in multi:
+        assert all(ex.meta["task"] in SUITES["stem"] and ex.tools == g[0].tools for ex in g)
+        segs = render_session(g)
+        text = "".join(t for t, _ in segs)
+        assert text.count("<|im_start|>system") == 1 and text.count("<|im_start|>user\n") >= len(g)
+        trained = "".join(t for t, tr in segs if tr)
+        for ex in g:  # every problem's reasoning, calls and answer are learnt
+            final = "".join(t for t, tr in render_kestrel(ex) if tr)
+            assert final in trained
+    # Nothing of the stream is lost or repeated: the examples are the plain stream, regrouped.
+    flat = [ex for g in groups for ex in g]
+    stream = data.builder.examples(5)
+    plain = [next(stream) for _ in range(len(flat) + 20)]
+    assert all(ex in plain for ex in flat) and len({id(e) for e in flat}) == len(flat)
+    with pytest.raises(ValueError, match="same tools"):
+        render_session([g for g in groups if g[0].tools][0][:1] + [g for g in groups if not g[0].tools][0][:1])

@@ -11,7 +11,7 @@ from train.synthetic import mixture, render_kestrel
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     path = tmp_path_factory.mktemp("nano_tok")
-    tok = train_nano_tokenizer(path, vocab_size=800, n_examples=200, seed=1)
+    tok = train_nano_tokenizer(path, vocab_size=2000, n_examples=200, seed=1)
     return tok, path
 
 
@@ -35,7 +35,7 @@ def test_round_trip_and_reload(saved):
     texts = ["".join(s for s, _ in render_kestrel(ex)) for ex in mixture(99, {4: 1, 5: 1}, "heldout", 10)]
     texts += ["Ünïcödé ✓ 中文 emoji 🦅 and\ttabs  double  spaces\n\n", "x = 12345.678e-9"]
     loaded = Tokenizer.load(path)
-    assert loaded.vocab_size == tok.vocab_size <= 800
+    assert loaded.vocab_size == tok.vocab_size <= 2000
     for text in texts:
         ids = tok.encode(text)
         assert tok.decode(ids) == text and loaded.encode(text) == ids
@@ -45,9 +45,21 @@ def test_round_trip_and_reload(saved):
     assert prompt.endswith("<|im_start|>assistant\n")
 
 
+def test_numbers_are_three_digit_chunks_wherever_they_appear(saved):
+    tok, _ = saved
+    pieces = lambda text: [tok.decode([i]) for i in tok.encode(text)]  # noqa: E731
+    assert pieces("5285656") == ["528", "565", "6"]
+    for text in ('{"expression": "(5285656 * 2) + 0.009"}', "Answer: $5285656", "x = 5285656."):
+        assert ["528", "565", "6"] == [p for p in pieces(text) if p.isdigit()][:3], text
+    assert pieces("0.009") == ["0", ".", "009"]
+
+
 def test_cli_writes_a_tokenizer(tmp_path, capsys):
-    main([str(tmp_path / "t"), "--vocab-size", "400", "--examples", "50"])
+    main([str(tmp_path / "t"), "--vocab-size", "1600", "--examples", "50"])
     assert "ids" in capsys.readouterr().out
-    assert Tokenizer.load(tmp_path / "t").vocab_size <= 400
+    assert Tokenizer.load(tmp_path / "t").vocab_size <= 1600
+    main([str(tmp_path / "d"), "--vocab-size", "400", "--examples", "50", "--no-number-chunks"])
+    digits = Tokenizer.load(tmp_path / "d")
+    assert [digits.decode([i]) for i in digits.encode("2026")] == ["2", "0", "2", "6"]
     with pytest.raises(ValueError, match="vocab_size"):
         train_nano_tokenizer(vocab_size=100, n_examples=10)

@@ -19,7 +19,7 @@ CONFIG = "configs/nano_tiny.py"
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("nano_tiny")
-    tok = train_nano_tokenizer(root / "tok", vocab_size=600, n_examples=80, seed=3)
+    tok = train_nano_tokenizer(root / "tok", vocab_size=1800, n_examples=80, seed=3)
     overrides = [f"data.tokenizer={root / 'tok'}"]
     # One device: the tiny batch of 2 rows is not meant to split over 8 simulated devices.
     result = run(CONFIG, root / "run", overrides, devices=jax.devices()[:1], report=lambda _: None)

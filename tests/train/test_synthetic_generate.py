@@ -15,6 +15,11 @@ ALL = {1: 1, 2: 1, 3: 1, 4: 1, 5: 1}
 
 def _variants():
     for task, spec in TASKS.items():
+        if spec.suite == "summary":
+            continue  # test_summary_examples_summarise_a_stem_reasoning
+        if spec.suite == "drill":
+            yield task, False
+            continue
         for tools in ((True, False) if spec.suite == "stem" else (True,)):
             yield task, tools
 
@@ -42,6 +47,28 @@ def test_every_task_at_every_level_generates_a_consistent_example(task, tools):
             assert bool(ex.tools) == tools
             if not tools:
                 assert len(ex.messages) == 3 and "tool_calls" not in ex.messages[-1]
+
+
+def test_summary_examples_summarise_a_stem_reasoning():
+    from serve.summaries import SUMMARY_REQUEST, summary_messages
+    from train.synthetic.render import render_kestrel
+
+    partial = 0
+    for level in LEVELS:
+        for seed in range(20):
+            ex = generate("summarize", level=level, seed=seed)
+            system, user, answer = ex.messages
+            reasoning = user["content"][len(SUMMARY_REQUEST):]
+            assert [system, user] == summary_messages(reasoning) and ex.tools == []
+            assert answer == {"role": "assistant", "content": ex.meta["answer"], "reasoning_content": ""}
+            assert reasoning.startswith("Task: ") and "\n" not in ex.meta["answer"]
+            partial += ex.meta["answer"].startswith(("Planned: ", "Asked "))
+            # Written without thinking: the empty think block is trained, then the line itself.
+            text, trainable = render_kestrel(ex)[-2]  # then the untrained newline after <|im_end|>
+            assert trainable and text == "<think>\n\n</think>\n\n" + ex.meta["answer"] + "<|im_end|>"
+            said = text.removesuffix("<|im_end|>")  # eval scores a turn without its stop token
+            assert check_answer(ex, said) and not check_answer(ex, said + " more")
+    assert 0.1 < partial / 100 < 0.4
 
 
 def test_generation_is_deterministic_per_seed():
@@ -102,6 +129,8 @@ def test_check_answer_rejects_a_wrong_answer_for_every_task():
         kind = ex.meta["answer_kind"]
         if kind == "refusal":
             wrong = "Answer: Sure, done."
+        elif kind == "summary":
+            wrong = final.rstrip(".") + " and more."
         elif kind == "results":
             wrong = re.sub(r"-\d+", lambda mt: f"-{int(mt.group(0)[1:]) + 1}", final)
         else:
@@ -161,3 +190,15 @@ def test_generation_throughput():
         n = sum(1 for _ in mixture(0, ALL, n=3000))
         best = max(best, n / (time.perf_counter() - start))
     assert best > 1000, f"{best:.0f} examples/s"
+
+
+def test_copy_drills_ask_back_every_number_at_every_level():
+    kinds = set()
+    for level in LEVELS:
+        for seed in range(200):  # enough draws to ask for every position of the longest lists
+            ex = generate("copy", level=level, seed=seed)
+            question, answer = ex.messages[1]["content"], ex.meta["answer"]
+            assert all(part in question for part in answer.split(", "))
+            assert check_answer(ex, ex.messages[-1]["content"])
+            kinds.add(question.split()[0])
+    assert len(kinds) >= 4

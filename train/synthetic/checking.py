@@ -67,7 +67,8 @@ def check_answer(example: Example, text: str) -> bool:
     Returns:
       True when the stated answer matches: numbers within ``meta["tolerance"]`` (relative), in the
       expected unit or one convertible to it; every variable of an equation answer; every result
-      code of a function-calling answer; a refusal without any tool call.
+      code of a function-calling answer; a refusal without any tool call; a summary equal to the
+      expected line; a text answer (copy drills) equal to the expected text.
     """
     kind = example.meta["answer_kind"]
     said = final_answer_text(text)
@@ -80,6 +81,10 @@ def check_answer(example: Example, text: str) -> bool:
         codes = [part.split(": ", 1)[1] for part in example.meta["answer"].split("; ")]
         body = text.split("</think>")[-1]
         return all(code in body for code in codes)
+    if kind == "summary":
+        return text.split("</think>")[-1].strip() == example.meta["answer"]
+    if kind == "text":
+        return said.strip() == example.meta["answer"]
     if kind == "refusal":
         return "<tool_call>" not in text and bool(re.search(r"\b(cannot|can't|unable|no (available )?function)",
                                                             said, re.I))

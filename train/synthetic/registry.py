@@ -4,7 +4,8 @@ import dataclasses
 import random
 from typing import Callable, Iterator
 
-from train.synthetic import algebra, arithmetic, chemistry, combinatorics, conversions, physics, word_problems
+from train.synthetic import (algebra, arithmetic, chemistry, combinatorics, conversions, drills, physics, summaries,
+                             word_problems)
 from train.synthetic import function_calling as fc
 from train.synthetic.example import SPLITS, Example
 from train.synthetic.problem import Problem, build_stem_example
@@ -16,9 +17,11 @@ class Task:
 
     Attributes:
       name: the registry key, recorded in ``meta["task"]``.
-      suite: "stem" (a problem with an answer; works with and without tools) or "tools"
-        (function calling over random schemas; tools always offered).
-      make: ``(rng, level, split) -> Problem`` for stem tasks, ``-> Example`` for tools tasks.
+      suite: "stem" (a problem with an answer; works with and without tools), "tools"
+        (function calling over random schemas; tools always offered) or "summary" (summarising
+        a STEM example's reasoning in one line, answered without thinking; no tools) or "drill"
+        (copying numbers back, the skill under every STEM answer; training only; no tools).
+      make: ``(rng, level, split) -> Problem`` for stem tasks, ``-> Example`` for the others.
     """
 
     name: str
@@ -41,11 +44,12 @@ TASKS: dict[str, Task] = {
         Task("fc_parallel", "tools", fc.make_parallel),
         Task("fc_none", "tools", fc.make_none),
         Task("fc_multiturn", "tools", fc.make_multiturn),
+        Task("summarize", "summary", summaries.make_summary),
+        Task("copy", "drill", drills.make_copy),
     )
 }
 
-SUITES = {"stem": tuple(n for n, t in TASKS.items() if t.suite == "stem"),
-          "tools": tuple(n for n, t in TASKS.items() if t.suite == "tools")}
+SUITES = {suite: tuple(n for n, t in TASKS.items() if t.suite == suite) for suite in ("stem", "tools", "summary", "drill")}
 
 
 def _check(level: int, split: str) -> None:
@@ -85,6 +89,8 @@ def generate(task: str | None = None, *, level: int, rng: random.Random | None =
     if spec.suite == "tools":
         if not tools:
             raise ValueError(f"task {task!r} is function calling and needs tools=True")
+        return spec.make(rng, level, split)
+    if spec.suite in ("summary", "drill"):
         return spec.make(rng, level, split)
     return build_stem_example(spec.make(rng, level, split), task=task, level=level, split=split, tools=tools)
 

@@ -110,3 +110,30 @@ def render_kestrel(example: Example, *, train_history: bool = False) -> list[tup
     """The example as Kestrel chat text, in (text, trainable) segments whose concatenation is the
     chat template's rendering; trainable exactly for the final exchange's assistant output."""
     return render_segments(example.messages, example.tools, train_history=train_history)
+
+
+def render_session(examples: list[Example]) -> list[tuple[str, bool]]:
+    """Several problems asked one after another in one conversation, every turn's reasoning kept.
+
+    The first example is rendered whole (system prompt, tools header, its exchange); each later
+    one adds its user turn and its exchange, as a follow-up turn continues a stored conversation
+    in the engine (``previous_response_id`` keeps the earlier turns' tokens, reasoning included,
+    rather than re-rendering them). Every exchange is trainable. The examples must offer the same
+    tools: the header is written once.
+
+    Raises:
+      ValueError: no examples, or examples offering different tools.
+    """
+    if not examples:
+        raise ValueError("a session needs at least one example")
+    if any(ex.tools != examples[0].tools for ex in examples[1:]):
+        raise ValueError("the examples of a session must offer the same tools")
+    segs = list(render_kestrel(examples[0]))
+    for ex in examples[1:]:
+        for text, trainable in render_segments(ex.messages[1:] if ex.messages[0]["role"] == "system"
+                                               else ex.messages):
+            if segs and segs[-1][1] == trainable:
+                segs[-1] = (segs[-1][0] + text, trainable)
+            else:
+                segs.append((text, trainable))
+    return segs

@@ -1,0 +1,57 @@
+"""Copy drills: the skill under every STEM answer, trained on its own.
+
+Almost every number a STEM answer contains is copied: from the question into the tool call, from
+the tool's result into the reasoning and the answer. A small model learns that copying (induction
+heads: find where the current token occurred before and continue from there; and retrieval:
+find the k-th number of the question) from a few hundred tokens of it per step in the problems
+alone only slowly. A drill is short and almost all copying: a handful of numbers of the level's
+sizes, asked back in the same or reverse order, or one of them by its position, with the same
+reasoning scheme (``Task`` / ``Given`` / ``Plan``) and ``Answer`` / ``Summary`` lines as the
+problems, and no tools (so no tools header).
+"""
+
+from __future__ import annotations
+
+import random
+
+from train.synthetic.example import SYSTEM_PROMPT, Example
+from train.synthetic.problem import pick, rand_decimal, rand_digits
+
+_ORD = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh")  # k <= 2 + level <= 7
+
+
+def _number(rng: random.Random, level: int) -> str:
+    lo, hi = ((1, 4), (2, 6), (3, 8), (4, 11), (6, 14))[level - 1]
+    if rng.random() < 0.3:
+        return rand_decimal(rng, 1, 10 ** rng.randint(1, min(hi, 6)), rng.randint(1, 3))
+    return str(rand_digits(rng, rng.randint(lo, hi)))
+
+
+def make_copy(rng: random.Random, level: int, split: str) -> Example:
+    """One drill: repeat the numbers, reverse them, or name the k-th one."""
+    k = rng.randint(2, 2 + level)
+    nums = [_number(rng, level) for _ in range(k)]
+    listed = ", ".join(nums)
+    kind = rng.choice(("repeat", "reverse", "pick"))
+    if kind == "repeat":
+        question = pick(rng, ("Copy these numbers exactly: {l}.", "Repeat after me: {l}.",
+                              "Write these numbers back: {l}.")).format(l=listed)
+        answer, plan = listed, "Write the numbers in the same order."
+    elif kind == "reverse":
+        question = pick(rng, ("Write these numbers in reverse order: {l}.",
+                              "Reverse this list: {l}.")).format(l=listed)
+        answer, plan = ", ".join(reversed(nums)), "Write the numbers from last to first."
+    else:
+        i = rng.randrange(k)
+        question = pick(rng, ("Which is the {o} number in {l}?", "In the list {l}, what is the {o} number?")
+                        ).format(o=_ORD[i], l=listed)
+        answer, plan = nums[i], f"Take number {i + 1} of the list."
+    given = "; ".join(f"n{j + 1} = {n}" for j, n in enumerate(nums))
+    reasoning = f"Task: copy.\nGiven: {given}.\nPlan: {plan}\nSo the answer is {answer}."
+    summary = f"Copied {k} numbers." if kind != "pick" else f"Read the {_ORD[i]} number: {answer}."
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question},
+                {"role": "assistant", "reasoning_content": reasoning,
+                 "content": f"Answer: {answer}\nSummary: {summary}"}]
+    meta = {"task": "copy", "level": level, "answer": answer, "summary": summary, "split": split,
+            "tools": False, "answer_kind": "text", "tolerance": 0.0, "prompt_len": 2}
+    return Example(messages=messages, tools=[], meta=meta)
