@@ -185,7 +185,6 @@ class ResponseRun:
         # Reasoning of earlier rounds: a round's summary covers the response's reasoning so far.
         self.reasoning_so_far: list[str] = []
         self.summary_tokens = 0
-        self.summary_handles: set[str] = set()
         self.logprobs_held: tuple = ()  # answer tokens' samples not yet sent with their text
 
     # ------------------------------------------------------------------ engine rounds
@@ -402,7 +401,6 @@ class ResponseRun:
         except (ValueError, RuntimeError) as e:
             log.warning("reasoning summary skipped: %s", e)
             return
-        self.summary_handles.add(handle.request_id)
         try:
             async for e in pump(handle):
                 if isinstance(e, ev.AnswerDelta) and e.text:
@@ -410,7 +408,6 @@ class ResponseRun:
                 elif isinstance(e, ev.Finished):
                     self.summary_tokens += e.usage.output_tokens
         finally:
-            self.summary_handles.discard(handle.request_id)
             if not handle.finished:
                 engine.cancel(handle.request_id)
 
