@@ -28,6 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.common import write_json  # noqa: E402
 from model.checkpoint import load_checkpoint  # noqa: E402
 from model.convert import convert_checkpoint  # noqa: E402
 from serve.engine import Engine, EngineRequest  # noqa: E402
@@ -166,11 +167,9 @@ def main(argv: list[str]) -> dict:
                   loadavg=os.getloadavg(), jax=jax.__version__, backend=jax.default_backend(),
                   python=platform.python_version(),
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    text = json.dumps(result, indent=2)
-    print(text)
+    print(json.dumps(result, indent=2))
     if args.out:
-        pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        pathlib.Path(args.out).write_text(text + "\n")
+        write_json(args.out, result)
     return result
 
 

@@ -28,6 +28,7 @@ import flax  # noqa: E402
 import jax  # noqa: E402
 import optax  # noqa: E402
 
+from bench.common import write_json  # noqa: E402
 from train import metrics as metrics_lib  # noqa: E402
 from train.config import apply_overrides, load_config  # noqa: E402
 from train.loop import run  # noqa: E402
@@ -98,11 +99,9 @@ def main(argv: list[str]) -> dict:
         "versions": {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    text = json.dumps(result, indent=2)
-    print(text)
+    print(json.dumps(result, indent=2))
     if args.out:
-        pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        pathlib.Path(args.out).write_text(text + "\n")
+        write_json(args.out, result)
     return result
 
 

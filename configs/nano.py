@@ -3,8 +3,8 @@
 Sized for about 40 minutes on a quiet 2-core CPU. Measured there (forward + backward of a packed
 4 x 1024 batch): attention dominates the step, and its cost grows with the number of heads, not
 with their width, so the model has few wide heads: 4 layers, width 256, 4 query heads of 64 (2 KV
-heads), ~5.9M parameters with tied embeddings, ~1,400 tokens/s with the ``xla`` attention (the
-reference attention on XLA:CPU is ~1.8x slower). The tokenizer is the 8,741-piece sentencepiece
+heads), ~5.9M parameters with tied embeddings, 1,513 tokens/s (median of the bundled run) with
+the ``xla`` attention (the reference attention on XLA:CPU is ~1.8x slower). The tokenizer is the 8,741-piece sentencepiece
 model ``train/nano_tokenizer.py`` trains on the generator's own text, numbers cut into
 three-digit chunks (embedding rounded up to 8,768, a multiple of 64). The synthetic answers are
 mostly copying (numbers into tool calls, tool results into the answer): with single-digit tokens

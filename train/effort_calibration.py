@@ -78,18 +78,10 @@ def last_hidden_states(model, prompts: list[list[int]], batch: int = 16) -> np.n
     return out
 
 
-def make_engine(model, tokenizer, effort: EffortModel):
-    from serve.engine import Engine
-
-    pages = 32 * math.ceil(model.config.max_position_embeddings / 16)
-    return Engine(model, tokenizer, num_pages=pages, page_size=16, max_num_seqs=32,
-                  max_num_batched_tokens=1024, effort=effort)
-
-
 def play(model, tokenizer, effort_model: EffortModel, effort: str, suites: dict[str, int], seed: int,
          max_new_tokens: int, log: list | None = None) -> dict:
     """Plays the suites through a fresh engine at `effort`; per-suite results and timing."""
-    engine = make_engine(model, tokenizer, effort_model)
+    engine = ev.eval_engine(model, tokenizer, effort_model)
     policy = ev.engine_policy(engine, max_new_tokens=max_new_tokens, effort=effort)
     if log is not None:
         policy = recording_policy(policy, log)
@@ -125,7 +117,7 @@ def calibrate(ckpt: str, *, n: int = 100, eval_n: int = 100, max_new_tokens: int
     log: list = []
     play(model, tokenizer, unbounded, "high", {"stem": n, "tools": n}, seed=1,
          max_new_tokens=max_new_tokens, log=log)
-    spent = np.array([ev._think_tokens(ids, think, end) for _, ids in log], np.float64)
+    spent = np.array([ev.think_tokens(ids, think, end) for _, ids in log], np.float64)
     prompts = [p for p, _ in log]
 
     # 2. Budgets.

@@ -214,6 +214,15 @@ def generator_policy(generator, tokenizer, *, max_new_tokens: int, batch_size: i
     return policy
 
 
+def eval_engine(model, tokenizer, effort=None, max_num_seqs: int = 32):
+    """A serving engine sized for eval: `max_num_seqs` conversations at the full context each."""
+    from serve.engine import Engine
+
+    pages = max_num_seqs * -(-model.config.max_position_embeddings // 16)
+    return Engine(model, tokenizer, num_pages=pages, page_size=16, max_num_seqs=max_num_seqs,
+                  max_num_batched_tokens=1024, effort=effort)
+
+
 def engine_policy(engine, *, max_new_tokens: int, effort: str = "medium", tool_choice: str = "auto") -> Policy:
     """Greedy decoding through the serving engine: continuous batching, and the channel machine.
 
@@ -256,7 +265,8 @@ def oracle_policy(tokenizer) -> Policy:
     return policy
 
 
-def _think_tokens(ids: list[int], think: int | None, end: int | None) -> int:
+def think_tokens(ids: list[int], think: int | None, end: int | None) -> int:
+    """How many tokens of `ids` lie between ``<think>`` and ``</think>``."""
     if think is None or end is None:
         return 0
     n, inside = 0, False
@@ -282,7 +292,7 @@ def score(conv: Conversation, tokenizer) -> dict[str, Any]:
         "n_calls": len(all_calls),
         "rounds": len(conv.rounds),
         "generated_tokens": sum(len(r) for r in conv.round_ids),
-        "reasoning_tokens": sum(_think_tokens(r, think, end) for r in conv.round_ids),
+        "reasoning_tokens": sum(think_tokens(r, think, end) for r in conv.round_ids),
     }
     if all_calls:
         probe = dataclasses.replace(ex, meta={**ex.meta, "calls": []})  # validity needs no expectation
@@ -403,15 +413,12 @@ def run_eval(ckpt_dir: str, suite: str, *, n: int = 100, seed: int = 0, max_new_
         raise KestrelError(f"{ckpt_dir} has no tokenizer; eval needs one")
     if constrained:
         from serve.effort import EffortModel
-        from serve.engine import Engine
 
-        pages = batch_size * -(-model.config.max_position_embeddings // 16)
         try:
             effort_model = EffortModel.load(ckpt_dir)
         except ValueError as e:
             raise KestrelError(str(e)) from None
-        engine = Engine(model, tokenizer, num_pages=pages, page_size=16, max_num_seqs=batch_size,
-                        max_num_batched_tokens=1024, effort=effort_model)
+        engine = eval_engine(model, tokenizer, effort_model, batch_size)
         policy = engine_policy(engine, max_new_tokens=max_new_tokens, effort=effort)
     else:
         policy = generator_policy(Generator(model), tokenizer, max_new_tokens=max_new_tokens,

@@ -56,13 +56,14 @@ def test_auto_budget_comes_from_the_probe_after_prefill():
     # A probe that ignores the prompt predicts exp(bias) - 1 tokens: the budget is known exactly.
     probe = EffortProbe(np.zeros(d, np.float32), float(np.log1p(9.0)), margin=1.0, slack=0,
                         min_budget=1, max_budget=1000)
+    # (This random model never opens <think>, so what the budget does to reasoning is tested on
+    # the channel machine: test_channel.py::test_auto_budget_set_after_prefill_bounds_the_reasoning.
+    # Here: the engine hands the probe the prompt's hidden state and the machine its budget.)
     engine = make_engine(effort=EffortModel({"low": 5, "medium": 40, "high": 50}, probe))
     h = _run(engine, "auto")
     assert h.reasoning_budget == 9
-    assert h.usage.reasoning_tokens <= 9
     assert engine.kv.pool.num_used == 0
-    # Without a probe, auto reasons at the model's medium budget; low/high use the table.
+    # Only auto asks prefill for the hidden state; without a probe auto runs at the medium budget.
+    assert _run(engine, "high").reasoning_budget is None
     plain = make_engine(effort=EffortModel({"low": 5, "medium": 7, "high": 50}))
-    h = _run(plain, "auto")
-    assert h.reasoning_budget is None and h.usage.reasoning_tokens <= 7
-    assert _run(plain, "low").usage.reasoning_tokens <= 5
+    assert _run(plain, "auto").reasoning_budget is None
