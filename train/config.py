@@ -72,6 +72,8 @@ class DataConfig:
       tools_fraction: the share of synthetic STEM examples that offer tools.
       session_size: up to this many STEM problems per synthetic conversation (see
         ``train.data.SyntheticDataConfig``).
+      image_tokens: soft tokens per image for mixes with image tasks (``tasks`` naming
+        ``vision`` or ``image_*``; the model needs a vision tower).
     """
 
     source: str = "toy"
@@ -84,6 +86,7 @@ class DataConfig:
     tasks: tuple[tuple[str, float], ...] | None = None
     tools_fraction: float = 0.8
     session_size: int = 1
+    image_tokens: int = 64
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,199 @@
+"""Pillow drawing for rendered problems: fonts, readable colour pairs, styled rotated text, PNG bytes.
+
+Fonts are what is available offline for sure: Pillow's built-in scalable font
+(``ImageFont.load_default(size=...)``, Aileron) and, when present, TrueType fonts shipped inside a
+few installed Python packages (found at run time, never required; system fonts are never used).
+The style of a text (font, size, bold by a stroke, italic by a shear, colours, rotation) is drawn
+from its own random stream (`style_rng`), so the values and questions of an example never depend on
+which fonts a machine happens to have; only the pixels do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import io
+import math
+import pathlib
+import random
+
+from PIL import Image, ImageDraw, ImageFont
+
+# Packages known to ship TrueType fonts inside their wheels (all optional).
+FONT_PACKAGES = ("matplotlib", "reportlab", "pygame", "kivy", "fonts", "font_roboto", "dejavu")
+MIN_SIDE, MAX_SIDE = 224, 448
+
+
+@functools.lru_cache(maxsize=1)
+def package_fonts() -> tuple[str, ...]:
+    """Paths of the ``.ttf`` files inside the installed packages of `FONT_PACKAGES`, sorted."""
+    found: set[str] = set()
+    for name in FONT_PACKAGES:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            continue
+        for root in (spec.submodule_search_locations or []) if spec else []:
+            found.update(str(p) for p in pathlib.Path(root).rglob("*.ttf"))
+    usable = []
+    for path in sorted(found):
+        try:
+            ImageFont.truetype(path, 12).getbbox("Ag 0.5")
+        except OSError:
+            continue  # a symbol-only or broken face
+        usable.append(path)
+    return tuple(usable)
+
+
+def font_names() -> tuple[str, ...]:
+    """Every font this machine offers: ``"builtin"`` first, then package TTFs."""
+    return ("builtin",) + package_fonts()
+
+
+@functools.lru_cache(maxsize=256)
+def load_font(name: str, size: int) -> ImageFont.FreeTypeFont:
+    """The font `name` (from `font_names`) at `size` pixels."""
+    if name == "builtin":
+        font = ImageFont.load_default(size=size)
+        if not isinstance(font, ImageFont.FreeTypeFont):
+            raise RuntimeError("Pillow was built without FreeType; rendered problems need scalable fonts")
+        return font
+    return ImageFont.truetype(name, size)
+
+
+def style_rng(rng: random.Random) -> random.Random:
+    """A random stream for looks only, seeded from `rng` (advancing it by one draw)."""
+    return random.Random(rng.getrandbits(64))
+
+
+def _luminance(rgb: tuple[int, int, int]) -> float:
+    def lin(c: int) -> float:
+        c = c / 255
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+    r, g, b = (lin(c) for c in rgb)
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def contrast(a: tuple[int, int, int], b: tuple[int, int, int]) -> float:
+    """The WCAG contrast ratio of two colours (1 to 21)."""
+    la, lb = sorted((_luminance(a), _luminance(b)), reverse=True)
+    return (la + 0.05) / (lb + 0.05)
+
+
+def colours(rng: random.Random, min_contrast: float = 7.0) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """A (background, ink) pair, light on dark or dark on light, at least `min_contrast` apart."""
+    while True:
+        dark = rng.random() < 0.2
+        bg = tuple(rng.randint(20, 70) if dark else rng.randint(215, 255) for _ in range(3))
+        ink = tuple(rng.randint(200, 255) if dark else rng.randint(0, 90) for _ in range(3))
+        if contrast(bg, ink) >= min_contrast:
+            return bg, ink
+
+
+def bar_colour(rng: random.Random, bg: tuple[int, int, int]) -> tuple[int, int, int]:
+    """A saturated fill that stands out from `bg`."""
+    while True:
+        h = rng.random()
+        r, g, b = (int(255 * (0.5 + 0.4 * math.cos(2 * math.pi * (h + k / 3)))) for k in range(3))
+        if contrast((r, g, b), bg) >= 1.8:
+            return r, g, b
+
+
+@dataclasses.dataclass(frozen=True)
+class TextStyle:
+    """How a block of text looks.
+
+    Attributes:
+      font: a name from `font_names`.
+      size: pixels.
+      ink: the text colour.
+      bold: thicken strokes (a 1-pixel outline in the ink colour).
+      italic: slant by a shear of the rendered text.
+      rotation: degrees, counter-clockwise.
+    """
+
+    font: str
+    size: int
+    ink: tuple[int, int, int]
+    bold: bool = False
+    italic: bool = False
+    rotation: float = 0.0
+
+
+def random_style(rng: random.Random, ink: tuple[int, int, int], size: int, max_rotation: float) -> TextStyle:
+    """A style with a random font, weight, slant and a rotation within ``±max_rotation``."""
+    fonts = font_names()
+    return TextStyle(font=fonts[rng.randrange(len(fonts))], size=size, ink=ink,
+                     bold=rng.random() < 0.3, italic=rng.random() < 0.25,
+                     rotation=round(rng.uniform(-max_rotation, max_rotation), 1))
+
+
+def wrap(text: str, font: ImageFont.FreeTypeFont, width: float) -> list[str]:
+    """Greedy word wrap of `text` to lines at most `width` pixels long (a longer word gets its own line)."""
+    lines: list[str] = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for word in paragraph.split():
+            trial = f"{line} {word}" if line else word
+            if line and font.getlength(trial) > width:
+                lines.append(line)
+                line = word
+            else:
+                line = trial
+        lines.append(line)
+    return lines
+
+
+def text_layer(text: str, style: TextStyle, width: float) -> Image.Image:
+    """`text` wrapped to `width`, drawn in `style` on a transparent layer cropped to its ink."""
+    font = load_font(style.font, style.size)
+    lines = wrap(text, font, width)
+    line_h = round(style.size * 1.3)
+    stroke = 1 if style.bold else 0
+    pad = 4 + stroke
+    w = int(max(font.getlength(ln) for ln in lines)) + 2 * pad
+    h = line_h * len(lines) + 2 * pad
+    layer = Image.new("RGBA", (w, h), style.ink + (0,))
+    draw = ImageDraw.Draw(layer)
+    for i, ln in enumerate(lines):
+        draw.text((pad, pad + i * line_h), ln, font=font, fill=style.ink + (255,),
+                  stroke_width=stroke, stroke_fill=style.ink + (255,))
+    if style.italic:  # x' = x + 0.2 * (h - y): the top leans right
+        shear = 0.2
+        extra = int(math.ceil(shear * h))
+        layer = layer.transform((w + extra, h), Image.Transform.AFFINE, (1, shear, -shear * h, 0, 1, 0),
+                                resample=Image.Resampling.BICUBIC)
+    if style.rotation:
+        layer = layer.rotate(style.rotation, resample=Image.Resampling.BICUBIC, expand=True)
+    box = layer.getchannel("A").getbbox()
+    return layer.crop(box) if box else layer
+
+
+def paste(canvas: Image.Image, layer: Image.Image, xy: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Alpha-composites `layer` onto `canvas` at `xy`; returns the layer's box on the canvas.
+
+    Raises:
+      ValueError: the layer does not lie wholly inside the canvas.
+    """
+    x, y = xy
+    box = (x, y, x + layer.width, y + layer.height)
+    if x < 0 or y < 0 or box[2] > canvas.width or box[3] > canvas.height:
+        raise ValueError(f"layer box {box} leaves the {canvas.width}x{canvas.height} canvas")
+    canvas.alpha_composite(layer, (x, y)) if canvas.mode == "RGBA" else canvas.paste(layer, (x, y), layer)
+    return box
+
+
+def draw_label(canvas: Image.Image, text: str, font: ImageFont.FreeTypeFont, fill, anchor_xy: tuple[float, float],
+               anchor: str = "mm") -> tuple[int, int, int, int]:
+    """Draws one unrotated label with a Pillow text anchor; returns its ink box."""
+    draw = ImageDraw.Draw(canvas)
+    draw.text(anchor_xy, text, font=font, fill=fill, anchor=anchor)
+    return tuple(int(v) for v in draw.textbbox(anchor_xy, text, font=font, anchor=anchor))
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """The image as PNG bytes (RGB; the same pixels always give the same bytes)."""
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
