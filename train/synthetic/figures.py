@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import pathlib
 import random
 
 from PIL import Image, ImageDraw
@@ -29,12 +30,14 @@ class Figure:
       texts: every string drawn, in drawing order.
       boxes: the ink box ``(x0, y0, x1, y1)`` of each string (same order).
       background: the background colour.
+      style: how a text block was drawn (font, size, bold, italic, rotation); empty for the others.
     """
 
     image: Image.Image
     texts: list[str]
     boxes: list[tuple[int, int, int, int]]
     background: tuple[int, int, int]
+    style: dict = dataclasses.field(default_factory=dict)
 
 
 def _side(rng: random.Random, lo: int = 256, hi: int = MAX_SIDE) -> int:
@@ -71,7 +74,9 @@ def draw_text(text: str, rng: random.Random, level: int) -> Figure:
     x = rng.randint(MARGIN, width - MARGIN - layer.width)
     y = rng.randint(MARGIN, height - MARGIN - layer.height)
     box = paste(canvas, layer, (x, y))
-    return Figure(canvas, [text], [box], bg)
+    look = {"font": pathlib.Path(style.font).name, "size": style.size, "bold": style.bold, "italic": style.italic,
+            "rotation": style.rotation}
+    return Figure(canvas, [text], [box], bg, look)
 
 
 def draw_table(title: str, rows: list[list[str]], rng: random.Random) -> Figure:
@@ -178,7 +183,10 @@ def draw_right_triangle(sides: dict[str, str], legs: tuple[float, float], rng: r
     font = load_font(style.font, rng.randint(14, 18))
     width, height = _side(rng, 288), _side(rng, 256)
     ratio = min(3.0, max(1 / 3, legs[0] / legs[1]))  # height / width of the drawn triangle
-    room_w, room_h = width - 2 * 60, height - 2 * 45
+    # Side labels sit beside the legs: keep room for the widest one (and a vertex letter) around.
+    label_w = max([font.getlength(t) for t in sides.values()] + [font.getlength("M")])
+    margin_x, margin_y = 24 + label_w, 24 + 2 * font.size
+    room_w, room_h = width - 2 * margin_x, height - 2 * margin_y
     scale = min(room_w, room_h / ratio)
     tw, th = scale, scale * ratio
     left, top = (width - tw) / 2, (height - th) / 2

@@ -71,7 +71,7 @@ _TRIPLES = ((3, 4, 5), (5, 12, 13), (6, 8, 10), (8, 15, 17), (7, 24, 25), (9, 12
 def _pictured(p: Problem, fig: Figure, ask: str, reads: str, record: dict) -> Problem:
     """`p` asked about the picture `fig`: placeholder first, then the text question."""
     record = {**record, "texts": fig.texts, "boxes": [list(b) for b in fig.boxes],
-              "size": list(fig.image.size), "background": list(fig.background)}
+              "size": list(fig.image.size), "background": list(fig.background), "style": fig.style}
     return dataclasses.replace(p, question=f"{IMAGE_PLACEHOLDER}\n{ask}", reads=reads,
                                images=[png_bytes(fig.image)], figure=record)
 
@@ -157,7 +157,8 @@ def make_table_image(rng: random.Random, level: int, split: str) -> Problem:
             steps = [Step(f"the mean rainfall in {months[m]}", f"({' + '.join(r[m] for r in rain)}) / {n}")]
             ask = f"What was the mean rainfall of the towns in the table in {months[m]}?"
             plan, summary = "Add the column and divide by the number of towns.", f"Mean of the {months[m]} column: {{answer}}."
-        unit, record = "mm", {"kind": "table", "topic": "rainfall", "towns": towns, "months": list(months), "rain": rain}
+        unit, record = "mm", {"kind": "table", "topic": "rainfall", "towns": towns, "months": list(months), "rain": rain,
+                               "month": m}
     fig = draw_table(title, rows, style_rng(rng))
     record.update(question=ask_kind, rows_used=use)
     p = Problem(question="", kind=f"reading a table ({ask_kind.replace('_', ' ')})", given=[], plan=plan,
