@@ -17,7 +17,7 @@ GPU host one Python thread cannot keep up with the step: a 64 x 1024 batch takes
     state = data.get_state()    # {"next_batch": 1}
 
 A mix with image tasks (``tasks=(("vision", 1.0), ...)``) adds ``image_span_ids`` [B, T] and
-``images`` (PNG bytes) to every batch, each ``<image>`` becoming ``image_tokens`` pad tokens (the
+``images`` (PNG bytes) to every batch, each ``<image>`` followed by ``image_tokens`` pad tokens (the
 contract is in ``train/image_tokens.py``).
 """
 
@@ -35,7 +35,7 @@ import numpy as np
 
 from kestrel.errors import KestrelError
 from train.curriculum import Curriculum
-from train.image_tokens import expand_images, has_vision_tower, image_token_ids
+from train.image_tokens import check_tokenizer_matches_tower, expand_images, has_vision_tower, image_token_ids
 from train.packing import PackStats, TokenizedExample, pack_batch, tokenize_segments
 from train.synthetic import SUITES, Example, mixture_at, render_kestrel, render_session, task_weights
 
@@ -71,7 +71,7 @@ class SyntheticDataConfig:
       num_threads: grain reader threads (batches built in parallel in this process).
       prefetch: batches grain keeps ready.
       num_workers: grain worker processes (``mp_prefetch``); 0 keeps everything in-process.
-      image_tokens: soft tokens per image (the run of ``<|image_pad|>`` each ``<image>`` becomes),
+      image_tokens: soft tokens per image (the run of ``<|image_pad|>`` after each ``<image>``),
         for mixes with image tasks.
     """
 
@@ -276,13 +276,14 @@ def synthetic_batches(run_config) -> SyntheticBatches:
     """The loop's data factory: ``data.source = "train.data:synthetic_batches"``.
 
     Reads ``run_config.data`` (``batch_size``, ``seq_len``, ``seed``, and, where the config has
-    them, ``tokenizer``, ``curriculum``, ``tasks``, ``tools_fraction``, ``num_workers``); the
-    tokenizer folder falls back to ``$KESTREL_DATA_TOKENIZER``, the curriculum to
-    ``Curriculum.default(run_config.steps)``.
+    them, ``tokenizer``, ``curriculum``, ``tasks``, ``tools_fraction``, ``num_workers``,
+    ``image_tokens``); the tokenizer folder falls back to ``$KESTREL_DATA_TOKENIZER``, the
+    curriculum to ``Curriculum.default(run_config.steps)``, the soft tokens per image to the
+    model's ``vision.mm_tokens_per_image``.
 
     Raises:
-      KestrelError: no tokenizer given, one larger than the model's vocabulary, or image tasks in
-        the mix of a model without a vision tower.
+      KestrelError: no tokenizer given, one larger than the model's vocabulary, image tasks in
+        the mix of a model without a vision tower, or image tokens that disagree with the tower.
     """
     data = run_config.data
     tokenizer = getattr(data, "tokenizer", None) or os.environ.get(TOKENIZER_ENV)
@@ -290,16 +291,26 @@ def synthetic_batches(run_config) -> SyntheticBatches:
         raise KestrelError("the synthetic data source needs a tokenizer folder: set data.tokenizer or "
                            f"${TOKENIZER_ENV} (train one with `python -m train.nano_tokenizer OUT`)")
     curriculum = data.curriculum or Curriculum.default(run_config.steps)
+    image_tokens = getattr(data, "image_tokens", None)
+    tower = run_config.model.vision if has_vision_tower(run_config.model) else None
+    if tower is not None:
+        made = int(tower.mm_tokens_per_image)
+        if image_tokens not in (None, made):
+            raise KestrelError(f"data.image_tokens={image_tokens} but the vision tower makes {made} soft "
+                               "tokens per image; leave data.image_tokens unset")
+        image_tokens = made
     config = SyntheticDataConfig(
         tokenizer=str(tokenizer), batch_size=data.batch_size, seq_len=data.seq_len, seed=data.seed,
         curriculum=curriculum, tasks=tuple(dict(data.tasks).items()) if data.tasks else None,
         tools_fraction=data.tools_fraction, session_size=data.session_size,
         num_threads=getattr(data, "num_threads", 1), num_workers=getattr(data, "num_workers", 0),
-        image_tokens=getattr(data, "image_tokens", 64))
-    if config.with_images and not has_vision_tower(run_config.model):
+        image_tokens=image_tokens or 64)
+    if config.with_images and tower is None:
         raise KestrelError("data.tasks include image tasks but the model has no vision tower "
                            "(model.vision is unset); drop them or train a model that takes images")
     batches = SyntheticBatches(config)
+    if config.with_images:
+        check_tokenizer_matches_tower(batches.builder.tokenizer, run_config.model)
     vocab = batches.builder.tokenizer.vocab_size
     if vocab > run_config.model.vocab_size:
         raise KestrelError(f"tokenizer {tokenizer!r} has {vocab} ids but model.vocab_size is "

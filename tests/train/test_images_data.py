@@ -47,11 +47,16 @@ def test_placeholders_become_pad_runs_outside_the_trained_text(tok):
     image_id, pad_id = image_token_ids(tok)
     assert (plain.ids == image_id).sum() == 1
     out = expand_images(plain, ex.images, image_id, pad_id, N_SOFT)
-    assert len(out) == len(plain) + N_SOFT - 1 and out.images == tuple(ex.images)
+    assert len(out) == len(plain) + N_SOFT and out.images == tuple(ex.images)
     (start,) = out.image_starts
+    # The marker stays and the pads follow it, as the serving side lays prompts out.
+    assert out.ids[start - 1] == image_id and (out.ids == image_id).sum() == 1
     assert (out.ids[start:start + N_SOFT] == pad_id).all() and (out.ids == pad_id).sum() == N_SOFT
-    assert not out.trainable[start:start + N_SOFT].any() and (out.ids == image_id).sum() == 0
+    assert not out.trainable[start:start + N_SOFT].any()
+    np.testing.assert_array_equal(np.delete(out.ids, np.arange(start, start + N_SOFT)), plain.ids)
     assert out.trainable.sum() == plain.trainable.sum()
+    with pytest.raises(ValueError, match="of its own"):
+        expand_images(out, ex.images, image_id, pad_id, N_SOFT)
     with pytest.raises(ValueError, match="placeholders for 2 images"):
         expand_images(plain, ex.images * 2, image_id, pad_id, N_SOFT)
     trained = dataclasses.replace(plain, trainable=np.ones_like(plain.trainable))
@@ -73,10 +78,10 @@ def test_batches_carry_the_placed_examples_images_at_their_spans(tok_dir):
     for m in range(1, len(images) + 1):
         rows, cols = np.nonzero(spans == m)
         assert len(set(rows)) == 1 and len(cols) == N_SOFT and np.all(np.diff(cols) == 1)
-        assert (batch["tokens"][rows, cols] == pad_id).all()
+        assert (batch["tokens"][rows, cols] == pad_id).all() and batch["tokens"][rows[0], cols[0] - 1] == image_id
         # A span lies inside one example.
         assert len(set(batch["segment_ids"][rows, cols])) == 1 and batch["segment_ids"][rows[0], cols[0]] > 0
-    assert ((batch["tokens"] == pad_id) == (spans > 0)).all() and not (batch["tokens"] == image_id).any()
+    assert ((batch["tokens"] == pad_id) == (spans > 0)).all() and (batch["tokens"] == image_id).sum() == len(images)
     # No loss on an image pad, nor on predicting one; the loss is still on every assistant answer.
     assert not batch["loss_mask"][spans > 0].any()
     assert not batch["loss_mask"][batch["targets"] == pad_id].any()
@@ -121,6 +126,31 @@ def test_image_tasks_need_a_model_with_a_vision_tower(tok_dir, monkeypatch):
     assert not has_vision_tower(cfg.model)
     with pytest.raises(KestrelError, match="no vision tower"):
         synthetic_batches(cfg)
+
+
+def test_a_towers_soft_token_count_and_ids_set_the_pad_runs(tok_dir, tok, monkeypatch):
+    # A stand-in for a model config with a tower: only the fields the data side reads.
+    from types import SimpleNamespace
+
+    image_id, pad_id = image_token_ids(tok)
+    monkeypatch.setenv(TOKENIZER_ENV, tok_dir)
+    base = tiny_config()
+
+    def run_config(vision, **data):
+        model = SimpleNamespace(vocab_size=700, vision=vision)
+        return SimpleNamespace(model=model, steps=10, data=dataclasses.replace(
+            base.data, seq_len=1536, batch_size=2, tasks=(("vision", 1.0),), **data))
+
+    tower = SimpleNamespace(mm_tokens_per_image=9, image_start_id=image_id, image_token_id=pad_id)
+    data = synthetic_batches(run_config(tower))
+    assert data.config.image_tokens == 9
+    spans = next(data)["image_span_ids"]
+    assert all((spans == m).sum() == 9 for m in range(1, spans.max() + 1))
+    with pytest.raises(KestrelError, match="soft tokens per image"):
+        synthetic_batches(run_config(tower, image_tokens=16))
+    with pytest.raises(KestrelError, match="differ"):
+        synthetic_batches(run_config(SimpleNamespace(mm_tokens_per_image=9, image_start_id=image_id,
+                                                     image_token_id=pad_id + 1)))
 
 
 def test_the_vision_suite_scores_the_generators_own_answers_100_and_wrong_ones_0(tok):

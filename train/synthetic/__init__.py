@@ -9,7 +9,8 @@ from train.synthetic.registry import (SUITES, TASKS, TEXT_TASKS, Task, generate,
 from train.synthetic.render import render_kestrel, render_segments, render_session
 
 __all__ = [
-    "BUILTIN_TOOLS", "CALCULATOR_TOOL", "IMAGE_PLACEHOLDER", "PYTHON_TOOL", "SPLITS", "SUITES", "SYSTEM_PROMPT", "TASKS", "TEXT_TASKS",
-    "Example", "Task", "check_answer", "check_tool_calls", "final_answer_text", "generate", "mixture",
-    "mixture_at", "parse_tool_calls", "render_kestrel", "render_segments", "render_session", "run_python", "task_weights",
+    "BUILTIN_TOOLS", "CALCULATOR_TOOL", "IMAGE_PLACEHOLDER", "PYTHON_TOOL", "SPLITS", "SUITES", "SYSTEM_PROMPT",
+    "TASKS", "TEXT_TASKS", "Example", "Task", "check_answer", "check_tool_calls", "final_answer_text", "generate",
+    "mixture", "mixture_at", "parse_tool_calls", "render_kestrel", "render_segments", "render_session", "run_python",
+    "task_weights",
 ]

@@ -3,9 +3,10 @@
 An example is an OpenAI-style conversation (``messages``), the tools offered to the model
 (``tools``) and ``meta``: the task, its difficulty level 1..5, the canonical final answer, a one-line
 summary of the reasoning, the split ("train" or "heldout") and, for function calling, the calls
-the final turn is expected to make. A problem shown as a picture adds ``images`` (PNG bytes); each
-one stands at an ``<image>`` placeholder in the user's text (DESIGN.md's chat format), in order. Assistant reasoning lives in ``reasoning_content``; tool calls
+the final turn is expected to make. Assistant reasoning lives in ``reasoning_content``; tool calls
 carry their arguments as dicts (not JSON strings) so renderers and checkers need not re-parse them.
+A problem shown as a picture adds ``images`` (PNG bytes); each one stands at an ``<image>``
+placeholder in the user's text (DESIGN.md's chat format), in order.
 """
 
 import dataclasses

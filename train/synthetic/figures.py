@@ -101,7 +101,8 @@ def draw_table(title: str, rows: list[list[str]], rng: random.Random) -> Figure:
     title_font = load_font(fonts.font, size + 2)
     title_h = int((size + 2) * 1.8)
     table_w = sum(col_w)
-    width = max(MIN_SIDE, min(MAX_SIDE, max(table_w, int(title_font.getlength(title))) + 2 * MARGIN + rng.randint(0, 32)))
+    content_w = max(table_w, int(title_font.getlength(title)))
+    width = max(MIN_SIDE, min(MAX_SIDE, content_w + 2 * MARGIN + rng.randint(0, 32)))
     height = max(MIN_SIDE, min(MAX_SIDE, title_h + row_h * len(rows) + 2 * MARGIN + rng.randint(0, 32)))
     if title_h + row_h * len(rows) + 2 * MARGIN > MAX_SIDE:
         raise ValueError(f"table {title!r} with {len(rows)} rows does not fit a {MAX_SIDE}px image")

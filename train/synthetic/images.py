@@ -15,7 +15,7 @@ scheme, tool calls, answers, summaries and checking all apply unchanged:
 
 The contract with the model side (the vision tower and its preprocessing live in ``model/``):
 an `Example` carries ``images: list[bytes]``; the user text holds one ``<image>`` per image, in
-order. ``train.data`` turns each ``<image>`` token into ``image_tokens`` copies of
+order. ``train.data`` follows each ``<image>`` token by ``image_tokens`` copies of
 ``<|image_pad|>`` (where the tower's soft tokens are spliced) and gives the batch
 ``image_span_ids`` [B, T] (m + 1 on the pads of the batch's m-th image, 0 elsewhere; usable as
 the model's bidirectional ``span_ids``) and ``images`` (the batch's PNG bytes, in span-id order).
@@ -100,7 +100,8 @@ def make_table_image(rng: random.Random, level: int, split: str) -> Problem:
         qty = [str(rng.randint(1, 9 if level <= 2 else 20)) for _ in items]
         rows = [["Item", "Price ($)", "Qty"]] + [[i, p, q] for i, p, q in zip(items, prices, qty)]
         title = pick(rng, ("Shopping list", "Order", "Price list", "Receipt"))
-        ask_kind = pick(rng, ("row", "difference") + (("two_rows",) if level >= 2 else ()) + (("all",) if level >= 4 else ()))
+        kinds = ("row", "difference") + (("two_rows",) if level >= 2 else ()) + (("all",) if level >= 4 else ())
+        ask_kind = pick(rng, kinds)
         x, y = rng.sample(range(n), 2)
         if ask_kind == "difference":
             while float(prices[x]) == float(prices[y]):
@@ -126,8 +127,10 @@ def make_table_image(rng: random.Random, level: int, split: str) -> Problem:
             plan, summary = "Price times quantity for each row, then add.", "Added the two rows' costs: {answer}."
         else:
             steps = [Step("the total of the order", " + ".join(f"{p} * {q}" for p, q in zip(prices, qty)))]
-            ask = pick(rng, ("What is the total cost of everything in the table?", "How much does the whole order cost?"))
-            plan, summary = "Add price times quantity over every row.", "Summed price times quantity over all rows: {answer}."
+            ask = pick(rng, ("What is the total cost of everything in the table?",
+                             "How much does the whole order cost?"))
+            plan = "Add price times quantity over every row."
+            summary = "Summed price times quantity over all rows: {answer}."
         unit, record = "$", {"kind": "table", "topic": "prices", "items": items, "prices": prices, "quantities": qty}
     else:
         towns = rng.sample(_TOWNS[split], n)
@@ -156,9 +159,11 @@ def make_table_image(rng: random.Random, level: int, split: str) -> Problem:
             facts = [f"{months[m]}: " + ", ".join(f"{t} {r[m]} mm" for t, r in zip(towns, rain))]
             steps = [Step(f"the mean rainfall in {months[m]}", f"({' + '.join(r[m] for r in rain)}) / {n}")]
             ask = f"What was the mean rainfall of the towns in the table in {months[m]}?"
-            plan, summary = "Add the column and divide by the number of towns.", f"Mean of the {months[m]} column: {{answer}}."
-        unit, record = "mm", {"kind": "table", "topic": "rainfall", "towns": towns, "months": list(months), "rain": rain,
-                               "month": m}
+            plan = "Add the column and divide by the number of towns."
+            summary = f"Mean of the {months[m]} column: {{answer}}."
+        unit = "mm"
+        record = {"kind": "table", "topic": "rainfall", "towns": towns, "months": list(months), "rain": rain,
+                  "month": m}
     fig = draw_table(title, rows, style_rng(rng))
     record.update(question=ask_kind, rows_used=use)
     p = Problem(question="", kind=f"reading a table ({ask_kind.replace('_', ' ')})", given=[], plan=plan,
