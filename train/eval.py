@@ -26,8 +26,10 @@ wraps a model; `oracle_policy` replays each example's own assistant turns, which
 The ``vision`` suite asks held-out problems shown as pictures (``train/synthetic/images.py``), with
 and without tools like ``stem``. A conversation's context keeps one ``<image>`` token per image
 and its example carries the PNG bytes (``conv.example.images``); a policy for a model with a vision
-tower feeds them (``train/image_tokens.py`` has the contract). A checkpoint without a tower is
-refused with a message saying so, before anything is generated.
+tower feeds them: `engine_policy` as ``EngineRequest.images`` (the serving engine inserts the soft
+token spans after each marker), `generator_policy` as ``images=`` where the generator takes them.
+A checkpoint without a tower, or a decoder that cannot take images, is refused with a message
+saying so, before anything is generated.
 """
 
 from __future__ import annotations
@@ -205,7 +207,7 @@ def generator_policy(generator, tokenizer, *, max_new_tokens: int, batch_size: i
     Conversations are sorted by length so each batch pads little, and the last batch is padded
     with copies to `batch_size` rows so every round reuses the same compiled shapes. Rows with
     images pass them as ``images=`` (one list of PNG bytes per prompt, ``<image>`` placeholders
-    in the prompt ids, in order).
+    in the prompt ids, in order); `check_takes_images` vets that the generator accepts them.
     """
     from model.generate import GenerationConfig
 
@@ -246,7 +248,8 @@ def engine_policy(engine, *, max_new_tokens: int, effort: str = "medium", tool_c
     tool calls are constrained by the grammar of the offered functions' schemas and reasoning is
     bounded by `effort`'s budget, exactly as ``kestrel serve`` decodes. Summary prompts (which end
     in an empty think block) are decoded with ``effort="none"``. `tool_choice` applies where tools
-    are offered.
+    are offered. A conversation with images passes them (``EngineRequest.images``, one per
+    ``<image>`` marker of the prompt ids).
     """
     from serve.engine import EngineRequest
     from serve.request import SamplingParams
@@ -257,10 +260,12 @@ def engine_policy(engine, *, max_new_tokens: int, effort: str = "medium", tool_c
         handles = []
         for c in convs:
             summary = c.example.meta["answer_kind"] == "summary"
+            # Images go with every turn: each is the whole context, its <image> markers included.
+            images = {"images": tuple(c.example.images)} if c.example.images else {}
             handles.append(engine.submit(EngineRequest(
                 prompt_token_ids=c.context, tools=c.example.tools, store=False, params=params,
                 tool_choice=tool_choice if c.example.tools else "none",
-                effort="none" if summary else effort)))
+                effort="none" if summary else effort, **images)))
         engine.run_until_idle()
         return [list(h.output_token_ids) for h in handles]
 
@@ -404,9 +409,15 @@ def check_takes_images(model, ckpt_dir: str, constrained: bool) -> None:
                            "checkpoint that takes images, or use --suite stem")
     from model.generate import Generator
 
-    if constrained or "images" not in inspect.signature(Generator.generate).parameters:
-        raise KestrelError("the model has a vision tower but this eval decoder cannot pass it images yet "
-                           "(greedy decoding through Generator.generate(..., images=...) is required)")
+    from serve.engine import EngineRequest
+
+    if constrained:
+        if "images" not in {f.name for f in dataclasses.fields(EngineRequest)}:
+            raise KestrelError("the model has a vision tower but this build's serving engine takes no images "
+                               "(EngineRequest has no `images`)")
+    elif "images" not in inspect.signature(Generator.generate).parameters:
+        raise KestrelError("the model has a vision tower but plain greedy decoding (model.generate.Generator) "
+                           "cannot feed it images; pass --constrained to decode through the serving engine")
 
 
 def run_eval(ckpt_dir: str, suite: str, *, n: int = 100, seed: int = 0, max_new_tokens: int = 512,

@@ -177,3 +177,24 @@ def test_eval_says_so_when_the_model_has_no_vision_tower(tok, tmp_path, capsys):
 
     assert main(["eval", str(ckpt), "--suite", "vision", "--n", "2"]) == 2
     assert "has no vision tower" in capsys.readouterr().err
+
+
+def test_a_tower_needs_a_decoder_that_feeds_it_images():
+    from types import SimpleNamespace
+
+    from serve.engine import EngineRequest
+
+    towered = SimpleNamespace(config=SimpleNamespace(vision=SimpleNamespace(mm_tokens_per_image=4)))
+    assert has_vision_tower(towered)
+    import inspect
+
+    from model.generate import Generator
+
+    if "images" not in inspect.signature(Generator.generate).parameters:
+        with pytest.raises(KestrelError, match="--constrained"):
+            ev.check_takes_images(towered, "ck", constrained=False)
+    if "images" in {f.name for f in dataclasses.fields(EngineRequest)}:
+        ev.check_takes_images(towered, "ck", constrained=True)  # the engine splices images itself
+    else:
+        with pytest.raises(KestrelError, match="engine takes no images"):
+            ev.check_takes_images(towered, "ck", constrained=True)
