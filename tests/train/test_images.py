@@ -163,3 +163,32 @@ def test_gallery_writes_pictures_and_their_questions(tmp_path):
     assert [p.suffix for p in paths] == [".png"] * 5 and all(decode(p.read_bytes()) for p in paths)
     index = (tmp_path / "index.md").read_text()
     assert index.count("Question:") == 5 and index.count("Answer:") == 5 and "[image]" in index
+
+
+def test_fonts_shipped_inside_packages_are_found_and_used(tmp_path, monkeypatch):
+    import pathlib
+    import shutil
+
+    from train.synthetic import drawing
+
+    source = pathlib.Path("/usr/share/fonts/truetype/dejavu/DejaVuSerif.ttf")
+    if not source.exists():
+        pytest.skip("no TrueType file on this machine to stand in for a package's font")
+    package = tmp_path / "site-packages" / "somepkg" / "fonts"
+    package.mkdir(parents=True)
+    shutil.copy(source, package / "DejaVuSerif.ttf")
+    (package / "not-a-font.ttf").write_bytes(b"junk")
+    (package / "STIXSizeOneSym.ttf").write_bytes(source.read_bytes())  # a symbol face by its name
+    plain = [generate("image_text", level=2, seed=s) for s in range(20)]
+    monkeypatch.setattr(drawing, "site_package_dirs", lambda: [str(tmp_path / "site-packages")])
+    drawing.package_fonts.cache_clear()
+    try:
+        assert drawing.font_names() == ("builtin", str(package / "DejaVuSerif.ttf"))
+        more = [generate("image_text", level=2, seed=s) for s in range(20)]
+        fonts = [ex.meta["figure"]["style"]["font"] for ex in more]
+        assert set(fonts) == {"builtin", "DejaVuSerif.ttf"}
+        # Which fonts a machine has changes pixels only, never the problem or its answer.
+        assert [ex.messages for ex in more] == [ex.messages for ex in plain]
+        assert all((a.images == b.images) == (f == "builtin") for a, b, f in zip(plain, more, fonts))
+    finally:
+        drawing.package_fonts.cache_clear()

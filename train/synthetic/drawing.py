@@ -1,8 +1,8 @@
 """Pillow drawing for rendered problems: fonts, readable colour pairs, styled rotated text, PNG bytes.
 
 Fonts are what is available offline for sure: Pillow's built-in scalable font
-(``ImageFont.load_default(size=...)``, Aileron) and, when present, TrueType fonts shipped inside a
-few installed Python packages (found at run time, never required; system fonts are never used).
+(``ImageFont.load_default(size=...)``, Aileron) and, when present, TrueType fonts shipped inside
+installed Python packages (found at run time, never required; system fonts are never used).
 The style of a text (font, size, bold by a stroke, italic by a shear, colours, rotation) is drawn
 from its own random stream (`style_rng`), so the values and questions of an example never depend on
 which fonts a machine happens to have; only the pixels do.
@@ -12,36 +12,51 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import io
 import math
-import pathlib
+import os
 import random
+import re
+import site
+import sysconfig
 
 from PIL import Image, ImageDraw, ImageFont
 
-# Packages known to ship TrueType fonts inside their wheels (all optional).
-FONT_PACKAGES = ("matplotlib", "reportlab", "pygame", "kivy", "fonts", "font_roboto", "dejavu")
 MIN_SIDE, MAX_SIDE = 224, 448
+# Faces that draw symbols or icons where letters and digits should be.
+_NOT_TEXT = re.compile(r"sym|cmex|cmsy|cmmi|math|icon|emoji|awesome|dingbat|wingding", re.I)
+
+
+def site_package_dirs() -> list[str]:
+    """The folders installed Python packages live in."""
+    dirs = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")}
+    try:
+        dirs.update(site.getsitepackages())
+    except AttributeError:  # some virtualenvs' site module lacks it
+        pass
+    return sorted(d for d in dirs if os.path.isdir(d))
 
 
 @functools.lru_cache(maxsize=1)
 def package_fonts() -> tuple[str, ...]:
-    """Paths of the ``.ttf`` files inside the installed packages of `FONT_PACKAGES`, sorted."""
-    found: set[str] = set()
-    for name in FONT_PACKAGES:
-        try:
-            spec = importlib.util.find_spec(name)
-        except (ImportError, ValueError):
-            continue
-        for root in (spec.submodule_search_locations or []) if spec else []:
-            found.update(str(p) for p in pathlib.Path(root).rglob("*.ttf"))
+    """Paths of the TrueType/OpenType text fonts shipped inside installed Python packages, sorted.
+
+    Scanned once per process (matplotlib, reportlab and others ship fonts in their wheels); faces
+    that fail to load or draw no digits are left out.
+    """
+    found = set()
+    for root in site_package_dirs():
+        for folder, _, files in os.walk(root):
+            found.update(os.path.join(folder, f) for f in files
+                         if f.lower().endswith((".ttf", ".otf")) and not _NOT_TEXT.search(f))
     usable = []
     for path in sorted(found):
         try:
-            ImageFont.truetype(path, 12).getbbox("Ag 0.5")
+            font = ImageFont.truetype(path, 16)
+            if font.getmask("0123456789").getbbox() is None or font.getmask("Ag").getbbox() is None:
+                continue
         except OSError:
-            continue  # a symbol-only or broken face
+            continue  # not a face FreeType reads
         usable.append(path)
     return tuple(usable)
 
