@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import pathlib
 import random
 from fractions import Fraction
@@ -117,7 +118,7 @@ def make_table_image(rng: random.Random, level: int, split: str) -> Problem:
                              f"What is the total cost of the {items[x]} row?"))
             plan, summary = "cost = price * quantity.", f"Price times quantity of the {items[x]}s: {{answer}}."
         elif ask_kind == "difference":
-            steps = [Step(f"the price difference", f"{prices[x]} - {prices[y]}")]
+            steps = [Step("the price difference", f"{prices[x]} - {prices[y]}")]
             ask = f"How much more does one {items[x]} cost than one {items[y]}?"
             plan, summary = "Subtract the two unit prices.", f"One {items[x]} minus one {items[y]}: {{answer}}."
         elif ask_kind == "two_rows":
@@ -252,9 +253,8 @@ def make_triangle_image(rng: random.Random, level: int, split: str) -> Problem:
         ask, plan = "How long is side AB?", "Pythagoras: AB = sqrt(BC^2 + AC^2)."
         summary, answer_unit = "Pythagoras on the two legs gives AB = {answer}.", unit
     elif ask_kind == "leg":
-        if level <= 2:
-            legs = sorted((int(a), int(b)))
-            c = str(round((legs[0] ** 2 + legs[1] ** 2) ** 0.5))
+        if level <= 2:  # a scaled triple: the hypotenuse is a whole number
+            c = str(round(math.hypot(int(a), int(b))))
         else:
             c = rand_decimal(rng, int(float(a)) + 1, int(float(a)) + 30, 0 if level == 3 else 1)
             legs = (float(a), (float(c) ** 2 - float(a) ** 2) ** 0.5)
