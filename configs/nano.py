@@ -26,7 +26,7 @@ QK-normed small models elsewhere raise it. The data follow
 from model.config import ModelConfig
 from sharding.mesh import MeshConfig
 from train.config import CheckpointConfig, DataConfig, OptimizerConfig, RunConfig
-from train.synthetic import TASKS
+from train.synthetic import TEXT_TASKS
 
 # The trained tokenizer saturates at 8,741 pieces; the embedding rounds that up to a multiple of 64.
 VOCAB_SIZE = 8768
@@ -51,6 +51,6 @@ def config() -> RunConfig:
                                   weight_decay=0.05, b2=0.98),
         data=DataConfig(source="train.data:synthetic_batches", batch_size=4, seq_len=1024,
                         tokenizer="runs/nano/tokenizer", tools_fraction=0.9,
-                        tasks=tuple((name, 2.0 if name == "copy" else 1.0) for name in TASKS)),
+                        tasks=tuple((name, 2.0 if name == "copy" else 1.0) for name in TEXT_TASKS)),
         checkpoint=CheckpointConfig(every_steps=100, keep=2, async_save=True),
     )

@@ -68,10 +68,14 @@ class DataConfig:
       num_workers: data worker processes, for sources that have them.
       curriculum: level weights over steps for the synthetic source (None: easy to hard over the
         run, ``Curriculum.default(steps)``).
-      tasks: ``((task, weight), ...)`` for the synthetic source (None: every task, weight 1).
+      tasks: ``((task, weight), ...)`` for the synthetic source; a suite name (``stem``, ``tools``,
+        ``vision``, ...) stands for its tasks (None: every text task, weight 1).
       tools_fraction: the share of synthetic STEM examples that offer tools.
       session_size: up to this many STEM problems per synthetic conversation (see
         ``train.data.SyntheticDataConfig``).
+      image_tokens: soft tokens per image for mixes with image tasks (``tasks`` naming
+        ``vision`` or ``image_*``; the model needs a vision tower); None takes the tower's
+        ``mm_tokens_per_image``.
     """
 
     source: str = "toy"
@@ -84,6 +88,7 @@ class DataConfig:
     tasks: tuple[tuple[str, float], ...] | None = None
     tools_fraction: float = 0.8
     session_size: int = 1
+    image_tokens: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,10 @@ GPU host one Python thread cannot keep up with the step: a 64 x 1024 batch takes
                                                 batch_size=8, seq_len=1024))
     batch = next(data)          # {"tokens", "targets", "loss_mask", "segment_ids", "positions"}
     state = data.get_state()    # {"next_batch": 1}
+
+A mix with image tasks (``tasks=(("vision", 1.0), ...)``) adds ``image_span_ids`` [B, T] and
+``images`` (PNG bytes) to every batch, each ``<image>`` followed by ``image_tokens`` pad tokens (the
+contract is in ``train/image_tokens.py``).
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ import numpy as np
 
 from kestrel.errors import KestrelError
 from train.curriculum import Curriculum
+from train.image_tokens import check_tokenizer_matches_tower, expand_images, has_vision_tower, image_token_ids
 from train.packing import PackStats, TokenizedExample, pack_batch, tokenize_segments
-from train.synthetic import SUITES, TASKS, Example, mixture_at, render_kestrel, render_session
+from train.synthetic import SUITES, Example, mixture_at, render_kestrel, render_session, task_weights
 
 # Where the data factory finds the tokenizer when the run config names none.
 TOKENIZER_ENV = "KESTREL_DATA_TOKENIZER"
@@ -55,7 +60,8 @@ class SyntheticDataConfig:
       seq_len: T.
       seed: the data seed.
       curriculum: level weights over steps; None is a constant uniform mix over levels 1..5.
-      tasks: task -> weight (default every task of ``TASKS`` with weight 1).
+      tasks: task -> weight; a suite name stands for its tasks (``("vision", 1.0)``: the four
+        image tasks at 1/4 each). Default every text task (``TEXT_TASKS``) with weight 1.
       tools_fraction: the share of STEM examples that offer tools.
       train_history: also learn earlier assistant turns of multi-turn conversations.
       session_size: up to this many consecutive STEM problems of the stream (with the same tools)
@@ -65,6 +71,8 @@ class SyntheticDataConfig:
       num_threads: grain reader threads (batches built in parallel in this process).
       prefetch: batches grain keeps ready.
       num_workers: grain worker processes (``mp_prefetch``); 0 keeps everything in-process.
+      image_tokens: soft tokens per image (the run of ``<|image_pad|>`` after each ``<image>``),
+        for mixes with image tasks.
     """
 
     tokenizer: str
@@ -79,6 +87,7 @@ class SyntheticDataConfig:
     num_threads: int = 1
     prefetch: int = 2
     num_workers: int = 0
+    image_tokens: int = 64
 
     def __post_init__(self):
         if self.batch_size < 1 or self.seq_len < 2:
@@ -87,20 +96,23 @@ class SyntheticDataConfig:
             raise ValueError(f"tools_fraction must be in [0, 1], got {self.tools_fraction}")
         if self.tasks is not None:
             tasks = tuple(dict(self.tasks).items())
-            unknown = [t for t, _ in tasks if t not in TASKS]
-            if unknown:
-                raise ValueError(f"unknown tasks {unknown}; known: {', '.join(TASKS)}")
-            if any(w < 0 for _, w in tasks) or sum(w for _, w in tasks) <= 0:
-                raise ValueError(f"task weights must be >= 0 with a positive sum, got {tasks}")
+            task_weights(dict(tasks))  # names and weights checked here, not in a reader thread
             object.__setattr__(self, "tasks", tasks)
         if self.session_size < 1:
             raise ValueError(f"session_size must be >= 1, got {self.session_size}")
         if self.num_threads < 0 or self.prefetch < 0 or self.num_workers < 0:
             raise ValueError("num_threads, prefetch and num_workers must be >= 0")
+        if self.image_tokens < 1:
+            raise ValueError(f"image_tokens must be >= 1, got {self.image_tokens}")
 
     @property
     def task_weights(self) -> dict[str, float]:
-        return dict(self.tasks) if self.tasks is not None else {name: 1.0 for name in TASKS}
+        return task_weights(dict(self.tasks) if self.tasks is not None else None)
+
+    @property
+    def with_images(self) -> bool:
+        """Whether the mix draws image tasks, so batches carry images."""
+        return any(w > 0 and name in SUITES["vision"] for name, w in self.task_weights.items())
 
     @property
     def schedule(self) -> Curriculum:
@@ -167,15 +179,23 @@ class BatchBuilder:
         """Batch `step`, its packing stats and the examples placed in it (in placement order)."""
         seen: list[list[Example]] = []
 
+        with_images = self.config.with_images
+        image_ids = image_token_ids(self.tokenizer) if with_images else None
+
         def tokenized() -> Iterator[TokenizedExample]:
             for group in self.conversations(step):
                 seen.append(group)
                 segs = (render_session(group) if len(group) > 1
                         else render_kestrel(group[0], train_history=self.config.train_history))
-                yield tokenize_segments(self.tokenizer, segs)
+                ex = tokenize_segments(self.tokenizer, segs)
+                if with_images:
+                    ex = expand_images(ex, [png for e in group for png in e.images], *image_ids,
+                                       self.config.image_tokens)
+                yield ex
 
         pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
-        batch, stats = pack_batch(tokenized(), self.config.batch_size, self.config.seq_len, pad_id=pad)
+        batch, stats = pack_batch(tokenized(), self.config.batch_size, self.config.seq_len, pad_id=pad,
+                                  with_images=with_images)
         return batch, stats, [ex for k in stats.placed for ex in seen[k]]
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
@@ -199,7 +219,8 @@ class SyntheticBatches:
     Each batch is a dict of numpy arrays, all [B, T]: ``tokens`` and ``targets`` (int32; the
     target is the next token of the same example), ``loss_mask`` (float32; 1 exactly where the
     target is an assistant token of the final exchange), ``segment_ids`` (int32, 1.. per example
-    in a row, 0 on padding) and ``positions`` (int32, restarting at 0 per example).
+    in a row, 0 on padding) and ``positions`` (int32, restarting at 0 per example); a mix with
+    image tasks adds ``image_span_ids`` (int32 [B, T]) and ``images`` (list of PNG bytes).
     """
 
     def __init__(self, config: SyntheticDataConfig):
@@ -255,12 +276,14 @@ def synthetic_batches(run_config) -> SyntheticBatches:
     """The loop's data factory: ``data.source = "train.data:synthetic_batches"``.
 
     Reads ``run_config.data`` (``batch_size``, ``seq_len``, ``seed``, and, where the config has
-    them, ``tokenizer``, ``curriculum``, ``tasks``, ``tools_fraction``, ``num_workers``); the
-    tokenizer folder falls back to ``$KESTREL_DATA_TOKENIZER``, the curriculum to
-    ``Curriculum.default(run_config.steps)``.
+    them, ``tokenizer``, ``curriculum``, ``tasks``, ``tools_fraction``, ``num_workers``,
+    ``image_tokens``); the tokenizer folder falls back to ``$KESTREL_DATA_TOKENIZER``, the
+    curriculum to ``Curriculum.default(run_config.steps)``, the soft tokens per image to the
+    model's ``vision.mm_tokens_per_image``.
 
     Raises:
-      KestrelError: no tokenizer given, or one larger than the model's vocabulary.
+      KestrelError: no tokenizer given, one larger than the model's vocabulary, image tasks in
+        the mix of a model without a vision tower, or image tokens that disagree with the tower.
     """
     data = run_config.data
     tokenizer = getattr(data, "tokenizer", None) or os.environ.get(TOKENIZER_ENV)
@@ -268,12 +291,26 @@ def synthetic_batches(run_config) -> SyntheticBatches:
         raise KestrelError("the synthetic data source needs a tokenizer folder: set data.tokenizer or "
                            f"${TOKENIZER_ENV} (train one with `python -m train.nano_tokenizer OUT`)")
     curriculum = data.curriculum or Curriculum.default(run_config.steps)
+    image_tokens = getattr(data, "image_tokens", None)
+    tower = run_config.model.vision if has_vision_tower(run_config.model) else None
+    if tower is not None:
+        made = int(tower.mm_tokens_per_image)
+        if image_tokens not in (None, made):
+            raise KestrelError(f"data.image_tokens={image_tokens} but the vision tower makes {made} soft "
+                               "tokens per image; leave data.image_tokens unset")
+        image_tokens = made
     config = SyntheticDataConfig(
         tokenizer=str(tokenizer), batch_size=data.batch_size, seq_len=data.seq_len, seed=data.seed,
         curriculum=curriculum, tasks=tuple(dict(data.tasks).items()) if data.tasks else None,
         tools_fraction=data.tools_fraction, session_size=data.session_size,
-        num_threads=getattr(data, "num_threads", 1), num_workers=getattr(data, "num_workers", 0))
+        num_threads=getattr(data, "num_threads", 1), num_workers=getattr(data, "num_workers", 0),
+        image_tokens=image_tokens or 64)
+    if config.with_images and tower is None:
+        raise KestrelError("data.tasks include image tasks but the model has no vision tower "
+                           "(model.vision is unset); drop them or train a model that takes images")
     batches = SyntheticBatches(config)
+    if config.with_images:
+        check_tokenizer_matches_tower(batches.builder.tokenizer, run_config.model)
     vocab = batches.builder.tokenizer.vocab_size
     if vocab > run_config.model.vocab_size:
         raise KestrelError(f"tokenizer {tokenizer!r} has {vocab} ids but model.vocab_size is "

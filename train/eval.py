@@ -22,11 +22,20 @@ Scores, per task, per level and overall, for each mode (``tools``, ``no_tools``)
 The model side is a *policy*: ``policy(conversations) -> [generated ids]``. `generator_policy`
 wraps a model; `oracle_policy` replays each example's own assistant turns, which must score 100%
 (a check of the scorer itself).
+
+The ``vision`` suite asks held-out problems shown as pictures (``train/synthetic/images.py``), with
+and without tools like ``stem``. A conversation's context keeps one ``<image>`` token per image
+and its example carries the PNG bytes (``conv.example.images``); a policy for a model with a vision
+tower feeds them: `engine_policy` as ``EngineRequest.images`` (the serving engine inserts the soft
+token spans after each marker), `generator_policy` as ``images=`` where the generator takes them.
+A checkpoint without a tower, or a decoder that cannot take images, is refused with a message
+saying so, before anything is generated.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json as jsonlib
 import sys
 import time
@@ -36,11 +45,14 @@ from typing import Any, Callable, TextIO
 from kestrel.errors import KestrelError
 from serve.tools.calculator import calculate
 from train.data import stream_seed
+from train.image_tokens import has_vision_tower
 from train.synthetic import SUITES, Example, check_answer, check_tool_calls, generate, parse_tool_calls, run_python
 from train.synthetic.render import render_segments
 from train.synthetic.checking import call_key
 
 MODES = ("tools", "no_tools")
+# Suites whose problems are asked both with and without tools.
+BOTH_MODES = ("stem", "vision")
 
 
 @dataclasses.dataclass
@@ -80,7 +92,7 @@ def heldout_examples(suite: str, n: int, seed: int = 0) -> list[tuple[Example, E
 
     Returns:
       ``(with_tools, without_tools)`` pairs: the same problem (same seed) offered with the
-      calculator and python, and without tools; ``without_tools`` is None for the tools suite.
+      calculator and python, and without tools; ``without_tools`` is None outside `BOTH_MODES`.
     """
     if suite not in SUITES:
         raise KestrelError(f"unknown eval suite {suite!r}; choose one of {', '.join(SUITES)}")
@@ -92,7 +104,7 @@ def heldout_examples(suite: str, n: int, seed: int = 0) -> list[tuple[Example, E
         task, level = tasks[i % len(tasks)], 1 + (i // len(tasks)) % 5
         s = stream_seed(seed, i, tag="eval")
         with_tools = generate(task, level=level, seed=s, split="heldout", tools=True)
-        without = generate(task, level=level, seed=s, split="heldout", tools=False) if suite == "stem" else None
+        without = generate(task, level=level, seed=s, split="heldout", tools=False) if suite in BOTH_MODES else None
         out.append((with_tools, without))
     return out
 
@@ -193,7 +205,9 @@ def generator_policy(generator, tokenizer, *, max_new_tokens: int, batch_size: i
     """Greedy decoding with `generator` (a ``model.generate.Generator``), `batch_size` rows at a time.
 
     Conversations are sorted by length so each batch pads little, and the last batch is padded
-    with copies to `batch_size` rows so every round reuses the same compiled shapes.
+    with copies to `batch_size` rows so every round reuses the same compiled shapes. Rows with
+    images pass them as ``images=`` (one list of PNG bytes per prompt, ``<image>`` placeholders
+    in the prompt ids, in order); `check_takes_images` vets that the generator accepts them.
     """
     from model.generate import GenerationConfig
 
@@ -207,7 +221,11 @@ def generator_policy(generator, tokenizer, *, max_new_tokens: int, batch_size: i
             rows = order[lo:lo + batch_size]
             prompts = [convs[i].context for i in rows]
             prompts += [prompts[-1]] * (batch_size - len(prompts))
-            for i, gen in zip(rows, generator.generate(prompts, config)):
+            kwargs = {}
+            if any(convs[i].example.images for i in rows):  # check_takes_images vetted the decoder
+                images = [convs[i].example.images for i in rows]
+                kwargs["images"] = images + [images[-1]] * (batch_size - len(images))
+            for i, gen in zip(rows, generator.generate(prompts, config, **kwargs)):
                 out[i] = gen.token_ids
         return out
 
@@ -230,7 +248,8 @@ def engine_policy(engine, *, max_new_tokens: int, effort: str = "medium", tool_c
     tool calls are constrained by the grammar of the offered functions' schemas and reasoning is
     bounded by `effort`'s budget, exactly as ``kestrel serve`` decodes. Summary prompts (which end
     in an empty think block) are decoded with ``effort="none"``. `tool_choice` applies where tools
-    are offered.
+    are offered. A conversation with images passes them (``EngineRequest.images``, one per
+    ``<image>`` marker of the prompt ids).
     """
     from serve.engine import EngineRequest
     from serve.request import SamplingParams
@@ -241,10 +260,12 @@ def engine_policy(engine, *, max_new_tokens: int, effort: str = "medium", tool_c
         handles = []
         for c in convs:
             summary = c.example.meta["answer_kind"] == "summary"
+            # Images go with every turn: each is the whole context, its <image> markers included.
+            images = {"images": tuple(c.example.images)} if c.example.images else {}
             handles.append(engine.submit(EngineRequest(
                 prompt_token_ids=c.context, tools=c.example.tools, store=False, params=params,
                 tool_choice=tool_choice if c.example.tools else "none",
-                effort="none" if summary else effort)))
+                effort="none" if summary else effort, **images)))
         engine.run_until_idle()
         return [list(h.output_token_ids) for h in handles]
 
@@ -376,15 +397,39 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def check_takes_images(model, ckpt_dir: str, constrained: bool) -> None:
+    """Refuses the vision suite unless the model has a vision tower and the decoder can feed images.
+
+    Raises:
+      KestrelError: saying which of the two is missing.
+    """
+    if not has_vision_tower(model):
+        raise KestrelError(f"the model in {ckpt_dir} has no vision tower (its config has no `vision` "
+                           "settings), so it cannot read the images of the vision suite; evaluate a "
+                           "checkpoint that takes images, or use --suite stem")
+    from model.generate import Generator
+
+    from serve.engine import EngineRequest
+
+    if constrained:
+        if "images" not in {f.name for f in dataclasses.fields(EngineRequest)}:
+            raise KestrelError("the model has a vision tower but this build's serving engine takes no images "
+                               "(EngineRequest has no `images`)")
+    elif "images" not in inspect.signature(Generator.generate).parameters:
+        raise KestrelError("the model has a vision tower but plain greedy decoding (model.generate.Generator) "
+                           "cannot feed it images; pass --constrained to decode through the serving engine")
+
+
 def run_eval(ckpt_dir: str, suite: str, *, n: int = 100, seed: int = 0, max_new_tokens: int = 512,
              json: bool = False, batch_size: int = 32, max_rounds: int = 8, constrained: bool = False,
              effort: str = "medium", out: TextIO | None = sys.stdout) -> dict[str, Any]:
-    """``kestrel eval CKPT --suite stem|tools [--json]``: loads, plays, scores, prints.
+    """``kestrel eval CKPT --suite stem|tools|summary|vision [--json]``: loads, plays, scores, prints.
 
     Args:
       ckpt_dir: a Kestrel checkpoint folder with a tokenizer and chat template.
-      suite: ``stem`` (each problem with and without tools), ``tools`` (function calling) or
-        ``summary`` (one-line summaries of reasoning).
+      suite: ``stem`` (each problem with and without tools), ``tools`` (function calling),
+        ``summary`` (one-line summaries of reasoning) or ``vision`` (problems shown as pictures,
+        with and without tools; the model needs a vision tower).
       n: problems (the stem suite plays 2n conversations).
       seed: the held-out seed.
       max_new_tokens: the limit of one model turn.
@@ -400,7 +445,8 @@ def run_eval(ckpt_dir: str, suite: str, *, n: int = 100, seed: int = 0, max_new_
       The result dict of `evaluate` plus ``checkpoint``, ``max_new_tokens`` and ``seconds``.
 
     Raises:
-      KestrelError: not a checkpoint, no tokenizer or chat template, unknown suite, bad n.
+      KestrelError: not a checkpoint, no tokenizer or chat template, unknown suite, bad n, or the
+        vision suite for a model without a vision tower (or a decoder that cannot take images).
     """
     from model.checkpoint import load_checkpoint
     from model.generate import Generator
@@ -411,6 +457,8 @@ def run_eval(ckpt_dir: str, suite: str, *, n: int = 100, seed: int = 0, max_new_
     model, tokenizer = load_checkpoint(ckpt_dir)
     if tokenizer is None:
         raise KestrelError(f"{ckpt_dir} has no tokenizer; eval needs one")
+    if suite == "vision":
+        check_takes_images(model, ckpt_dir, constrained)
     if constrained:
         from serve.effort import EffortModel
 

@@ -20,7 +20,7 @@ from typing import Iterator
 
 from model.tokenizer import Tokenizer
 from train.data import stream_seed
-from train.synthetic import TASKS, mixture_at, render_kestrel
+from train.synthetic import TEXT_TASKS, mixture_at, render_kestrel
 
 ALL_LEVELS = {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0, 5: 1.0}
 
@@ -39,7 +39,7 @@ def corpus(n: int, seed: int = 0, *, tools_fraction: float = 0.8) -> Iterator[st
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     base = stream_seed(seed, 0, tag="tokenizer")
-    tasks = {name: 1.0 for name in TASKS}
+    tasks = {name: 1.0 for name in TEXT_TASKS}  # the text the bundled tokenizer was trained on
     for i in range(n):
         ex = mixture_at(base, i, ALL_LEVELS, "train", tasks, tools_fraction)
         yield "".join(text for text, _ in render_kestrel(ex))

@@ -9,6 +9,10 @@ an example boundary. Unused space is padding: segment 0, position 0, loss mask 0
 
 Rows are filled first-fit from a stream of examples; an example too long for a row is skipped
 (counted in `PackStats`), never truncated, so a trained answer is never cut off.
+
+An example with images (``train/image_tokens.py``) also writes ``image_span_ids[row, o+s:o+s+n]
+= m + 1`` for each image run starting at ``s``, and appends its PNG bytes to ``images`` at index m,
+when the batch carries images (``pack_batch(..., with_images=True)``).
 """
 
 from __future__ import annotations
@@ -30,10 +34,16 @@ class TokenizedExample:
     Attributes:
       ids: int32 [L] token ids.
       trainable: bool [L]; True on tokens the model should learn to produce.
+      images: PNG bytes of the example's images, in order.
+      image_starts: where each image's run of pad tokens starts in `ids`.
+      image_len: the length of every run (the soft tokens per image).
     """
 
     ids: np.ndarray
     trainable: np.ndarray
+    images: tuple[bytes, ...] = ()
+    image_starts: tuple[int, ...] = ()
+    image_len: int = 0
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -104,11 +114,18 @@ def place(batch: dict[str, np.ndarray], row: int, offset: int, segment: int, ex:
     batch["loss_mask"][row, offset:offset + n - 1] = ex.trainable[1:]
     batch["segment_ids"][row, sl] = segment
     batch["positions"][row, sl] = np.arange(n, dtype=np.int32)
+    if ex.images:
+        if "images" not in batch:
+            raise ValueError("an example with images went into a batch that does not carry them "
+                             "(pack_batch(..., with_images=True))")
+        for png, start in zip(ex.images, ex.image_starts):
+            batch["images"].append(png)
+            batch["image_span_ids"][row, offset + start:offset + start + ex.image_len] = len(batch["images"])
 
 
 def pack_batch(examples: Iterator[TokenizedExample], batch_size: int, seq_len: int, *,
-               pad_id: int = 0, max_misses: int = 16,
-               max_skips: int = 256) -> tuple[dict[str, np.ndarray], PackStats]:
+               pad_id: int = 0, max_misses: int = 16, max_skips: int = 256,
+               with_images: bool = False) -> tuple[dict[str, np.ndarray], PackStats]:
     """Fills a [B, T] batch first-fit from `examples`.
 
     Each example goes into the first row with room for it. Packing stops after `max_misses`
@@ -122,10 +139,11 @@ def pack_batch(examples: Iterator[TokenizedExample], batch_size: int, seq_len: i
       pad_id: the id written in padding.
       max_misses: consecutive non-fitting examples that end the batch.
       max_skips: examples longer than T allowed in one batch before giving up.
+      with_images: add ``image_span_ids`` (int32 [B, T]) and ``images`` (list of PNG bytes).
 
     Returns:
       The batch (``tokens``, ``targets``, ``segment_ids``, ``positions`` int32 [B, T] and
-      ``loss_mask`` float32 [B, T]) and its `PackStats`.
+      ``loss_mask`` float32 [B, T], plus the image entries) and its `PackStats`.
 
     Raises:
       ValueError: bad sizes, or more than `max_skips` examples longer than ``seq_len``.
@@ -133,6 +151,9 @@ def pack_batch(examples: Iterator[TokenizedExample], batch_size: int, seq_len: i
     if batch_size < 1 or seq_len < 2:
         raise ValueError(f"pack_batch needs batch_size >= 1 and seq_len >= 2, got {batch_size}, {seq_len}")
     batch = empty_batch(batch_size, seq_len, pad_id)
+    if with_images:
+        batch["image_span_ids"] = np.zeros((batch_size, seq_len), np.int32)
+        batch["images"] = []
     used = [0] * batch_size
     segments = [0] * batch_size
     stats = PackStats()

@@ -5,6 +5,8 @@ An example is an OpenAI-style conversation (``messages``), the tools offered to 
 summary of the reasoning, the split ("train" or "heldout") and, for function calling, the calls
 the final turn is expected to make. Assistant reasoning lives in ``reasoning_content``; tool calls
 carry their arguments as dicts (not JSON strings) so renderers and checkers need not re-parse them.
+A problem shown as a picture adds ``images`` (PNG bytes); each one stands at an ``<image>``
+placeholder in the user's text (DESIGN.md's chat format), in order.
 """
 
 import dataclasses
@@ -53,6 +55,9 @@ SYSTEM_PROMPT = "You are Kestrel, a careful assistant. Think step by step and us
 
 SPLITS = ("train", "heldout")
 
+# Where an image goes in a message's text (one token of every Kestrel vocabulary).
+IMAGE_PLACEHOLDER = "<image>"
+
 
 @dataclasses.dataclass
 class Example:
@@ -71,11 +76,14 @@ class Example:
         messages form the prompt of the final turn, i.e. the index of its first assistant message)
         and, for function calling, ``calls``: the expected calls of the final turn as
         ``[{"name": str, "arguments": dict}]`` (``[]`` when no call is expected).
+      images: PNG bytes, one per ``IMAGE_PLACEHOLDER`` in the user messages, in order of
+        appearance; empty for text-only examples.
     """
 
     messages: list[dict[str, Any]]
     tools: list[dict[str, Any]]
     meta: dict[str, Any]
+    images: list[bytes] = dataclasses.field(default_factory=list)
 
     def prompt_messages(self) -> list[dict[str, Any]]:
         """The messages the model sees before producing its final turn."""

@@ -58,6 +58,12 @@ class Problem:
       code_purpose: the step line for the python call.
       tolerance: relative tolerance for checking numeric answers.
       answer_kind: "number" or "equation".
+      reads: for a problem shown as a picture, the first line of the reasoning: what the model
+        reads off the image ("The chart shows A = 34, B = 21.").
+      images: PNG bytes of the pictures the question shows, in the order of the ``<image>``
+        placeholders in `question`.
+      figure: for a pictured problem, the generator's record of what it drew (``kind``, the
+        values, every string drawn); kept in ``meta["figure"]`` so checks need no OCR.
     """
 
     question: str
@@ -72,10 +78,14 @@ class Problem:
     code_purpose: str = "run the computation"
     tolerance: float = 1e-9
     answer_kind: str = "number"
+    reads: str = ""
+    images: list[bytes] = dataclasses.field(default_factory=list)
+    figure: dict | None = None
 
 
 def _header(p: Problem) -> list[str]:
-    lines = [f"Task: {p.kind}."]
+    lines = [p.reads] if p.reads else []
+    lines.append(f"Task: {p.kind}.")
     if p.given:
         lines.append("Given: " + "; ".join(p.given) + ".")
     lines.append(f"Plan: {p.plan}")
@@ -147,7 +157,10 @@ def build_stem_example(p: Problem, *, task: str, level: int, split: str, tools: 
         "tools": tools, "answer_kind": p.answer_kind, "tolerance": p.tolerance, "prompt_len": 2,
         "unit": p.unit, "value": body,
     }
-    return Example(messages=messages, tools=[dict(t) for t in BUILTIN_TOOLS] if tools else [], meta=meta)
+    if p.figure is not None:
+        meta["figure"] = p.figure
+    return Example(messages=messages, tools=[dict(t) for t in BUILTIN_TOOLS] if tools else [], meta=meta,
+                   images=list(p.images))
 
 
 # Small helpers the task modules share for drawing numbers and phrasing.

@@ -11,6 +11,19 @@ from train.synthetic.example import SPLITS, Example
 from train.synthetic.problem import Problem, build_stem_example
 
 
+def _pictured(maker: str) -> Callable[[random.Random, int, str], Problem]:
+    """``images.<maker>``, imported on first use: ``python -m train.synthetic.images`` must not find
+    the module already imported by the package (runpy warns), and text-only runs skip Pillow."""
+
+    def make(rng: random.Random, level: int, split: str) -> Problem:
+        from train.synthetic import images
+
+        return getattr(images, maker)(rng, level, split)
+
+    make.__name__ = maker
+    return make
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
     """A registered task.
@@ -20,8 +33,10 @@ class Task:
       suite: "stem" (a problem with an answer; works with and without tools), "tools"
         (function calling over random schemas; tools always offered) or "summary" (summarising
         a STEM example's reasoning in one line, answered without thinking; no tools) or "drill"
-        (copying numbers back, the skill under every STEM answer; training only; no tools).
-      make: ``(rng, level, split) -> Problem`` for stem tasks, ``-> Example`` for the others.
+        (copying numbers back, the skill under every STEM answer; training only; no tools) or
+        "vision" (a STEM problem shown as a picture, ``train/synthetic/images.py``; with and
+        without tools like stem; only for models with a vision tower, so never in a default mix).
+      make: ``(rng, level, split) -> Problem`` for stem and vision tasks, ``-> Example`` for the others.
     """
 
     name: str
@@ -46,10 +61,42 @@ TASKS: dict[str, Task] = {
         Task("fc_multiturn", "tools", fc.make_multiturn),
         Task("summarize", "summary", summaries.make_summary),
         Task("copy", "drill", drills.make_copy),
+        Task("image_text", "vision", _pictured("make_text_image")),
+        Task("image_table", "vision", _pictured("make_table_image")),
+        Task("image_chart", "vision", _pictured("make_chart_image")),
+        Task("image_triangle", "vision", _pictured("make_triangle_image")),
     )
 }
 
-SUITES = {suite: tuple(n for n, t in TASKS.items() if t.suite == suite) for suite in ("stem", "tools", "summary", "drill")}
+SUITES = {suite: tuple(n for n, t in TASKS.items() if t.suite == suite)
+          for suite in ("stem", "tools", "summary", "drill", "vision")}
+
+# The tasks of a mix that names none: everything a text-only model can read.
+TEXT_TASKS = tuple(n for n, t in TASKS.items() if t.suite != "vision")
+
+
+def task_weights(weights: dict[str, float] | None) -> dict[str, float]:
+    """Task -> weight, with suite names expanded: ``{"vision": 1}`` is each vision task at 1/4.
+
+    None gives every text task (`TEXT_TASKS`) weight 1. A task named both alone and through its
+    suite gets the sum.
+
+    Raises:
+      ValueError: a name that is neither a task nor a suite, or weights without a positive sum.
+    """
+    if weights is None:
+        return {name: 1.0 for name in TEXT_TASKS}
+    out: dict[str, float] = {}
+    for name, w in weights.items():
+        members = (name,) if name in TASKS else SUITES.get(name)
+        if not members:
+            raise ValueError(f"unknown task {name!r} in tasks; known: {', '.join(TASKS)} "
+                             f"or a suite: {', '.join(SUITES)}")
+        for m in members:
+            out[m] = out.get(m, 0.0) + float(w) / len(members)
+    if any(w < 0 for w in out.values()) or sum(out.values()) <= 0:
+        raise ValueError(f"task weights must be >= 0 with a positive sum, got {weights!r}")
+    return out
 
 
 def _check(level: int, split: str) -> None:
@@ -64,7 +111,8 @@ def generate(task: str | None = None, *, level: int, rng: random.Random | None =
     """One example.
 
     Args:
-      task: a key of `TASKS`; None draws one uniformly (among stem tasks when ``tools=False``).
+      task: a key of `TASKS`; None draws one uniformly among the text tasks (stem tasks when
+        ``tools=False``).
       level: difficulty 1..5.
       rng: the random source (advanced by the call); or give `seed` instead.
       seed: builds ``random.Random(seed)`` when `rng` is None. Same seed, same example.
@@ -82,7 +130,7 @@ def generate(task: str | None = None, *, level: int, rng: random.Random | None =
             raise ValueError("give rng or seed")
         rng = random.Random(seed)
     if task is None:
-        task = rng.choice(SUITES["stem"] if not tools else tuple(TASKS))
+        task = rng.choice(SUITES["stem"] if not tools else TEXT_TASKS)
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     spec = TASKS[task]
@@ -104,7 +152,7 @@ def mixture(seed: int, levels: dict[int, float], split: str = "train", n: int | 
       levels: level -> weight, e.g. ``{1: 1, 2: 2, 3: 2}`` (weights need not sum to 1).
       split: "train" or "heldout".
       n: how many examples; None streams forever.
-      tasks: task -> weight; default every task with weight 1.
+      tasks: task (or suite) -> weight (see `task_weights`); default every text task with weight 1.
       tools_fraction: the share of stem examples that offer tools (the rest compute in reasoning).
 
     Yields:
@@ -115,10 +163,7 @@ def mixture(seed: int, levels: dict[int, float], split: str = "train", n: int | 
         raise ValueError(f"levels must map levels to non-negative weights with a positive sum, got {levels!r}")
     for lv in levels:
         _check(lv, split)
-    tasks = tasks or {name: 1.0 for name in TASKS}
-    for name in tasks:
-        if name not in TASKS:
-            raise ValueError(f"unknown task {name!r} in tasks; known: {', '.join(TASKS)}")
+    tasks = task_weights(tasks or None)
     if not 0 <= tools_fraction <= 1:
         raise ValueError(f"tools_fraction must be in [0, 1], got {tools_fraction}")
     i = 0
