@@ -136,8 +136,12 @@ class Transformer(nnx.Module):
                 raise ValueError("give embeddings or images, not both")
             if cfg.vision is None:
                 raise ValueError("this model has no vision tower (its config has no vision section)")
+            if cache is not None:
+                raise ValueError("images with a KV cache are not supported here: the serving runner "
+                                 "splices them chunk by chunk (serve/runner.py); without a cache the "
+                                 "image spans are made bidirectional")
             embeddings = self.embed_with_images(tokens, image_embeddings)
-            if span_ids is None and cache is None:
+            if span_ids is None:
                 span_ids = image_span_ids(tokens, cfg.vision.image_token_id)
         x = self.embed(tokens) if embeddings is None else embeddings.astype(DTYPES[cfg.dtype])
         ropes = {kind: rope_tables(jnp.maximum(positions, 0), *freqs)

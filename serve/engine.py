@@ -351,6 +351,11 @@ class Engine:
             raise ValueError("the prompt contains the image placeholder token but no image")
         return head + tuple(new), messages, tuple(spans), tuple(inputs)
 
+    @property
+    def takes_images(self) -> bool:
+        """Whether chat messages may hold images (a vision tower, an image-start token, a tokenizer)."""
+        return self._image_marker() is not None
+
     def _image_marker(self) -> str | None:
         """The text of the image-start token, or None when the model takes no images."""
         vision = self.config.vision
