@@ -50,6 +50,10 @@ def build(vision: dict, mm_tokens: int, folder: str):
                                        boi_token_index=61, eoi_token_index=62)
     torch.manual_seed(0)
     hf = transformers.Gemma3ForConditionalGeneration(config).to(torch.float32).eval()
+    with torch.no_grad():  # the projector starts at zero: random weights make outputs comparable
+        for p in hf.parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, 0.02)
     hf.config._attn_implementation = "sdpa"
     hf.save_pretrained(os.path.join(folder, "hf"))
     with warnings.catch_warnings():
