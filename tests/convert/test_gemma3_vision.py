@@ -127,3 +127,44 @@ def test_missing_vision_tensor_is_named(tmp_path):
     save_file(tensors, path, metadata={"format": "pt"})
     with pytest.raises(KestrelError, match=r"missing tensor 'vision_tower\.encoder\.layers\.1\.mlp\.fc2\.bias'"):
         convert_checkpoint(tmp_path / "hf", tmp_path / "out")
+
+
+def test_export_of_a_vision_model_is_refused_clearly(converted):
+    from model.convert import hf_config_from_model
+    _, model = converted
+    with pytest.raises(KestrelError, match="export of models with a vision tower is not supported"):
+        hf_config_from_model(model.config)
+
+
+@pytest.mark.slow
+def test_served_log_probs_match_transformers(converted):
+    """The engine (paged cache, chunked prefill cut before the image, embedding cache, sliding
+    layers) gives the log-probs transformers gives after an interleaved image+text prompt."""
+    import io
+
+    from PIL import Image
+
+    from model.image_processing import load_image
+    from serve.engine import Engine, EngineRequest
+    from serve.request import SamplingParams
+
+    hf, model = converted
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(buf, "PNG")
+    data = buf.getvalue()
+    engine = Engine(model, None, num_pages=64, page_size=4, max_num_seqs=2, max_num_batched_tokens=16,
+                    prefill_chunk_size=8)
+    prompt = [2, 5, 6, 7, 8, BOI, 9, 10, 11, 12]  # the image's span follows BOI
+    h = engine.submit(EngineRequest(prompt_token_ids=prompt, images=[data], channels=False,
+                                    params=SamplingParams(max_tokens=1, temperature=0.0, logprobs=True,
+                                                          top_logprobs=5)))
+    engine.run_until_idle()
+    ids = torch.as_tensor([h.prompt_token_ids])
+    assert h.prompt_token_ids[:11] == (2, 5, 6, 7, 8, BOI, IMAGE, IMAGE, IMAGE, IMAGE, EOI)
+    pixels = torch.from_numpy(load_image(data, model.config.vision).transpose(2, 0, 1)[None].copy())
+    with torch.no_grad():
+        logits = hf(input_ids=ids, pixel_values=pixels, token_type_ids=(ids == IMAGE).long()).logits
+    want = torch.log_softmax(logits[0, -1], -1).numpy()
+    top = h.logprobs[0].top_logprobs
+    assert top[0][0] == int(np.argmax(want))
+    np.testing.assert_allclose([lp for _, lp in top], want[[t for t, _ in top]], atol=TOL)
