@@ -176,3 +176,27 @@ def test_images_need_a_vision_model_and_a_marker_each():
             {"role": "user", "content": "hi"}], channels=False))
     with pytest.raises(ValueError, match="takes 4 tokens, more than the prefill chunk of 2"):
         make_engine(prefill_chunk_size=2).submit(EngineRequest(messages=[user("hi", png(1))], channels=False))
+
+
+def test_a_prefix_hit_ending_inside_an_image_span_continues_it_exactly():
+    """Pages [0, 8) come from the cache and the image's span is [6, 10): the next chunk starts
+    inside the span; its log-probs equal a run without the prefix cache."""
+    tok = tiny_tokenizer()
+    head = tok.encode("The quick brown fox")[:5] + [tok.token_to_id("<image>")]
+    assert len(head) == 6
+    a = head + tok.encode("jumps over")
+    b = head + tok.encode("hello world")
+    outputs = []
+    for caching in (True, False):
+        engine = make_engine(enable_prefix_caching=caching)
+        params = greedy(1, logprobs=True, top_logprobs=5)
+        engine.submit(EngineRequest(prompt_token_ids=a, images=[png(10)], channels=False, params=params))
+        engine.run_until_idle()
+        h = engine.submit(EngineRequest(prompt_token_ids=b, images=[png(10)], channels=False, params=params))
+        engine.run_until_idle()
+        assert h.request.mm_spans[0].offset == 6
+        outputs.append((h.usage.cached_input_tokens, h.logprobs[0].top_logprobs))
+    (hit, cached), (no_hit, fresh) = outputs
+    assert hit == 8 and no_hit == 0
+    assert [t for t, _ in cached] == [t for t, _ in fresh]
+    np.testing.assert_allclose([lp for _, lp in cached], [lp for _, lp in fresh], atol=1e-5)
