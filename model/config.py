@@ -12,6 +12,8 @@ import json
 import math
 from typing import Any, Literal
 
+from model.vision_config import VisionConfig
+
 RopeType = Literal["default", "linear", "llama3", "yarn"]
 LayerType = Literal["global", "sliding"]
 Activation = Literal["silu", "gelu_tanh", "gelu"]
@@ -88,6 +90,7 @@ class ModelConfig:
       dtype: compute dtype of activations (parameters are kept in ``param_dtype``).
       param_dtype: storage dtype of parameters.
       architecture: the family this config came from (informational, kept for export).
+      vision: the image tower (SigLIP + projector) when the model takes images, else None.
     """
 
     vocab_size: int
@@ -117,6 +120,7 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     architecture: str = "kestrel"
+    vision: VisionConfig | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
@@ -150,6 +154,10 @@ class ModelConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ValueError(f"ModelConfig.{name} must be float32, bfloat16 or float16")
+        if isinstance(self.vision, dict):
+            object.__setattr__(self, "vision", VisionConfig.from_dict(self.vision))
+        if self.vision is not None and not isinstance(self.vision, VisionConfig):
+            raise ValueError(f"ModelConfig.vision must be a VisionConfig or None, got {self.vision!r}")
 
     @property
     def scale(self) -> float:
@@ -164,7 +172,8 @@ class ModelConfig:
         attn = d * n * h * 2 + d * k * h * 2 + (n * h + 2 * k * h if self.attention_bias else 0)
         norms = d * (4 if self.post_norms else 2) + (2 * h if self.qk_norm else 0)
         layer = attn + 3 * d * f + norms
-        return self.num_layers * layer + v * d * (1 if self.tie_embeddings else 2) + d
+        vision = 0 if self.vision is None else self.vision.num_params + self.vision.hidden_size * d
+        return self.num_layers * layer + v * d * (1 if self.tie_embeddings else 2) + d + vision
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -183,6 +192,8 @@ class ModelConfig:
         data = dict(data)
         if isinstance(data.get("rope_scaling"), dict):
             data["rope_scaling"] = RopeScaling(**data["rope_scaling"])
+        if isinstance(data.get("vision"), dict):
+            data["vision"] = VisionConfig.from_dict(data["vision"])
         return cls(**data)
 
     def to_json(self) -> str:

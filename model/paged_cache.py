@@ -50,6 +50,10 @@ class PagedKVCache:
         ``slots`` are then [1, N].
       pack: [N] index of each packed token into the flattened [B * T] layout.
       query_positions: [B, T] positions in the unpacked layout (-1: padding).
+      span_ids: [B, T] (the unpacked layout) bidirectional span ids of the new tokens (image
+        placeholders; 0 elsewhere), or None. Spans are whole within the step (the scheduler never
+        ends a chunk inside one), so keys already in the cache need no span id: they precede every
+        query of the step and are visible causally.
     """
 
     k: tuple[Float[Array, "K P G H"], ...]
@@ -62,6 +66,7 @@ class PagedKVCache:
     unpack: Int[Array, "B T"] | None = None
     pack: Int[Array, "N"] | None = None
     query_positions: Int[Array, "B T"] | None = None
+    span_ids: Int[Array, "B T"] | None = None
 
     @staticmethod
     def create_pages(cfg: ModelConfig, num_pages: tuple[int, ...], page_size: int,
@@ -118,8 +123,16 @@ class PagedKVCache:
             s = jnp.arange(m * page, dtype=jnp.int32)[None, :]
             kv_positions = jnp.where(s < self.lengths[:, None], s, -1)
             q_positions = self.query_positions if packed else self.positions
+            q_spans = kv_spans = None
+            if self.span_ids is not None:
+                # Each new token's span id also marks its key, at the key's position.
+                q_spans = self.span_ids
+                at = jnp.where(q_positions < 0, m * page, q_positions)
+                kv_spans = jnp.zeros((b, m * page), jnp.int32).at[
+                    jnp.arange(b)[:, None], at].set(q_spans, mode="drop")
             out = kernels.attention(q, kd, vd, q_positions=q_positions, kv_positions=kv_positions,
-                                    causal=True, window=window, scale=scale, soft_cap=soft_cap,
+                                    causal=True, window=window, q_span_ids=q_spans,
+                                    kv_span_ids=kv_spans, scale=scale, soft_cap=soft_cap,
                                     impl=impl)
         if packed:
             out = out.reshape(b * t, *out.shape[2:])[self.pack][None]  # [1, N, N_h, H]

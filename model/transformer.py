@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +16,7 @@ from model.kv_cache import KVCache
 from model.layers import DTYPES, Embedding, GatedMLP, RMSNorm, param
 from model.paged_cache import PagedKVCache
 from model.rope import inverse_frequencies, rope_tables
+from model.vision import VisionTower, image_span_ids, splice_images
 
 
 class Block(nnx.Module):
@@ -54,6 +54,23 @@ class Transformer(nnx.Module):
                                   param_dtype=cfg.param_dtype, rngs=rngs)
         self.lm_head = None if cfg.tie_embeddings else param(
             rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg.param_dtype)
+        self.vision = None if cfg.vision is None else VisionTower(
+            cfg.vision, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+
+    def encode_images(self, pixels: Float[Array, "I S S C"], attn_impl: str = "auto"
+                      ) -> Float[Array, "I M D"]:
+        """Soft tokens of preprocessed images (``serve.images.preprocess``), one row per image."""
+        if self.vision is None:
+            raise ValueError("this model has no vision tower (its config has no vision section)")
+        return self.vision(pixels, attn_impl)
+
+    def embed_with_images(self, tokens: Int[Array, "B T"], image_embeddings: Float[Array, "I M D"]
+                          ) -> Float[Array, "B T D"]:
+        """Token embeddings with the image placeholders replaced by the images' soft tokens."""
+        image_id = self.config.vision.image_token_id
+        # The placeholder may lie outside the vocabulary (Gemma 3 allows it): look up id 0 there.
+        x = self.embed(jnp.where(tokens == image_id, 0, tokens))
+        return splice_images(x, tokens, image_embeddings, image_id)
 
     def __call__(
         self,
@@ -64,6 +81,8 @@ class Transformer(nnx.Module):
         span_ids: Int[Array, "B T"] | None = None,
         cache: KVCache | None = None,
         embeddings: Float[Array, "B T D"] | None = None,
+        images: Float[Array, "I S S C"] | None = None,
+        image_embeddings: Float[Array, "I M D"] | None = None,
         attn_impl: str = "auto",
         return_hidden: bool = False,
         logits_index: Int[Array, "B"] | None = None,
@@ -78,7 +97,12 @@ class Transformer(nnx.Module):
           span_ids: bidirectional span ids [B, T] (0 outside spans), e.g. image tokens.
           cache: a KVCache to attend over and extend, a PagedKVCache (serving: positions come
             from it), or None for a self-contained pass.
-          embeddings: input embeddings [B, T, D] replacing the token lookup (image splicing).
+          embeddings: input embeddings [B, T, D] replacing the token lookup.
+          images: preprocessed images [I, S, S, C] for the placeholders in ``tokens``: encoded by
+            the vision tower, spliced in, and (unless ``span_ids`` is given) each image's span
+            made bidirectional.
+          image_embeddings: the images' soft tokens [I, M, D] already encoded (a cache of them),
+            used as ``images`` is.
           attn_impl: attention kernel implementation.
           return_hidden: also return the final hidden states [B, T, D].
           logits_index: compute logits only at this index of each row ([B, 1, V] out), which
@@ -103,6 +127,22 @@ class Transformer(nnx.Module):
                              "ids; run spans (images) through a cache-free forward or prefill")
         if segment_ids is not None and cache is not None:
             raise ValueError("segment_ids are for packed training sequences, not cached decoding")
+        if images is not None:
+            if image_embeddings is not None:
+                raise ValueError("give images or image_embeddings, not both")
+            image_embeddings = self.encode_images(images, attn_impl)
+        if image_embeddings is not None:
+            if embeddings is not None:
+                raise ValueError("give embeddings or images, not both")
+            if cfg.vision is None:
+                raise ValueError("this model has no vision tower (its config has no vision section)")
+            if cache is not None:
+                raise ValueError("images with a KV cache are not supported here: the serving runner "
+                                 "splices them chunk by chunk (serve/runner.py); without a cache the "
+                                 "image spans are made bidirectional")
+            embeddings = self.embed_with_images(tokens, image_embeddings)
+            if span_ids is None:
+                span_ids = image_span_ids(tokens, cfg.vision.image_token_id)
         x = self.embed(tokens) if embeddings is None else embeddings.astype(DTYPES[cfg.dtype])
         ropes = {kind: rope_tables(jnp.maximum(positions, 0), *freqs)
                  for kind, freqs in rope_frequencies(cfg).items()}

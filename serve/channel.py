@@ -566,10 +566,11 @@ class ChannelMachine:
             self.usage, reasoning_tokens=c["reasoning"], answer_tokens=c["answer"],
             tool_call_tokens=c["tool_call"], tool_argument_tokens=c["tool_argument"])
 
-    def record_prompt(self, input_tokens: int, cached_input_tokens: int) -> None:
+    def record_prompt(self, input_tokens: int, cached_input_tokens: int, image_tokens: int = 0) -> None:
         """Sets the prompt counts once the scheduler knows the prefix-cache hit."""
         self.usage = dataclasses.replace(self.usage, input_tokens=input_tokens,
-                                         cached_input_tokens=cached_input_tokens)
+                                         cached_input_tokens=cached_input_tokens,
+                                         image_tokens=image_tokens)
 
 
 _EXECUTOR = None

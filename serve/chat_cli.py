@@ -48,6 +48,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--max-images", type=int, default=8, help="images per request (models with a vision tower)")
+    p.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024, help="encoded size of one image")
+    p.add_argument("--max-image-pixels", type=int, default=25_000_000,
+                   help="width x height of one image, checked from its header before decoding")
     p.add_argument("--log-level", default="info")
 
 
@@ -57,6 +61,7 @@ def build_server(args):
     from serve.api.auth import load_api_keys
     from serve.api.server import KestrelServer, TlsConfig
     from serve.effort import EffortModel
+    from model.image_processing import ImageLimits
     from serve.engine import Engine
 
     ckpt = Path(args.ckpt)
@@ -64,7 +69,8 @@ def build_server(args):
         raise KestrelError(f"checkpoint folder {os.fspath(ckpt)!r} does not exist")
     if (args.tls_cert is None) != (args.tls_key is None):
         raise KestrelError("give both --tls-cert and --tls-key, or neither")
-    for flag in ("port", "max_queued", "num_pages", "page_size", "max_num_seqs", "max_num_batched_tokens"):
+    for flag in ("port", "max_queued", "num_pages", "page_size", "max_num_seqs", "max_num_batched_tokens",
+                 "max_images", "max_image_bytes", "max_image_pixels"):
         if getattr(args, flag) < (0 if flag == "port" else 1):
             raise KestrelError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     keys = load_api_keys(args.api_keys_file, args.api_keys_env)
@@ -75,7 +81,8 @@ def build_server(args):
         raise KestrelError(str(e)) from None
     engine = Engine(model, tokenizer, num_pages=args.num_pages, page_size=args.page_size,
                     max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                    effort=effort)
+                    effort=effort, max_images_per_request=args.max_images,
+                    image_limits=ImageLimits(max_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels))
     tls = TlsConfig(args.tls_cert, args.tls_key) if args.tls_cert else None
     return KestrelServer(engine, model_id=args.model_id or ckpt.resolve().name, api_keys=keys, tls=tls,
                          max_queued=args.max_queued, max_output_tokens=args.max_output_tokens)
@@ -193,8 +200,9 @@ class _Printer:
         self.out.write("\n")
         if response is not None and response.HasField("usage"):
             u = response.usage
+            images = f", {u.image_tokens} image" if u.image_tokens else ""
             self.out.write(self._style(DIM, f"[{response.id}] input {u.input_tokens} tokens "
-                                            f"({u.cached_input_tokens} cached), reasoning {u.reasoning_tokens}, "
+                                            f"({u.cached_input_tokens} cached{images}), reasoning {u.reasoning_tokens}, "
                                             f"output {u.output_tokens}") + "\n")
         self.out.flush()
 

@@ -32,6 +32,8 @@ class StoredResponse:
       finish_reason: why the turn ended.
       usage: the turn's token counts.
       tools: the tool schemas offered in the turn (a continuation renders with them again).
+      mm_spans, mm_inputs: the images of the prompt (spans and preprocessed pixels), which a
+        continuation's prompt keeps at the same offsets.
     """
 
     response_id: str
@@ -41,6 +43,8 @@ class StoredResponse:
     finish_reason: str
     usage: Usage
     tools: tuple[dict[str, Any], ...] = ()
+    mm_spans: tuple = ()
+    mm_inputs: tuple = ()
 
     @property
     def token_ids(self) -> tuple[int, ...]:

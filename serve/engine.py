@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from model.image_processing import ImageLimits
 from model.tokenizer import Tokenizer
 from model.transformer import Transformer
 from serve import events as ev
@@ -41,6 +42,7 @@ from serve.channel import ChannelMachine, ChannelSpec, State, fill_masks
 from serve.conversation import ResponseStore, StoredResponse
 from serve.effort import EffortModel
 from serve.grammar import IM_END, ChannelVocab, FunctionTool
+from serve.image_prompt import decode_images, expand_images, split_image_parts
 from serve.kv_pages import KVCacheManager
 from serve.request import FinishReason, Request, SamplingParams
 from serve.runner import ModelRunner, SampleOutput
@@ -54,7 +56,9 @@ class EngineRequest:
     """One generation request as the API layer hands it over.
 
     Attributes:
-      messages: OpenAI-style chat messages, rendered with the tokenizer's chat template; or
+      messages: OpenAI-style chat messages, rendered with the tokenizer's chat template; a user
+        message's content may be a list of ``{"type": "text", "text": ...}`` and
+        ``{"type": "image", "image": <encoded bytes>}`` parts (models with a vision tower); or
       prompt_token_ids: the prompt as token ids (exactly one of the two; with
         ``previous_response_id`` they are the new turn, appended to the stored one's tokens).
       tools: functions offered (``FunctionTool`` or OpenAI ``{"type": "function", "function":
@@ -69,6 +73,7 @@ class EngineRequest:
       channels: False: raw token generation, no channel machine or mask.
       cache_salt: isolates prefix-cache sharing (e.g. per tenant).
       chat_kwargs: extra chat-template variables (e.g. ``enable_thinking``).
+      images: encoded images for a ``prompt_token_ids`` prompt, one per image-start token in it.
     """
 
     messages: Sequence[Mapping[str, Any]] | None = None
@@ -87,6 +92,7 @@ class EngineRequest:
     channels: bool = True
     cache_salt: str | None = None
     chat_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    images: Sequence[bytes] = ()
 
 
 class RequestHandle:
@@ -196,6 +202,8 @@ class Engine:
       seed: seeds the engine RNG that seeds requests without a ``seed``.
       vocab: the channel vocabulary (default: built from ``tokenizer``).
       clock: time source (deadlines, rates).
+      image_limits: what one image may cost before it is decoded (bytes, pixels, frames).
+      max_images_per_request: most images in one request (a continued conversation's included).
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None, *, num_pages: int,
@@ -203,7 +211,8 @@ class Engine:
                  prefill_chunk_size: int | None = None, num_sliding_pages: int | None = None,
                  enable_prefix_caching: bool = True, max_stored_responses: int = 1024,
                  attn_impl: str = "auto", seed: int = 0, vocab: ChannelVocab | None = None,
-                 effort: EffortModel | None = None, clock: Callable[[], float] = time.monotonic):
+                 effort: EffortModel | None = None, clock: Callable[[], float] = time.monotonic,
+                 image_limits: ImageLimits | None = None, max_images_per_request: int = 8):
         cfg = model.config
         self.effort = effort or EffortModel()
         self.config = cfg
@@ -215,6 +224,8 @@ class Engine:
         self.scheduler = Scheduler(self.kv, max_num_seqs, max_num_batched_tokens, prefill_chunk_size,
                                    clock=clock)
         self.runner = ModelRunner(model, self.kv, attn_impl=attn_impl)
+        self.image_limits = image_limits or ImageLimits()
+        self.max_images_per_request = max_images_per_request
         self.responses = ResponseStore(max_stored_responses)
         self._vocab = vocab
         self._rng = np.random.default_rng(seed)
@@ -273,7 +284,7 @@ class Engine:
                                response_format=req.response_format, effort=req.effort,
                                reasoning_budget=budget, effort_budgets=self.effort.budgets)
         tool_schemas = tuple(_tool_schema(t) for t in tools)
-        prompt, messages = self._prompt(req, tool_schemas)
+        prompt, messages, spans, inputs = self._prompt(req, tool_schemas)
         context = self.config.max_position_embeddings
         if len(prompt) >= context:
             raise ValueError(f"the prompt has {len(prompt)} tokens; the model's context is {context} "
@@ -293,7 +304,11 @@ class Engine:
             params = dataclasses.replace(params, **changes)
         deadline = None if req.deadline is None else self.clock() + float(req.deadline)
         request = Request(rid, prompt, params, deadline=deadline, cache_salt=req.cache_salt,
-                          wants_hidden=predict)
+                          wants_hidden=predict, mm_spans=spans, mm_inputs=inputs)
+        for span in spans:
+            if span.length > self.scheduler.prefill_chunk_size:
+                raise ValueError(f"an image takes {span.length} tokens, more than the prefill chunk of "
+                                 f"{self.scheduler.prefill_chunk_size} tokens")
         lifetime = len(prompt) + params.max_tokens - 1
         need = self.kv.required_pages(lifetime, self.scheduler.prefill_chunk_size)
         for n, group in zip(need, self.kv.groups):
@@ -313,20 +328,57 @@ class Engine:
             self._wake.notify()
         return handle
 
-    def _prompt(self, req: EngineRequest, tool_schemas) -> tuple[tuple[int, ...], tuple | None]:
+    def _prompt(self, req: EngineRequest, tool_schemas):
+        """(prompt ids, messages or None, image spans, image inputs) of a request."""
         prev = None
         if req.previous_response_id is not None:
             prev = self.responses.get(req.previous_response_id)
             if prev is None:
                 raise ValueError(f"previous_response_id {req.previous_response_id!r} is unknown or was evicted")
+        head, new, messages, raw_images = self._new_tokens(req, tool_schemas, prev)
+        spans, inputs = (prev.mm_spans, prev.mm_inputs) if prev is not None else ((), ())
+        if raw_images:
+            vision = self.config.vision
+            if len(raw_images) + len(spans) > self.max_images_per_request:
+                raise ValueError(f"the request has {len(raw_images) + len(spans)} images; the limit is "
+                                 f"{self.max_images_per_request} per request (a continued "
+                                 "conversation's images count)")
+            images = decode_images(raw_images, vision, self.image_limits, self.max_images_per_request)
+            new, new_spans = expand_images(new, images, vision, offset=len(head))
+            spans = tuple(spans) + new_spans
+            inputs = tuple(inputs) + tuple(i.pixels for i in images)
+        elif self.config.vision is not None and self.config.vision.image_token_id in new:
+            raise ValueError("the prompt contains the image placeholder token but no image")
+        return head + tuple(new), messages, tuple(spans), tuple(inputs)
+
+    @property
+    def takes_images(self) -> bool:
+        """Whether chat messages may hold images (a vision tower, an image-start token, a tokenizer)."""
+        return self._image_marker() is not None
+
+    def _image_marker(self) -> str | None:
+        """The text of the image-start token, or None when the model takes no images."""
+        vision = self.config.vision
+        if vision is None or vision.image_start_id is None or self.tokenizer is None:
+            return None
+        return self.tokenizer.decode([vision.image_start_id])
+
+    def _new_tokens(self, req: EngineRequest, tool_schemas, prev):
+        """(tokens kept from ``prev``, the new tokens, messages or None, the new images' bytes)."""
         if req.prompt_token_ids is not None:
             ids = tuple(req.prompt_token_ids)
             if not ids:
                 raise ValueError("prompt_token_ids is empty")
-            return (prev.token_ids if prev else ()) + ids, None
+            images = list(req.images)
+            if images and (self.config.vision is None or self.config.vision.image_start_id is None):
+                raise ValueError("images were given but this model does not take images")
+            return (prev.token_ids if prev else ()), ids, None, images
+        if req.images:
+            raise ValueError("images go inside messages (content parts); EngineRequest.images is for "
+                             "prompt_token_ids prompts")
         if self.tokenizer is None:
             raise ValueError("messages need a tokenizer with a chat template")
-        new = [dict(m) for m in req.messages]
+        new, images = split_image_parts(req.messages, self._image_marker())
         if not new:
             raise ValueError("messages is empty")
         tools = list(tool_schemas) or None
@@ -334,7 +386,7 @@ class Engine:
         if prev is None or prev.messages is None:
             text = self.tokenizer.render_chat(new, tools=tools, add_generation_prompt=True, **kw)
             head = prev.token_ids if prev else ()
-            return head + tuple(self.tokenizer.encode(text)), tuple(new)
+            return head, tuple(self.tokenizer.encode(text)), tuple(new), images
         # Continue the stored turn token for token: the new messages rendered as what follows it.
         before = list(prev.messages)
         suffix = self._continuation(before, new, tools, kw)
@@ -342,7 +394,7 @@ class Engine:
         im_end = self.vocab.tag_ids[IM_END]
         if not head or head[-1] not in self.vocab.eos_ids:
             head = head + (im_end,)  # the turn was cut short: close it
-        return head + tuple(self.tokenizer.encode(suffix)), tuple(before + new)
+        return head, tuple(self.tokenizer.encode(suffix)), tuple(before + new), images
 
     def _continuation(self, before: list[dict], new: list[dict], tools, kw) -> str:
         """The text the chat template writes for `new` after the stored turns `before`.
@@ -423,7 +475,8 @@ class Engine:
         if not live.prompt_recorded:
             live.prompt_recorded = True
             if live.machine is not None:
-                live.machine.record_prompt(request.num_prompt_tokens, request.num_cached_tokens)
+                live.machine.record_prompt(request.num_prompt_tokens, request.num_cached_tokens,
+                                           _image_tokens(request))
         if sample.hidden is not None and live.machine is not None and self.effort.probe is not None:
             h.reasoning_budget = self.effort.probe.budget(sample.hidden)
             live.machine.set_budget(h.reasoning_budget)
@@ -474,7 +527,7 @@ class Engine:
         if finished_event is None:
             if live.machine is not None:
                 if not live.prompt_recorded:
-                    live.machine.record_prompt(r.num_prompt_tokens, r.num_cached_tokens)
+                    live.machine.record_prompt(r.num_prompt_tokens, r.num_cached_tokens, _image_tokens(r))
                 events = live.machine.finish(reason)
             else:
                 if live.decoder is not None:
@@ -483,6 +536,7 @@ class Engine:
                         events.append(ev.AnswerDelta(tail))
                 events.append(ev.Finished(reason, ev.Usage(
                     input_tokens=r.num_prompt_tokens, cached_input_tokens=r.num_cached_tokens,
+                    image_tokens=_image_tokens(r),
                     answer_tokens=r.num_output_tokens)))
             finished_event = events[-1]
             if live.pending_logprobs:  # a flushed tail carries the samples still waiting
@@ -506,7 +560,8 @@ class Engine:
                 msg["tool_calls"] = calls
             messages = tuple(live.messages) + (msg,)
         return StoredResponse(h.request_id, messages, tuple(h.prompt_token_ids),
-                              tuple(h.output_token_ids), reason, usage, live.tools)
+                              tuple(h.output_token_ids), reason, usage, live.tools,
+                              live.request.mm_spans, live.request.mm_inputs)
 
     def _drain_inbox(self) -> None:
         while True:
@@ -574,6 +629,10 @@ class Engine:
             num_output_tokens=self.num_output_tokens, output_tokens_per_s=rate,
             mask_seconds=self.mask_seconds, step_seconds=self.step_seconds,
             num_stored_responses=len(self.responses))
+
+
+def _image_tokens(request: Request) -> int:
+    return sum(span.length for span in request.mm_spans)
 
 
 def _function_tool(t: FunctionTool | Mapping[str, Any]) -> FunctionTool:

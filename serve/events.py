@@ -27,6 +27,7 @@ class Usage:
         tool_call_tokens: ``<tool_call>`` .. ``</tool_call>`` blocks, blanks between them and the
             end-of-turn token after them.
         tool_argument_tokens: the part of tool_call_tokens whose text lies in ``arguments``.
+        image_tokens: the part of input_tokens that are image placeholders (soft tokens).
     """
 
     input_tokens: int = 0
@@ -35,6 +36,7 @@ class Usage:
     answer_tokens: int = 0
     tool_call_tokens: int = 0
     tool_argument_tokens: int = 0
+    image_tokens: int = 0
 
     @property
     def output_tokens(self) -> int:

@@ -168,7 +168,9 @@ class Request:
         ``None``. Earlier arrival means higher priority (later arrivals are preempted first).
       deadline: absolute time on the scheduler's clock after which it finishes with ``deadline``;
         ``None`` for no deadline.
-      mm_spans: image placeholder spans in the prompt (keys for the prefix cache).
+      mm_spans: image placeholder spans in the prompt (keys for the prefix cache), in order.
+      mm_inputs: per span, the preprocessed image (``[S, S, C]`` float32, the tower's input) the
+        runner encodes when its embeddings are not cached; empty for none.
       cache_salt: isolates prefix-cache sharing (e.g. per tenant); requests share pages only when
         their salts are equal.
       wants_hidden: the runner returns the prompt's last hidden state with the first sampled
@@ -184,6 +186,7 @@ class Request:
     arrival_time: float | None = None
     deadline: float | None = None
     mm_spans: tuple[MultiModalSpan, ...] = ()
+    mm_inputs: tuple = ()
     cache_salt: str | None = None
     wants_hidden: bool = False
 
@@ -221,6 +224,13 @@ class Request:
                     f"request {self.request_id!r}: image span [{span.offset}, {span.offset + span.length}) "
                     f"runs past the prompt of {len(self.prompt_token_ids)} tokens"
                 )
+        self.mm_inputs = tuple(self.mm_inputs)
+        if self.mm_inputs and len(self.mm_inputs) != len(self.mm_spans):
+            raise ValueError(f"request {self.request_id!r}: {len(self.mm_inputs)} mm_inputs for "
+                             f"{len(self.mm_spans)} mm_spans")
+        ends = [(s.offset, s.offset + s.length) for s in self.mm_spans]
+        if any(b[0] < a[1] for a, b in zip(ends, ends[1:])):
+            raise ValueError(f"request {self.request_id!r}: mm_spans must be in order and not overlap")
         if self.cache_salt is not None and not isinstance(self.cache_salt, str):
             raise ValueError(f"cache_salt must be a str or None, got {self.cache_salt!r}")
 

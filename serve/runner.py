@@ -12,6 +12,9 @@ bucket of sizes, so a warm engine never recompiles for a new request length:
 
 The page arrays, ``[K, P, G, H]`` per layer, live here and are donated to every step; the new
 tokens' K/V are scattered into them through a slot mapping built from the scheduler's page tables.
+Images: a prefill chunk that computes image placeholders gets their soft tokens spliced in place
+of the token embeddings and their span marked bidirectional; the soft tokens come from an
+``ImageEmbeddingCache`` (each distinct image encoded once, the step's new images in one batch).
 Sampling runs on device in the same call: repetition / frequency / presence penalties, the channel
 machine's int32 bitmask, then greedy or temperature sampling with top-k / top-p / min-p. A row's
 key is ``fold_in(key(seed), output index)``, so a seeded request draws the same tokens however it
@@ -33,6 +36,7 @@ from flax import nnx
 from model.paged_cache import PagedKVCache
 from model.sampling import filter_logits
 from model.transformer import Transformer
+from serve.image_cache import ImageEmbeddingCache
 from serve.kv_pages import KVCacheManager
 from serve.request import MAX_TOP_LOGPROBS
 from serve.scheduler import ScheduledRequest, SchedulerOutput
@@ -129,24 +133,34 @@ def sample_tokens(logits, p: Mapping[str, jax.Array], flags: _Flags):
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5, 6))
 def _step(graphdef, layer_groups, attn_impl, flags, state, k, v, tokens, tables, slots, positions,
-          lengths, logits_index, sp, packing=None):
+          lengths, logits_index, sp, packing=None, images=None):
     """One forward pass over paged K/V plus sampling; module-level so that runners of one model
     structure share compilations.
 
     ``packing`` (prefill): ``(unpack [B, T], pack [N], query_positions [B, T])``; tokens,
     positions and slots are then one packed row [1, N] and ``logits_index`` [B] indexes it.
+    ``images`` (prefill): ``(index [1, N], rows [R, D], span_ids [B, T])``: token j takes soft
+    token ``rows[index[j]]`` instead of its embedding where ``index[j] >= 0``.
     """
     model = nnx.merge(graphdef, state)
     unpack, pack, query_positions = packing if packing is not None else (None, None, None)
     cache = PagedKVCache(k=k, v=v, page_tables=tables, slots=slots, positions=positions,
                          lengths=lengths, layer_groups=layer_groups, unpack=unpack, pack=pack,
-                         query_positions=query_positions)
+                         query_positions=query_positions,
+                         span_ids=None if images is None else images[2])
+    embeddings = None
+    if images is not None:
+        index, rows, _ = images
+        is_image = index >= 0
+        embeddings = model.embed(jnp.where(is_image, 0, tokens))
+        picked = jnp.take(rows, jnp.maximum(index, 0), axis=0).astype(embeddings.dtype)
+        embeddings = jnp.where(is_image[..., None], picked, embeddings)
     last_hidden = None
     if packing is None:
         logits, cache = model(tokens, cache=cache, attn_impl=attn_impl, logits_index=logits_index)
         logits = logits[:, 0]
     else:  # logits of each sequence's last token only: [B, D] rows of the packed hidden states
-        _, cache, hidden = model(tokens, cache=cache, attn_impl=attn_impl,
+        _, cache, hidden = model(tokens, cache=cache, attn_impl=attn_impl, embeddings=embeddings,
                                  logits_index=jnp.zeros((1,), jnp.int32), return_hidden=True)
         last_hidden = hidden[0][logits_index]
         logits = model.logits(last_hidden[None])[0]
@@ -154,6 +168,15 @@ def _step(graphdef, layer_groups, attn_impl, flags, state, k, v, tokens, tables,
     if flags.hidden and last_hidden is not None:
         out = (*out, last_hidden.astype(jnp.float32))
     return out, cache.k, cache.v
+
+
+def _overlap(e: ScheduledRequest, span) -> bool:
+    return span.offset < e.start_position + len(e.token_ids) and e.start_position < span.offset + span.length
+
+
+def _image_overlaps(e: ScheduledRequest) -> bool:
+    """Whether the entry computes any image placeholder."""
+    return any(_overlap(e, span) for span in e.request.mm_spans)
 
 
 class ModelRunner:
@@ -167,10 +190,12 @@ class ModelRunner:
       min_batch: smallest batch bucket (fewer, larger buckets mean fewer compilations; padding
         rows cost little next to a dispatch).
       min_table_pages: smallest page-table width bucket.
+      max_cached_images: image embeddings kept by content hash (models with a vision tower).
     """
 
     def __init__(self, model: Transformer, kv_manager: KVCacheManager, *, attn_impl: str = "auto",
-                 cache_dtype: str | None = None, min_batch: int = 8, min_table_pages: int = 16):
+                 cache_dtype: str | None = None, min_batch: int = 8, min_table_pages: int = 16,
+                 max_cached_images: int = 256):
         cfg = model.config
         self.config = cfg
         self.graphdef, self.state = nnx.split(model)
@@ -185,6 +210,8 @@ class ModelRunner:
                                                    self.layer_groups, cache_dtype)
         self.min_batch, self.min_table_pages = min_batch, min_table_pages
         self.num_steps = 0  # jitted calls run
+        self.images = None if cfg.vision is None else ImageEmbeddingCache(
+            self.graphdef, self.state, attn_impl=attn_impl, max_images=max_cached_images)
 
     @staticmethod
     def compiled_variants() -> int:
@@ -206,8 +233,9 @@ class ModelRunner:
           The sampled token of every entry with ``samples=True``.
         """
         masks = masks or {}
-        decodes = [e for e in output.scheduled if len(e.token_ids) == 1]
-        prefills = [e for e in output.scheduled if len(e.token_ids) > 1]
+        # A chunk with image placeholders takes the prefill path (embeddings spliced), even at 1 token.
+        prefills = [e for e in output.scheduled if len(e.token_ids) > 1 or _image_overlaps(e)]
+        decodes = [e for e in output.scheduled if not (len(e.token_ids) > 1 or _image_overlaps(e))]
         results: dict[str, SampleOutput] = {}
         if prefills:
             t = _length_bucket(max(len(e.token_ids) for e in prefills))
@@ -257,12 +285,16 @@ class ModelRunner:
                 [x.reshape(*x.shape[:-2], -1)[..., flat],
                  np.full((*x.shape[:-2], n_packed - total), fill, np.int32)], -1)[..., None, :]
             tokens, positions, slots = pack_row(tokens, 0), pack_row(positions, -1), pack_row(slots, -1)
+        images = None
+        if t > 1 and any(_image_overlaps(e) for e in entries):
+            index, rows, span_ids = self._image_inputs(entries, b, t)
+            images = (jnp.asarray(pack_row(index, -1)), jnp.asarray(rows), jnp.asarray(span_ids))
         sp, flags = self._sampling_inputs(entries, b, masks)
         outs, self.k, self.v = _step(
             self.graphdef, self.layer_groups, self.attn_impl, flags, self.state, self.k, self.v,
             jnp.asarray(tokens), tuple(jnp.asarray(x) for x in tables),
             tuple(jnp.asarray(x) for x in slots), jnp.asarray(positions), jnp.asarray(lengths),
-            jnp.asarray(logits_index), sp, packing)
+            jnp.asarray(logits_index), sp, packing, images)
         self.num_steps += 1
         tok, lp, top_ids, top_lp = outs[:4]
         hidden = np.asarray(outs[4]) if len(outs) > 4 else None
@@ -283,6 +315,36 @@ class ModelRunner:
             top = tuple((int(a), float(c)) for a, c in zip(top_ids[i, :k], top_lp[i, :k])) if k else ()
             out[e.request_id] = SampleOutput(int(tok[i]), float(lp[i]), top, hidden=h)
         return out
+
+    def _image_inputs(self, entries: list[ScheduledRequest], b: int, t: int):
+        """(soft-token index [B, T] (-1: text), soft-token rows [R, D], span ids [B, T]) of the
+        image placeholders the entries compute; images not cached are encoded here, in one batch."""
+        if self.images is None:
+            raise ValueError("a request has images but the model has no vision tower")
+        wanted = []
+        for e in entries:
+            r = e.request
+            for j, span in enumerate(r.mm_spans):
+                if _overlap(e, span):
+                    wanted.append((span.content_hash, r.mm_inputs[j] if r.mm_inputs else None))
+        soft = self.images.get_many(wanted)
+        index = np.full((b, t), -1, np.int32)
+        span_ids = np.zeros((b, t), np.int32)
+        rows, count = [], 0
+        for i, e in enumerate(entries):
+            start, k = e.start_position, len(e.token_ids)
+            for j, span in enumerate(e.request.mm_spans):
+                lo, hi = max(span.offset, start), min(span.offset + span.length, start + k)
+                if lo >= hi:
+                    continue
+                rows.append(soft[span.content_hash][lo - span.offset:hi - span.offset])
+                index[i, lo - start:hi - start] = np.arange(count, count + hi - lo)
+                span_ids[i, lo - start:hi - start] = j + 1
+                count += hi - lo
+        stacked = np.concatenate(rows)
+        padded = np.zeros((_length_bucket(count), stacked.shape[1]), np.float32)
+        padded[:count] = stacked
+        return index, padded, span_ids
 
     def _sampling_inputs(self, entries: list[ScheduledRequest], b: int, masks):
         vocab = self.config.vocab_size

@@ -17,7 +17,9 @@ pages are freed (full ones stay in the prefix cache, so recomputing is mostly ca
 outputs are kept, and it waits ahead of every newer request to recompute prompt + outputs. The
 victim is never a request already scheduled in this step, so no step reads a freed page.
 Waiting requests are admitted in order while the step's budget, ``max_num_seqs`` and free pages
-allow; one that would recompute a prefix another running request is computing right now waits a
+allow; a chunk never ends inside an image's placeholder span (its tokens attend to each other
+bidirectionally, so the span's K/V are right only when the whole rest of it is computed together):
+it ends before the span instead, or the request waits a step for budget; one that would recompute a prefix another running request is computing right now waits a
 step and then takes it from the cache (so a batch sharing a system prompt computes it once).
 
 Not thread-safe: the engine loop calls every method, including ``cancel`` on behalf of clients.
@@ -114,6 +116,21 @@ class SchedulerStats:
     prefix_hits: int  # of those, tokens found in the cache
 
 
+def chunk_within_spans(request: Request, start: int, n: int) -> int:
+    """The largest chunk of at most ``n`` tokens from ``start`` that does not end inside an image
+    span; 0 when the chunk starts inside (or at) a span whose rest does not fit in ``n``.
+
+    A chunk may start inside a span: the span's earlier tokens then came from the prefix cache,
+    computed with the same image (the page keys hold its content hash) and so with the whole span.
+    """
+    end = start + n
+    for span in request.mm_spans:
+        lo, hi = span.offset, span.offset + span.length
+        if lo < end < hi:
+            return max(lo - start, 0)
+    return n
+
+
 class Scheduler:
     """Decides, each step, which tokens of which requests the runner computes.
 
@@ -175,6 +192,11 @@ class Scheduler:
             raise ValueError(f"request id {request.request_id!r} is already queued or running")
         if request.status != RequestStatus.WAITING or request.output_token_ids or request.num_computed_tokens:
             raise ValueError(f"request {request.request_id!r} was already scheduled once; add a new Request")
+        for span in request.mm_spans:
+            if span.length > self.prefill_chunk_size:
+                raise ValueError(
+                    f"request {request.request_id!r}: an image of {span.length} tokens does not fit one "
+                    f"prefill chunk of {self.prefill_chunk_size} tokens (its span must be computed at once)")
         # The last sampled token is never fed back, so it needs no K/V slot.
         lifetime = request.num_prompt_tokens + request.params.max_tokens - 1
         need = self.kv.required_pages(lifetime, self.prefill_chunk_size)
@@ -255,6 +277,10 @@ class Scheduler:
             request = self._running[i][1]
             n = min(request.num_tokens - request.num_computed_tokens, self.prefill_chunk_size, budget)
             assert n > 0, f"running request {request.request_id!r} has nothing to compute"
+            n = chunk_within_spans(request, request.num_computed_tokens, n)
+            if n == 0:  # the rest of an image span needs more budget than this step has left
+                i += 1
+                continue
             tables = self.kv.allocate_slots(request, n)
             while tables is None:
                 victim = self._running.pop()[1]  # newest; never one scheduled earlier in this step
@@ -296,6 +322,9 @@ class Scheduler:
                 j += 1  # another request is computing this page now; take it from the cache later
                 continue
             n = min(request.num_tokens - hit.num_tokens, self.prefill_chunk_size, budget)
+            n = chunk_within_spans(request, hit.num_tokens, n)
+            if n == 0:
+                break  # its image span needs more budget than this step has left; next step
             tables = self.kv.allocate_slots(request, n, hit)
             if tables is None:
                 break  # first come, first served: nobody overtakes a request short of pages

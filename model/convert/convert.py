@@ -13,6 +13,7 @@ from kestrel.errors import KestrelError
 from model.checkpoint import model_from_params, save_checkpoint
 from model.convert.gguf_source import GGUFSource
 from model.convert.hf_config import model_config_from_hf
+from model.convert.hf_vision import read_preprocessor
 from model.convert.hf_weights import params_from_hf
 from model.convert.safetensors_source import SafetensorsFolder, read_hf_config
 from model.layers import DTYPES
@@ -49,7 +50,7 @@ def convert_checkpoint(src: str | Path, out: str | Path, *, dtype: str = "float3
 
     Args:
       src: an HF folder (config.json, *.safetensors, sharded or not, tokenizer files) of a
-        supported family (Llama, Qwen2, Qwen3, Gemma 3 text), or a llama GGUF file.
+        supported family (Llama, Qwen2, Qwen3, Gemma 3 text, Gemma 3 multimodal), or a llama GGUF file.
       out: the checkpoint folder to write (config.json, params/, kestrel.json, tokenizer files).
       dtype: ``float32`` or ``bfloat16``, for parameters and compute.
       force: replace an existing ``out``.
@@ -76,7 +77,8 @@ def convert_checkpoint(src: str | Path, out: str | Path, *, dtype: str = "float3
         cfg = model_config_from_hf(source.config, dtype=dtype)
     else:
         # The config is checked before any shard is opened: an unsupported model fails fast.
-        cfg = model_config_from_hf(read_hf_config(src), dtype=dtype)
+        cfg = model_config_from_hf(read_hf_config(src), dtype=dtype,
+                                   preprocessor=read_preprocessor(src))
         source = SafetensorsFolder(src)
     flat = params_from_hf(cfg, source.names, source.read, np.dtype(DTYPES[dtype]))
     # pop: hold each tensor once (numpy or device), not twice, while moving it over.

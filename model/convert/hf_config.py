@@ -14,6 +14,7 @@ from typing import Any
 
 from kestrel.errors import KestrelError
 from model.config import ModelConfig, RopeScaling
+from model.convert import hf_vision
 
 # model_type -> (family name kept in ModelConfig.architecture, HF architecture class).
 FAMILIES = {
@@ -23,7 +24,8 @@ FAMILIES = {
     "gemma3_text": "Gemma3ForCausalLM",
 }
 _ARCH_TO_TYPE = {arch: family for family, arch in FAMILIES.items()}
-SUPPORTED = ", ".join(f"{arch} ({family})" for family, arch in FAMILIES.items())
+SUPPORTED = ", ".join([f"{arch} ({family})" for family, arch in FAMILIES.items()]
+                      + [f"{hf_vision.MULTIMODAL_ARCH} ({hf_vision.MULTIMODAL_TYPE})"])
 
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh",
                 "gelu_new": "gelu_tanh", "gelu": "gelu"}
@@ -140,13 +142,20 @@ def _activation(hf: dict[str, Any], family: str) -> str:
     return _ACTIVATIONS[name]
 
 
-def model_config_from_hf(hf: dict[str, Any], *, dtype: str = "float32") -> ModelConfig:
+def model_config_from_hf(hf: dict[str, Any], *, dtype: str = "float32",
+                         preprocessor: dict[str, Any] | None = None) -> ModelConfig:
     """A ModelConfig reproducing an HF config dict exactly, or a KestrelError saying what it cannot.
 
     Args:
       hf: the parsed ``config.json``.
       dtype: parameter and compute dtype of the converted model.
+      preprocessor: the parsed ``preprocessor_config.json`` of a multimodal folder (image
+        normalisation), or None for its defaults.
     """
+    if hf_vision.is_multimodal(hf):
+        text = model_config_from_hf(hf_vision.text_config(hf), dtype=dtype)
+        return text.replace(vision=hf_vision.vision_config_from_hf(hf, preprocessor),
+                            architecture=hf_vision.MULTIMODAL_TYPE)
     family = hf_family(hf)
     if family != "qwen2" and hf.get("attention_bias"):
         raise KestrelError(f"{family}: attention_bias=true puts a bias on o_proj, which Kestrel's "
@@ -253,6 +262,9 @@ def _hf_rope(theta: float, scaling: RopeScaling) -> dict[str, Any]:
 
 def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
     """The transformers 5 ``config.json`` dict of cfg's family (see ``export_family``)."""
+    if cfg.vision is not None:
+        raise KestrelError("export of models with a vision tower is not supported yet "
+                           f"(only import of {hf_vision.MULTIMODAL_ARCH})")
     family = export_family(cfg)
     _check_exportable(cfg, family)
     hf: dict[str, Any] = {

@@ -15,6 +15,7 @@ import numpy as np
 
 from kestrel.errors import KestrelError
 from model.config import ModelConfig
+from model.convert import hf_vision
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +96,8 @@ def param_specs(cfg: ModelConfig) -> list[ParamSpec]:
     specs.append(_vector("final_norm/scale", "model.norm.weight", (d,)))
     if not cfg.tie_embeddings:
         specs.append(ParamSpec("lm_head", "lm_head.weight", (v, d), (v, d), _same, _same))
+    if cfg.vision is not None:
+        specs += hf_vision.vision_specs(cfg.vision, d, ParamSpec, _linear, _linear_out, _vector)
     return specs
 
 
@@ -116,11 +119,17 @@ def params_from_hf(cfg: ModelConfig, names: Iterable[str], read: Callable[[str],
       KestrelError: a missing tensor, a tensor of the wrong shape, or a tensor the model has no
         place for.
     """
+    if cfg.vision is not None:
+        # Multimodal folders spell the same tensors several ways: read them by canonical name.
+        source_name = {hf_vision.canonical_name(n): n for n in names}
+        names, source_read = set(source_name), read
+        read = lambda name: source_read(source_name[name])  # noqa: E731
     names = set(names)
     specs = param_specs(cfg)
     wanted = {s.hf_name for s in specs}
     # A tied model may still carry lm_head.weight (a copy of the embeddings): not an error.
     extra = sorted(n for n in names - wanted if not n.endswith(_IGNORED_SUFFIXES)
+                   and not n.startswith(hf_vision.UNUSED_PREFIXES)
                    and not (cfg.tie_embeddings and n == "lm_head.weight"))
     if extra:
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""

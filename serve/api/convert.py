@@ -43,6 +43,8 @@ EFFORTS = {pb.REASONING_EFFORT_UNSPECIFIED: "medium", pb.REASONING_EFFORT_NONE: 
 SUMMARIES = {pb.REASONING_SUMMARY_UNSPECIFIED: "none", pb.REASONING_SUMMARY_NONE: "none",
              pb.REASONING_SUMMARY_AUTO: "auto", pb.REASONING_SUMMARY_CONCISE: "concise",
              pb.REASONING_SUMMARY_DETAILED: "detailed"}
+# The formats the image decoder takes (model.image_processing.FORMATS); GIF: first frame.
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/gif")
 _ROLES = {pb.ROLE_USER: "user", pb.ROLE_ASSISTANT: "assistant", pb.ROLE_SYSTEM: "system",
           pb.ROLE_DEVELOPER: "system"}
 
@@ -141,19 +143,31 @@ def _messages(req: pb.CreateRequest, model: ModelInfo, previous) -> list[dict[st
                 raise invalid(f"{where}.message.role is not set (user, assistant, system or developer)")
             if not m.content:
                 raise invalid(f"{where}.message.content is empty")
-            texts = []
+            texts, parts = [], []
+            role = _ROLES[m.role]
             for j, part in enumerate(m.content):
                 which = part.WhichOneof("part")
                 if which == "image":
-                    raise invalid(f"{where}.message.content[{j}].image: model {model.id!r} does not take images")
+                    if not model.supports_images:
+                        raise invalid(f"{where}.message.content[{j}].image: model {model.id!r} does not take images")
+                    if role != "user":
+                        raise invalid(f"{where}.message.content[{j}].image: images are allowed in user messages only")
+                    if not part.image.data:
+                        raise invalid(f"{where}.message.content[{j}].image.data is empty")
+                    if part.image.mime_type and part.image.mime_type not in IMAGE_TYPES:
+                        raise invalid(f"{where}.message.content[{j}].image.mime_type {part.image.mime_type!r} "
+                                      f"is not supported; supported: {', '.join(IMAGE_TYPES)}")
+                    parts.append({"type": "image", "image": part.image.data})
+                    continue
                 if which is None:
                     raise invalid(f"{where}.message.content[{j}] is empty: set text or image")
                 texts.append(part.text)
+                parts.append({"type": "text", "text": part.text})
             text = "".join(texts)
-            role = _ROLES[m.role]
-            if role != "assistant" and not text.strip():
+            has_image = any(p["type"] == "image" for p in parts)
+            if role != "assistant" and not text.strip() and not has_image:
                 raise invalid(f"{where}.message has no text")
-            msg: dict[str, Any] = {"role": role, "content": text}
+            msg: dict[str, Any] = {"role": role, "content": parts if has_image else text}
             if role == "assistant" and reasoning is not None:
                 msg["reasoning_content"], reasoning = reasoning, None
             out.append(msg)

@@ -146,7 +146,7 @@ def count_prompt_tokens(runner: ResponseRunner, prepared) -> int:
                                                       "parameters": dict(t.parameters)}}
                     for t in prepared.tools)
     try:
-        prompt, _ = engine._prompt(req, schemas)
+        prompt, *_ = engine._prompt(req, schemas)
     except ValueError as e:
         if "previous_response_id" in str(e):
             raise not_found(str(e)) from None

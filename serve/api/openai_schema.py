@@ -7,6 +7,8 @@ an object, ``n`` other than 1) are refused here with the JSON path in the messag
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from typing import Any
 
@@ -42,10 +44,34 @@ def _text_parts(content: Any, where: str) -> list[pb.InputContent]:
         if kind in ("text", "input_text", "output_text"):
             parts.append(pb.InputContent(text=str(part.get("text", ""))))
         elif kind in ("image_url", "input_image"):
-            parts.append(pb.InputContent(image=pb.InputImage(mime_type="image/png")))
+            parts.append(pb.InputContent(image=_image(part, f"{where}[{j}]")))
         else:
             raise invalid(f"{where}[{j}].type {kind!r} is not supported")
     return parts
+
+
+def _image(part: dict, where: str) -> pb.InputImage:
+    """An ``image_url`` (Chat Completions: ``{"url": ...}`` or a string) or ``input_image``
+    (Responses: ``image_url`` string) part as an inline image; only ``data:`` URLs are taken."""
+    url = part.get("image_url")
+    if isinstance(url, dict):
+        url = url.get("url")
+    if part.get("file_id") and url is None:
+        raise invalid(f"{where}.file_id: uploaded files are not supported; send a data: URL")
+    if not isinstance(url, str) or not url:
+        raise invalid(f"{where}.image_url must hold a url")
+    if not url.startswith("data:"):
+        scheme = url.split(":", 1)[0] if ":" in url else url[:16]
+        raise invalid(f"{where}.image_url: {scheme!r} URLs are not fetched (the server has no network "
+                      "access); send the image inline as a data: URL (data:image/png;base64,...)")
+    header, sep, payload = url[5:].partition(",")
+    if not sep or not header.endswith(";base64"):
+        raise invalid(f"{where}.image_url: a data URL must be base64 (data:<mime>;base64,<data>)")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise invalid(f"{where}.image_url: the data URL's base64 payload is invalid") from None
+    return pb.InputImage(data=data, mime_type=header[: -len(";base64")])
 
 
 def _schema_text(value: Any, where: str) -> str:
@@ -260,14 +286,15 @@ _INCOMPLETE = {pb.INCOMPLETE_REASON_MAX_OUTPUT_TOKENS: "max_output_tokens",
 
 
 def usage_json(u: pb.Usage) -> dict:
-    return {"input_tokens": u.input_tokens, "input_tokens_details": {"cached_tokens": u.cached_input_tokens},
+    return {"input_tokens": u.input_tokens, "input_tokens_details": {"cached_tokens": u.cached_input_tokens,
+                                                                     "image_tokens": u.image_tokens},
             "output_tokens": u.output_tokens, "output_tokens_details": {"reasoning_tokens": u.reasoning_tokens},
             "total_tokens": u.total_tokens}
 
 
 def chat_usage_json(u: pb.Usage) -> dict:
     return {"prompt_tokens": u.input_tokens, "completion_tokens": u.output_tokens, "total_tokens": u.total_tokens,
-            "prompt_tokens_details": {"cached_tokens": u.cached_input_tokens},
+            "prompt_tokens_details": {"cached_tokens": u.cached_input_tokens, "image_tokens": u.image_tokens},
             "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens}}
 
 

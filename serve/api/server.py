@@ -74,7 +74,8 @@ class KestrelServer:
         ctx = engine.config.max_position_embeddings
         self.model = ModelInfo(id=model_id, context_length=ctx,
                                max_output_tokens=min(max_output_tokens or ctx, ctx),
-                               supports_tools=engine.tokenizer is not None)
+                               supports_tools=engine.tokenizer is not None,
+                               supports_images=engine.takes_images)
         self.metrics = ServerMetrics()
         self.records = RecordStore(max_records)
         self.runner = ResponseRunner(engine, self.model, self.records, policy or Policy(), self.metrics,

@@ -54,7 +54,7 @@ def usage_proto(u: ev.Usage) -> pb.Usage:
     return pb.Usage(input_tokens=u.input_tokens, cached_input_tokens=u.cached_input_tokens,
                     output_tokens=u.output_tokens, reasoning_tokens=u.reasoning_tokens,
                     answer_tokens=u.answer_tokens, tool_call_tokens=u.tool_call_tokens,
-                    total_tokens=u.total_tokens)
+                    total_tokens=u.total_tokens, image_tokens=u.image_tokens)
 
 
 def _add_usage(a: ev.Usage, b: ev.Usage) -> ev.Usage:

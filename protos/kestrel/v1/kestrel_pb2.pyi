@@ -365,7 +365,7 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens", "answer_tokens", "tool_call_tokens", "total_tokens")
+    __slots__ = ("input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens", "answer_tokens", "tool_call_tokens", "total_tokens", "image_tokens")
     INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHED_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -373,6 +373,7 @@ class Usage(_message.Message):
     ANSWER_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TOOL_CALL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     input_tokens: int
     cached_input_tokens: int
     output_tokens: int
@@ -380,7 +381,8 @@ class Usage(_message.Message):
     answer_tokens: int
     tool_call_tokens: int
     total_tokens: int
-    def __init__(self, input_tokens: _Optional[int] = ..., cached_input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., reasoning_tokens: _Optional[int] = ..., answer_tokens: _Optional[int] = ..., tool_call_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ...) -> None: ...
+    image_tokens: int
+    def __init__(self, input_tokens: _Optional[int] = ..., cached_input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., reasoning_tokens: _Optional[int] = ..., answer_tokens: _Optional[int] = ..., tool_call_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., image_tokens: _Optional[int] = ...) -> None: ...
 
 class OutputItem(_message.Message):
     __slots__ = ("id", "status", "reasoning", "message", "function_call", "builtin_tool_call")
