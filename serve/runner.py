@@ -5,10 +5,13 @@ token) and prefill chunks (several); each kind runs as one jitted call over a ba
 bucket of sizes, so a warm engine never recompiles for a new request length:
 
 - decode: ``[B, 1]`` tokens, B a power of two up to ``max_num_seqs``, page tables padded to a
-  power-of-two width M; attention is the paged decode kernel.
+  width M of the form 2^k or 3 * 2^(k-1); attention is the paged decode kernel.
+- sliding-window groups get tables that start at the first page the window still sees (with the
+  offset in tokens), so their gathers and scores stay ``W + T`` keys wide at any context.
 - prefill: the chunks' real tokens packed into one row ``[1, N]`` (N >= 16 of the form 2^k or
   3 * 2^(k-1)), so projections and MLPs never compute padding; attention alone unpacks them to
-  ``[B, T]`` and gathers each sequence's pages (see ``model/paged_cache.py``).
+  ``[B, T]`` (B a power of two, padded to ``min_batch`` rows only while rows are small) and
+  gathers each sequence's pages (see ``model/paged_cache.py``).
 
 The page arrays, ``[K, P, G, H]`` per layer, live here and are donated to every step; the new
 tokens' K/V are scattered into them through a slot mapping built from the scheduler's page tables.
@@ -65,6 +68,17 @@ def _length_bucket(n: int, minimum: int = 16) -> int:
     third of a prefill's tokens (a power-of-two bucket can nearly double them)."""
     b = _pow2(n, minimum)
     return b * 3 // 4 if b * 3 // 4 >= max(n, minimum) else b
+
+
+# Score elements per prefill row below which padding rows (fewer compilations) cost nothing worth
+# saving: 2^20 float32 scores are 4 MiB.
+_SMALL_PREFILL_SCORES = 1 << 20
+
+
+def _table_bucket(n: int, minimum: int) -> int:
+    """Page-table width bucket: 2^k or 3 * 2^(k-1) (so a long prompt's tables, and the keys its
+    prefill chunks gather, exceed the pages in use by under a third rather than up to double)."""
+    return _length_bucket(n, minimum)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +143,7 @@ def sample_tokens(logits, p: Mapping[str, jax.Array], flags: _Flags):
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5, 6))
 def _step(graphdef, layer_groups, attn_impl, flags, state, k, v, tokens, tables, slots, positions,
-          lengths, logits_index, sp, packing=None):
+          lengths, logits_index, sp, packing=None, table_offsets=None):
     """One forward pass over paged K/V plus sampling; module-level so that runners of one model
     structure share compilations.
 
@@ -140,7 +154,7 @@ def _step(graphdef, layer_groups, attn_impl, flags, state, k, v, tokens, tables,
     unpack, pack, query_positions = packing if packing is not None else (None, None, None)
     cache = PagedKVCache(k=k, v=v, page_tables=tables, slots=slots, positions=positions,
                          lengths=lengths, layer_groups=layer_groups, unpack=unpack, pack=pack,
-                         query_positions=query_positions)
+                         query_positions=query_positions, table_offsets=table_offsets)
     last_hidden = None
     if packing is None:
         logits, cache = model(tokens, cache=cache, attn_impl=attn_impl, logits_index=logits_index)
@@ -181,6 +195,7 @@ class ModelRunner:
             raise ValueError(f"kv_manager has {len(kv_manager.groups)} page groups; the model's layer "
                              f"types {sorted(set(cfg.layer_types))} need {max(self.layer_groups) + 1}")
         self.num_pages = tuple(g.pool.num_pages for g in kv_manager.groups)
+        self.windows = tuple(g.window for g in kv_manager.groups)
         self.k, self.v = PagedKVCache.create_pages(cfg, self.num_pages, self.page_size,
                                                    self.layer_groups, cache_dtype)
         self.min_batch, self.min_table_pages = min_batch, min_table_pages
@@ -218,15 +233,26 @@ class ModelRunner:
 
     def _run(self, entries: list[ScheduledRequest], t: int, masks) -> dict[str, SampleOutput]:
         n = len(entries)
-        b = _pow2(n, self.min_batch)
         G = self.page_size
-        m = _pow2(max(len(e.page_tables[0]) for e in entries), self.min_table_pages)
         n_groups = len(self.num_pages)
+        # A sliding group's table starts at the first page its window sees at this step's first
+        # query, so its gather and scores stay W + T keys wide as a sequence grows.
+        first = np.zeros((n_groups, n), np.int64)
+        for g, window in enumerate(self.windows):
+            if window is not None:
+                first[g] = [max(0, e.start_position - window + 1) // G for e in entries]
+        widths = [_table_bucket(max(len(e.page_tables[g]) - int(first[g, i]) for i, e in enumerate(entries)),
+                                self.min_table_pages) for g in range(n_groups)]
+        # Padding rows save compilations, but a prefill row gathers its whole page table and
+        # scores T x M*G keys: past a small size a long prompt would pay B_min times for nothing.
+        small = t == 1 or t * max(widths) * G <= _SMALL_PREFILL_SCORES
+        b = _pow2(n, self.min_batch if small else 1)
         tokens = np.zeros((b, t), np.int32)
         positions = np.full((b, t), -1, np.int32)
         lengths = np.zeros((b,), np.int32)
         logits_index = np.zeros((b,), np.int32)
-        tables = np.full((n_groups, b, m), -1, np.int32)
+        tables = [np.full((b, m), -1, np.int32) for m in widths]
+        offsets = np.zeros((n_groups, b), np.int32)
         slots = np.full((n_groups, b, t), -1, np.int32)
         for i, e in enumerate(entries):
             k = len(e.token_ids)
@@ -237,7 +263,9 @@ class ModelRunner:
             logits_index[i] = k - 1
             for g, table in enumerate(e.page_tables):
                 table = np.asarray(table, np.int32)
-                tables[g, i, :len(table)] = table
+                lo = int(first[g, i])
+                tables[g][i, :len(table) - lo] = table[lo:]
+                offsets[g, i] = lo * G
                 slots[g, i, :k] = table[pos // G] * G + pos % G
         packing = None
         if t > 1:
@@ -262,7 +290,7 @@ class ModelRunner:
             self.graphdef, self.layer_groups, self.attn_impl, flags, self.state, self.k, self.v,
             jnp.asarray(tokens), tuple(jnp.asarray(x) for x in tables),
             tuple(jnp.asarray(x) for x in slots), jnp.asarray(positions), jnp.asarray(lengths),
-            jnp.asarray(logits_index), sp, packing)
+            jnp.asarray(logits_index), sp, packing, tuple(jnp.asarray(x) for x in offsets))
         self.num_steps += 1
         tok, lp, top_ids, top_lp = outs[:4]
         hidden = np.asarray(outs[4]) if len(outs) > 4 else None
