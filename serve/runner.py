@@ -36,6 +36,7 @@ from flax import nnx
 from model.paged_cache import PagedKVCache
 from model.sampling import filter_logits
 from model.transformer import Transformer
+from serve.buckets import batch_rows, length_bucket, pow2, table_bucket
 from serve.kv_pages import KVCacheManager
 from serve.request import MAX_TOP_LOGPROBS
 from serve.scheduler import ScheduledRequest, SchedulerOutput
@@ -57,28 +58,6 @@ class SampleOutput:
     logprob: float | None = None
     top_logprobs: tuple[tuple[int, float], ...] = ()
     hidden: np.ndarray | None = None
-
-
-def _pow2(n: int, minimum: int = 1) -> int:
-    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
-
-
-def _length_bucket(n: int, minimum: int = 16) -> int:
-    """The smallest of 2^k and 3 * 2^(k-1) that is >= n (and >= minimum): padding stays under a
-    third of a prefill's tokens (a power-of-two bucket can nearly double them)."""
-    b = _pow2(n, minimum)
-    return b * 3 // 4 if b * 3 // 4 >= max(n, minimum) else b
-
-
-# Score elements per prefill row below which padding rows (fewer compilations) cost nothing worth
-# saving: 2^20 float32 scores are 4 MiB.
-_SMALL_PREFILL_SCORES = 1 << 20
-
-
-def _table_bucket(n: int, minimum: int) -> int:
-    """Page-table width bucket: 2^k or 3 * 2^(k-1) (so a long prompt's tables, and the keys its
-    prefill chunks gather, exceed the pages in use by under a third rather than up to double)."""
-    return _length_bucket(n, minimum)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,7 +204,7 @@ class ModelRunner:
         prefills = [e for e in output.scheduled if len(e.token_ids) > 1]
         results: dict[str, SampleOutput] = {}
         if prefills:
-            t = _length_bucket(max(len(e.token_ids) for e in prefills))
+            t = length_bucket(max(len(e.token_ids) for e in prefills))
             results.update(self._run(prefills, t, masks))
         if decodes:
             results.update(self._run(decodes, 1, masks))
@@ -241,12 +220,9 @@ class ModelRunner:
         for g, window in enumerate(self.windows):
             if window is not None:
                 first[g] = [max(0, e.start_position - window + 1) // G for e in entries]
-        widths = [_table_bucket(max(len(e.page_tables[g]) - int(first[g, i]) for i, e in enumerate(entries)),
+        widths = [table_bucket(max(len(e.page_tables[g]) - int(first[g, i]) for i, e in enumerate(entries)),
                                 self.min_table_pages) for g in range(n_groups)]
-        # Padding rows save compilations, but a prefill row gathers its whole page table and
-        # scores T x M*G keys: past a small size a long prompt would pay B_min times for nothing.
-        small = t == 1 or t * max(widths) * G <= _SMALL_PREFILL_SCORES
-        b = _pow2(n, self.min_batch if small else 1)
+        b = batch_rows(n, t, max(widths) * G, self.config.num_heads, self.min_batch)
         tokens = np.zeros((b, t), np.int32)
         positions = np.full((b, t), -1, np.int32)
         lengths = np.zeros((b,), np.int32)
@@ -272,7 +248,7 @@ class ModelRunner:
             # Pack the real tokens into one row so projections and MLPs skip the padding.
             real = positions >= 0  # [B, T]
             total = int(real.sum())
-            n_packed = _length_bucket(total)
+            n_packed = length_bucket(total)
             flat = np.flatnonzero(real.reshape(-1))  # packed token j sits at flat index flat[j]
             unpack = np.full((b * t,), n_packed, np.int32)
             unpack[flat] = np.arange(total, dtype=np.int32)
@@ -343,7 +319,7 @@ class ModelRunner:
                     mask[i] = masks[e.request_id]
             p["mask"] = mask
         if penalties:
-            hist_len = _pow2(max(e.request.num_tokens for e in entries), 16)
+            hist_len = pow2(max(e.request.num_tokens for e in entries), 16)
             history = np.full((b, hist_len), -1, np.int32)
             is_output = np.zeros((b, hist_len), bool)
             for i, e in enumerate(entries):

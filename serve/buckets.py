@@ -1,0 +1,39 @@
+"""Shape buckets of the runner's jitted steps, pure Python so the memory planner shares them.
+
+A warm engine never recompiles for a new request length because every dynamic size is rounded up
+to a bucket; the planner rounds the same way, so the tensors it sizes are the ones that exist.
+"""
+
+from __future__ import annotations
+
+# Score elements per prefill row below which padding rows (fewer compilations) cost nothing worth
+# saving: 2^20 float32 scores are 4 MiB.
+SMALL_PREFILL_SCORES = 1 << 20
+
+
+def pow2(n: int, minimum: int = 1) -> int:
+    """The smallest power of two >= n (and >= minimum)."""
+    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+def length_bucket(n: int, minimum: int = 16) -> int:
+    """The smallest of 2^k and 3 * 2^(k-1) that is >= n (and >= minimum): padding stays under a
+    third of a prefill's tokens (a power-of-two bucket can nearly double them)."""
+    b = pow2(n, minimum)
+    return b * 3 // 4 if b * 3 // 4 >= max(n, minimum) else b
+
+
+def table_bucket(n: int, minimum: int) -> int:
+    """Page-table width bucket: 2^k or 3 * 2^(k-1) (so a long prompt's tables, and the keys its
+    prefill chunks gather, exceed the pages in use by under a third rather than up to double)."""
+    return length_bucket(n, minimum)
+
+
+def batch_rows(n: int, t: int, max_keys: int, num_heads: int, min_batch: int) -> int:
+    """Rows of a step of ``n`` sequences with ``t`` query slots each over at most ``max_keys``.
+
+    Padding rows save compilations, but a prefill row gathers its whole page table and scores
+    N x T x M*G keys: past a small size a long prompt would pay ``min_batch`` times for nothing.
+    """
+    small = t == 1 or num_heads * t * max_keys <= SMALL_PREFILL_SCORES
+    return pow2(n, min_batch if small else 1)
