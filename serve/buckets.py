@@ -6,9 +6,9 @@ to a bucket; the planner rounds the same way, so the tensors it sizes are the on
 
 from __future__ import annotations
 
-# Score elements per prefill row below which padding rows (fewer compilations) cost nothing worth
-# saving: 2^20 float32 scores are 4 MiB.
-SMALL_PREFILL_SCORES = 1 << 20
+# Floats per row (gathered keys and values plus scores) below which padding rows, which save
+# compilations, cost nothing worth saving: 2^20 float32 are 4 MiB.
+SMALL_ROW_FLOATS = 1 << 20
 
 
 def pow2(n: int, minimum: int = 1) -> int:
@@ -29,11 +29,12 @@ def table_bucket(n: int, minimum: int) -> int:
     return length_bucket(n, minimum)
 
 
-def batch_rows(n: int, t: int, max_keys: int, num_heads: int, min_batch: int) -> int:
+def batch_rows(n: int, t: int, max_keys: int, floats_per_key: int, min_batch: int) -> int:
     """Rows of a step of ``n`` sequences with ``t`` query slots each over at most ``max_keys``.
 
-    Padding rows save compilations, but a prefill row gathers its whole page table and scores
-    N x T x M*G keys: past a small size a long prompt would pay ``min_batch`` times for nothing.
+    Padding rows save compilations, but where attention gathers pages (the reference, on CPU) a
+    row gathers its whole page table and scores it: ``floats_per_key`` (``N T + 2 K H``) per key.
+    Past a small size a long sequence would pay ``min_batch`` times that for nothing.
     """
-    small = t == 1 or num_heads * t * max_keys <= SMALL_PREFILL_SCORES
+    small = max_keys * floats_per_key <= SMALL_ROW_FLOATS
     return pow2(n, min_batch if small else 1)

@@ -230,9 +230,11 @@ def plan_memory(cfg: ModelConfig, *, context: int, batch: int = 1, max_output: i
     t = length_bucket(chunk)  # packed tokens of one step
     # A step's chunk budget may be split over m sequences, each a row of bucket(chunk / m) query
     # slots; the worst split sets the unpacked attention layout [B, T_row].
-    rows, t_row = max(((batch_rows(m, length_bucket(-(-chunk // m)), s, n, min_batch),
-                        length_bucket(-(-chunk // m))) for m in range(1, min(batch, chunk) + 1)),
-                      key=lambda rt: rt[0] * rt[1])
+    def layout(m: int) -> tuple[int, int]:
+        t_m = length_bucket(-(-chunk // m))
+        return batch_rows(m, t_m, s, n * t_m + 2 * k * h, min_batch), t_m
+
+    rows, t_row = max((layout(m) for m in range(1, min(batch, chunk) + 1)), key=lambda rt: rt[0] * rt[1])
     prefill = {
         "hidden and projections [T, D + (N + 2K) H]": t * (3 * d + (n + 2 * k) * h) * act,
         "MLP [T, 3F]": t * 3 * f * act,
@@ -241,8 +243,8 @@ def plan_memory(cfg: ModelConfig, *, context: int, batch: int = 1, max_output: i
                                                     if materialized_scores else 0),
         "logits [B, V]": rows * v * 4 * 2,
     }
-    b = pow2(batch, min_batch)
     s_dec = max(keys_seen(g.window, 1) for g in groups)
+    b = batch_rows(batch, 1, s_dec, n + 2 * k * h, min_batch)
     decode = {
         "hidden and projections [B, D + (N + 2K) H]": b * (3 * d + (n + 2 * k) * h) * act,
         "MLP [B, 3F]": b * 3 * f * act,

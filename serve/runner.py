@@ -222,7 +222,9 @@ class ModelRunner:
                 first[g] = [max(0, e.start_position - window + 1) // G for e in entries]
         widths = [table_bucket(max(len(e.page_tables[g]) - int(first[g, i]) for i, e in enumerate(entries)),
                                 self.min_table_pages) for g in range(n_groups)]
-        b = batch_rows(n, t, max(widths) * G, self.config.num_heads, self.min_batch)
+        cfg = self.config
+        b = batch_rows(n, t, max(widths) * G, cfg.num_heads * t + 2 * cfg.num_kv_heads * cfg.head_dim,
+                       self.min_batch)
         tokens = np.zeros((b, t), np.int32)
         positions = np.full((b, t), -1, np.int32)
         lengths = np.zeros((b,), np.int32)

@@ -97,3 +97,28 @@ def test_kestrel_plan_cli(tmp_path, capsys):
     assert "does not fit" in report["verdict"] and "at batch 2 the context can be at most" in report["verdict"]
     assert main(["plan", str(config), "--context", "300000"]) == 2
     assert "exceeds the model's max_position_embeddings" in capsys.readouterr().err
+
+
+def test_kestrel_serve_refuses_at_start_with_the_numbers():
+    import argparse
+
+    from kestrel.errors import KestrelError
+    from serve.chat_cli import add_serve_arguments, build_server
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    nano = "checkpoints/kestrel-nano"  # 2,048-token context, 4 global layers
+    with pytest.raises(KestrelError) as e:  # the planner, before any weight is loaded
+        build_server(parser.parse_args([nano, "--memory", "0.1"]))
+    msg = str(e.value)
+    assert "max-model-len 2,048 x max-num-seqs 32 does not fit the memory" in msg
+    assert "KV cache, global layers" in msg and "at context 2,048 at most 2 sequence(s) fit" in msg
+    with pytest.raises(KestrelError, match="exceeds the model's max_position_embeddings"):
+        build_server(parser.parse_args([nano, "--max-model-len", "4096"]))
+    with pytest.raises(KestrelError, match=r"needs 128 pages of 16 tokens in the global group \(4 layer\(s\)\), "
+                                           r"but its pool has 64 pages"):
+        build_server(parser.parse_args([nano, "--num-pages", "64"]))
+    server = build_server(parser.parse_args([nano, "--max-model-len", "1024", "--max-num-seqs", "4",
+                                             "--memory", "8"]))
+    assert [g.pool.num_pages for g in server.engine.kv.groups] == [4 * 64]  # 4 sequences of 1,023 stored tokens
+    assert server.model.context_length == 1024
