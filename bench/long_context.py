@@ -134,33 +134,48 @@ def measure_in_subprocess(context: int, *, timeout: float = 3600, **kw) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
+def _ratios(points: list[dict], peers: list[dict]) -> list[dict]:
+    out = []
+    for p in peers:
+        mine = next((x for x in points if x["context"] == p["context"]), None)
+        if mine is not None:
+            kv = lambda x: sum(x["kv_mib_in_use"].values())  # noqa: E731
+            out.append({"context": p["context"],
+                        "kv_in_use_all_global_over_sliding": round(kv(p) / kv(mine), 2),
+                        "prefill_time_all_global_over_sliding": round(p["prefill_s"] / mine["prefill_s"], 2),
+                        "rss_growth_all_global_over_sliding": round(p["rss_growth_mib"] / mine["rss_growth_mib"], 2)})
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contexts", default="10000,50000,100000,200000")
     parser.add_argument("--peer-contexts", default="10000,50000",
                         help="contexts of the all-global peer (its prefill is 6x the attention work)")
     parser.add_argument("--out", default=str(ROOT / "bench/results/long_context_cpu.json"))
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the points already in --out and measure only the missing ones")
     args = parser.parse_args(argv)
     from bench.common import environment, write_json
 
     points, peers = [], []
-    for c in [int(x) for x in args.contexts.split(",") if x]:
-        points.append(measure_in_subprocess(c))
-        print(json.dumps(points[-1]), flush=True)
-    for c in [int(x) for x in args.peer_contexts.split(",") if x]:
-        peers.append(measure_in_subprocess(c, all_global=True))
-        print(json.dumps(peers[-1]), flush=True)
-    ratios = []
-    for p in peers:
-        mine = next((x for x in points if x["context"] == p["context"]), None)
-        if mine is not None:
-            kv = lambda x: sum(x["kv_mib_in_use"].values())  # noqa: E731
-            ratios.append({"context": p["context"],
-                           "kv_in_use_all_global_over_sliding": round(kv(p) / kv(mine), 2),
-                           "prefill_time_all_global_over_sliding": round(p["prefill_s"] / mine["prefill_s"], 2)})
-    write_json(args.out, {"benchmark": "long_context", "machine": "shared 2-core CPU",
-                          "page_size": PAGE_SIZE, "prefill_chunk": CHUNK, "points": points,
-                          "all_global_peer": peers, "ratios": ratios, "environment": environment()})
+    if args.resume and pathlib.Path(args.out).is_file():
+        old = json.loads(pathlib.Path(args.out).read_text())
+        points, peers = old["points"], old["all_global_peer"]
+    todo = [(int(c), False) for c in args.contexts.split(",") if c]
+    todo += [(int(c), True) for c in args.peer_contexts.split(",") if c]
+    for context, all_global in todo:
+        done = peers if all_global else points
+        if any(x["context"] == context for x in done):
+            continue
+        done.append(measure_in_subprocess(context, all_global=all_global))
+        done.sort(key=lambda x: x["context"])
+        print(json.dumps(done[-1]), flush=True)
+        # Written after every point: the long ones take many minutes on a shared CPU.
+        write_json(args.out, {"benchmark": "long_context", "machine": "shared 2-core CPU",
+                              "page_size": PAGE_SIZE, "prefill_chunk": CHUNK, "points": points,
+                              "all_global_peer": peers, "ratios": _ratios(points, peers),
+                              "environment": environment()})
     print(f"wrote {args.out}")
 
 

@@ -16,8 +16,8 @@ the runner hands it only the pages the window can still see, so a sliding layer'
 scores span ``W + T`` keys however long the sequence (attention masks are relative, and RoPE was
 applied before the keys were stored, so shifting every key position by the offset is exact).
 Released sliding-window pages that remain in a table read -1: they are clamped to page 0 and
-hidden by the window mask. ``Transformer.__call__`` recognises this cache and hands each layer ``attend``, which
-scatters the new K/V into the pages and attends over them: decode steps (T = 1) go through the
+hidden by the window mask. ``Transformer.__call__`` recognises this cache and hands each layer
+``attend``, which scatters the new K/V into the pages and attends over them: decode steps (T = 1) go through the
 paged decode kernel, prefill chunks gather their pages into a dense view for the attention entry
 point (their queries sit at arbitrary, padded positions the paged kernel does not describe).
 """

@@ -4,14 +4,15 @@ Each engine step hands the runner a ``SchedulerOutput``. Its entries split into 
 token) and prefill chunks (several); each kind runs as one jitted call over a batch padded to a
 bucket of sizes, so a warm engine never recompiles for a new request length:
 
-- decode: ``[B, 1]`` tokens, B a power of two up to ``max_num_seqs``, page tables padded to a
-  width M of the form 2^k or 3 * 2^(k-1); attention is the paged decode kernel.
+- decode: ``[B, 1]`` tokens, B a power of two up to ``max_num_seqs`` (at least ``min_batch``
+  while rows are small: ``serve/buckets.batch_rows``), page tables padded to a width M of the
+  form 2^k or 3 * 2^(k-1); attention is the paged decode kernel.
 - sliding-window groups get tables that start at the first page the window still sees (with the
   offset in tokens), so their gathers and scores stay ``W + T`` keys wide at any context.
 - prefill: the chunks' real tokens packed into one row ``[1, N]`` (N >= 16 of the form 2^k or
   3 * 2^(k-1)), so projections and MLPs never compute padding; attention alone unpacks them to
-  ``[B, T]`` (B a power of two, padded to ``min_batch`` rows only while rows are small) and
-  gathers each sequence's pages (see ``model/paged_cache.py``).
+  ``[B, T]`` (B bucketed as for decode) and gathers each sequence's pages (see
+  ``model/paged_cache.py``).
 
 The page arrays, ``[K, P, G, H]`` per layer, live here and are donated to every step; the new
 tokens' K/V are scattered into them through a slot mapping built from the scheduler's page tables.
