@@ -38,3 +38,12 @@ def batch_rows(n: int, t: int, max_keys: int, floats_per_key: int, min_batch: in
     """
     small = max_keys * floats_per_key <= SMALL_ROW_FLOATS
     return pow2(n, min_batch if small else 1)
+
+
+def min_table_width(window: int | None, t: int, page_size: int, min_table_pages: int) -> int:
+    """The smallest table bucket of a group: ``min_table_pages``, but for a sliding group never
+    more than the pages its window and ``t`` new tokens can span, so a sliding table keeps one
+    width however large ``min_table_pages`` is set to spare the global tables' compilations."""
+    if window is None:
+        return min_table_pages
+    return min(min_table_pages, -(-(window - 1 + t) // page_size) + 1)

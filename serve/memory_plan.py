@@ -29,7 +29,7 @@ import os
 from typing import Any
 
 from model.config import ModelConfig
-from serve.buckets import batch_rows, length_bucket, pow2, table_bucket
+from serve.buckets import batch_rows, length_bucket, min_table_width, pow2, table_bucket
 from serve.kv_pages import pages_held
 
 _ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -223,11 +223,11 @@ def plan_memory(cfg: ModelConfig, *, context: int, batch: int = 1, max_output: i
     def keys_seen(window: int | None, t: int) -> int:
         """Keys one row's gather spans: its table's width bucket, in tokens."""
         pages = pages_held(stored, window, t, G)
-        return table_bucket(pages, min_table_pages) * G
+        return table_bucket(pages, min_table_width(window, t, G, min_table_pages)) * G
 
     # Layers run one at a time: the widest group's gather and scores are the transient peak.
-    s = max(keys_seen(g.window, chunk) for g in groups)
     t = length_bucket(chunk)  # packed tokens of one step
+    s = max(keys_seen(g.window, t) for g in groups)
     # A step's chunk budget may be split over m sequences, each a row of bucket(chunk / m) query
     # slots; the worst split sets the unpacked attention layout [B, T_row].
     def layout(m: int) -> tuple[int, int]:

@@ -37,7 +37,7 @@ from flax import nnx
 from model.paged_cache import PagedKVCache
 from model.sampling import filter_logits
 from model.transformer import Transformer
-from serve.buckets import batch_rows, length_bucket, pow2, table_bucket
+from serve.buckets import batch_rows, length_bucket, min_table_width, pow2, table_bucket
 from serve.kv_pages import KVCacheManager
 from serve.request import MAX_TOP_LOGPROBS
 from serve.scheduler import ScheduledRequest, SchedulerOutput
@@ -222,7 +222,8 @@ class ModelRunner:
             if window is not None:
                 first[g] = [max(0, e.start_position - window + 1) // G for e in entries]
         widths = [table_bucket(max(len(e.page_tables[g]) - int(first[g, i]) for i, e in enumerate(entries)),
-                                self.min_table_pages) for g in range(n_groups)]
+                               min_table_width(self.windows[g], t, G, self.min_table_pages))
+                  for g in range(n_groups)]
         cfg = self.config
         b = batch_rows(n, t, max(widths) * G, cfg.num_heads * t + 2 * cfg.num_kv_heads * cfg.head_dim,
                        self.min_batch)
