@@ -12,8 +12,9 @@ from serve.engine import Engine, EngineRequest
 from serve.request import SamplingParams
 
 # What the process may grow beyond the plan: XLA compiles a new program per table-width bucket
-# (its compiler heap and the executables' code), plus the allocator's free-but-kept arenas. It was
-# measured at ~210 MiB at 20K tokens on the shared 2-core CPU, where the plan was 66 MiB.
+# (its compiler heap and the executables' code), plus the allocator's free-but-kept arenas. On the
+# shared 2-core CPU it measured 142 MiB at 10K tokens and 159 MiB at 50K over plans of 34 and
+# 174 MiB (bench/results/long_context_cpu.json), and 210 MiB at 20K over 66 MiB.
 RUNTIME_ALLOWANCE_MIB = 320
 
 
