@@ -98,6 +98,76 @@ def cmd_eval(args) -> None:
              constrained=args.constrained, effort=args.effort)
 
 
+def read_model_config(path: str):
+    """The ModelConfig of a checkpoint folder or of a run config file (``configs/NAME.py``)."""
+    from pathlib import Path
+
+    if path.endswith(".py"):
+        from train.config import load_config
+
+        return load_config(path).model
+    from model.checkpoint import read_config
+
+    if not Path(path).exists():
+        raise KestrelError(f"{path!r} is neither a checkpoint folder nor a config file")
+    return read_config(path)
+
+
+def plan_arguments(args) -> dict:
+    """``plan_memory`` keyword arguments from ``kestrel plan`` / ``kestrel serve`` flags."""
+    from serve.memory_plan import GiB, detect_budget
+
+    if args.memory is not None:
+        if not args.memory > 0:
+            raise KestrelError(f"--memory must be > 0 GiB, got {args.memory}")
+        budget, source = int(args.memory * GiB), "--memory"
+    else:
+        budget, source = detect_budget()
+    return dict(batch=args.max_num_seqs, max_output=args.max_output_tokens, page_size=args.page_size,
+                prefill_chunk=args.max_num_batched_tokens, kv_cache_dtype=args.kv_cache_dtype,
+                budget=budget, budget_source=source, utilization=args.memory_utilization)
+
+
+def add_plan_arguments(p: argparse.ArgumentParser, *, serving: bool) -> None:
+    """Flags shared by ``kestrel plan`` and ``kestrel serve`` (vLLM's names where it has them)."""
+    if not serving:
+        p.add_argument("--context", type=int, required=True,
+                       help="most tokens of one sequence, prompt + output (vLLM's max_model_len)")
+        p.add_argument("--batch", dest="max_num_seqs", type=int, default=1, help="sequences at once")
+        p.add_argument("--max-output", dest="max_output_tokens", type=int, default=None,
+                       help="most output tokens of one request (default: half the context)")
+        p.add_argument("--page-size", type=int, default=16)
+        p.add_argument("--prefill-chunk", dest="max_num_batched_tokens", type=int, default=512,
+                       help="tokens per prefill step")
+    p.add_argument("--kv-cache-dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="dtype of the KV pages (default: the model's compute dtype)")
+    p.add_argument("--memory", type=float, default=None,
+                   help="GiB available (default: device memory, else available host RAM)")
+    p.add_argument("--memory-utilization", type=float, default=0.9,
+                   help="fraction of the memory the plan may use (vLLM's gpu_memory_utilization)")
+
+
+def cmd_plan(args) -> int:
+    from serve.memory_plan import describe, plan_memory, verdict
+
+    cfg = read_model_config(args.ckpt)
+    kw = dict(context=args.context, **plan_arguments(args))
+    if args.context > cfg.max_position_embeddings:
+        raise KestrelError(f"--context {args.context:,} exceeds the model's max_position_embeddings "
+                           f"({cfg.max_position_embeddings:,})")
+    try:
+        plan = plan_memory(cfg, **kw)
+    except ValueError as e:
+        raise KestrelError(str(e)) from None
+    text = verdict(plan, cfg, kw)
+    if args.json:
+        print(json.dumps({**plan.to_dict(), "verdict": text}, indent=2))
+    else:
+        print(describe(plan, cfg))
+        print(text)
+    return 0 if plan.fits else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kestrel", description="Kestrel: a compact reasoning model and its whole stack in JAX.")
@@ -134,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ids", required=True, help="comma-separated token ids")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("plan", help="KV cache and activation memory of serving a context and batch")
+    p.add_argument("ckpt", help="a checkpoint folder or a run config file (configs/NAME.py)")
+    add_plan_arguments(p, serving=False)
+    p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    p.set_defaults(func=cmd_plan)
 
     # `kestrel train ...` hands its arguments to train.loop (see main()); listed here for --help.
     sub.add_parser("train", help="train or distill: --config configs/NAME.py [--workdir DIR] "

@@ -11,9 +11,13 @@ B sequences of T (padded) new tokens each:
 - the new tokens' positions ``[B, T]`` (-1 for padding) and each sequence's cache length ``[B]``
   after the step.
 
-Released sliding-window pages read -1 in a table: they are clamped to page 0 and hidden by the
-window mask. ``Transformer.__call__`` recognises this cache and hands each layer ``attend``, which
-scatters the new K/V into the pages and attends over them: decode steps (T = 1) go through the
+A sliding group's table may start at a later logical page than 0 (``table_offsets``, in tokens):
+the runner hands it only the pages the window can still see, so a sliding layer's gather and
+scores span ``W + T`` keys however long the sequence (attention masks are relative, and RoPE was
+applied before the keys were stored, so shifting every key position by the offset is exact).
+Released sliding-window pages that remain in a table read -1: they are clamped to page 0 and
+hidden by the window mask. ``Transformer.__call__`` recognises this cache and hands each layer
+``attend``, which scatters the new K/V into the pages and attends over them: decode steps (T = 1) go through the
 paged decode kernel, prefill chunks gather their pages into a dense view for the attention entry
 point (their queries sit at arbitrary, padded positions the paged kernel does not describe).
 """
@@ -54,6 +58,8 @@ class PagedKVCache:
         placeholders; 0 elsewhere), or None. Spans are whole within the step (the scheduler never
         ends a chunk inside one), so keys already in the cache need no span id: they precede every
         query of the step and are visible causally.
+      table_offsets: per group, [B] position of the first key of each page table's column 0
+        (a multiple of G; ``None``: every table starts at position 0).
     """
 
     k: tuple[Float[Array, "K P G H"], ...]
@@ -67,6 +73,7 @@ class PagedKVCache:
     pack: Int[Array, "N"] | None = None
     query_positions: Int[Array, "B T"] | None = None
     span_ids: Int[Array, "B T"] | None = None
+    table_offsets: tuple[Int[Array, "B"], ...] | None = None
 
     @staticmethod
     def create_pages(cfg: ModelConfig, num_pages: tuple[int, ...], page_size: int,
@@ -108,26 +115,29 @@ class PagedKVCache:
 
         k_pages, v_pages = write(k_pages, k), write(v_pages, v)
         table = jnp.maximum(self.page_tables[g], 0)  # released sliding pages: hidden by the window
+        offset = (jnp.zeros_like(self.lengths) if self.table_offsets is None
+                  else self.table_offsets[g])  # [B]
+        lengths = self.lengths - offset  # keys in the table's span
         if packed:
             n_q = q.shape[1]
             q = jnp.take(q[0], self.unpack, axis=0, mode="fill", fill_value=0)  # [B, T, N, H]
             b, t = q.shape[:2]
         if t == 1:
             out = paged_attention(q, k_pages.astype(q.dtype), v_pages.astype(q.dtype), table,
-                                  jnp.maximum(self.lengths, 1), window=window, scale=scale,
+                                  jnp.maximum(lengths, 1), window=window, scale=scale,
                                   soft_cap=soft_cap, impl=impl)
         else:
             m = table.shape[1]
             dense = lambda pages: pages[:, table].reshape(kh, b, m * page, h).transpose(1, 2, 0, 3)  # noqa: E731
             kd, vd = dense(k_pages).astype(q.dtype), dense(v_pages).astype(q.dtype)  # [B, S, K, H]
             s = jnp.arange(m * page, dtype=jnp.int32)[None, :]
-            kv_positions = jnp.where(s < self.lengths[:, None], s, -1)
+            kv_positions = jnp.where(s < lengths[:, None], s + offset[:, None], -1)
             q_positions = self.query_positions if packed else self.positions
             q_spans = kv_spans = None
             if self.span_ids is not None:
                 # Each new token's span id also marks its key, at the key's position.
                 q_spans = self.span_ids
-                at = jnp.where(q_positions < 0, m * page, q_positions)
+                at = jnp.where(q_positions < 0, m * page, q_positions - offset[:, None])
                 kv_spans = jnp.zeros((b, m * page), jnp.int32).at[
                     jnp.arange(b)[:, None], at].set(q_spans, mode="drop")
             out = kernels.attention(q, kd, vd, q_positions=q_positions, kv_positions=kv_positions,

@@ -43,8 +43,14 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-key", default=None)
     p.add_argument("--grace", type=float, default=10.0, help="seconds open streams get to finish on SIGTERM")
     p.add_argument("--max-queued", type=int, default=256, help="open responses before RESOURCE_EXHAUSTED")
-    p.add_argument("--max-output-tokens", type=int, default=None)
-    p.add_argument("--num-pages", type=int, default=1024)
+    p.add_argument("--max-output-tokens", type=int, default=None,
+                   help="default and bound of a request's max_output_tokens (default: max-model-len)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="most tokens of one sequence, prompt + output (default: the model's context); "
+                        "the server refuses to start when one such sequence cannot fit")
+    p.add_argument("--num-pages", type=int, default=None,
+                   help="KV pages of the global layers (default: max-num-seqs sequences of "
+                        "max-model-len, checked against the memory by the planner)")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
@@ -52,12 +58,46 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024, help="encoded size of one image")
     p.add_argument("--max-image-pixels", type=int, default=25_000_000,
                    help="width x height of one image, checked from its header before decoding")
+    from kestrel.cli import add_plan_arguments
+
+    add_plan_arguments(p, serving=True)
     p.add_argument("--log-level", default="info")
+
+
+def plan_pools(args, cfg):
+    """(max_model_len, global pages, sliding pages) for ``kestrel serve``, from the memory planner.
+
+    Without ``--num-pages`` the pools hold ``--max-num-seqs`` sequences of ``--max-model-len``
+    tokens, and a plan that does not fit the memory is refused with its numbers before any weight
+    is loaded (vLLM refuses at start too). With it, the engine checks that one sequence fits.
+    """
+    from kestrel.cli import plan_arguments
+    from serve.memory_plan import describe, plan_memory, verdict
+
+    max_len = args.max_model_len or cfg.max_position_embeddings
+    if max_len > cfg.max_position_embeddings:
+        raise KestrelError(f"--max-model-len {max_len:,} exceeds the model's max_position_embeddings "
+                           f"({cfg.max_position_embeddings:,})")
+    if args.max_output_tokens is not None and not 1 <= args.max_output_tokens < max_len:
+        raise KestrelError(f"--max-output-tokens must be in [1, {max_len - 1:,}] (below max-model-len), "
+                           f"got {args.max_output_tokens}")
+    kw = dict(context=max_len, **plan_arguments(args))
+    try:
+        plan = plan_memory(cfg, **kw)
+    except ValueError as e:
+        raise KestrelError(str(e)) from None
+    pages = {g.kind: g.num_pages for g in plan.groups}
+    if args.num_pages is not None:
+        return max_len, args.num_pages, pages.get("sliding")
+    if not plan.fits:
+        raise KestrelError(f"max-model-len {max_len:,} x max-num-seqs {args.max_num_seqs} does not fit "
+                           f"the memory:\n{describe(plan, cfg)}\n{verdict(plan, cfg, kw)}")
+    return max_len, pages.get("global", pages.get("sliding")), pages.get("sliding")
 
 
 def build_server(args):
     """The KestrelServer ``serve_main`` runs (split out so tests can build one from arguments)."""
-    from model.checkpoint import load_checkpoint
+    from model.checkpoint import load_checkpoint, read_config
     from serve.api.auth import load_api_keys
     from serve.api.server import KestrelServer, TlsConfig
     from serve.effort import EffortModel
@@ -70,19 +110,23 @@ def build_server(args):
     if (args.tls_cert is None) != (args.tls_key is None):
         raise KestrelError("give both --tls-cert and --tls-key, or neither")
     for flag in ("port", "max_queued", "num_pages", "page_size", "max_num_seqs", "max_num_batched_tokens",
-                 "max_images", "max_image_bytes", "max_image_pixels"):
-        if getattr(args, flag) < (0 if flag == "port" else 1):
-            raise KestrelError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+                 "max_model_len", "max_images", "max_image_bytes", "max_image_pixels"):
+        value = getattr(args, flag)
+        if value is not None and value < (0 if flag == "port" else 1):
+            raise KestrelError(f"--{flag.replace('_', '-')} must be positive, got {value}")
     keys = load_api_keys(args.api_keys_file, args.api_keys_env)
+    max_len, num_pages, num_sliding_pages = plan_pools(args, read_config(ckpt))
     model, tokenizer = load_checkpoint(ckpt)
     try:
         effort = EffortModel.load(ckpt)
+        engine = Engine(model, tokenizer, num_pages=num_pages, page_size=args.page_size,
+                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                        num_sliding_pages=num_sliding_pages, effort=effort, max_model_len=max_len,
+                        kv_cache_dtype=args.kv_cache_dtype, max_images_per_request=args.max_images,
+                        image_limits=ImageLimits(max_bytes=args.max_image_bytes,
+                                                 max_pixels=args.max_image_pixels))
     except ValueError as e:
         raise KestrelError(str(e)) from None
-    engine = Engine(model, tokenizer, num_pages=args.num_pages, page_size=args.page_size,
-                    max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                    effort=effort, max_images_per_request=args.max_images,
-                    image_limits=ImageLimits(max_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels))
     tls = TlsConfig(args.tls_cert, args.tls_key) if args.tls_cert else None
     return KestrelServer(engine, model_id=args.model_id or ckpt.resolve().name, api_keys=keys, tls=tls,
                          max_queued=args.max_queued, max_output_tokens=args.max_output_tokens)

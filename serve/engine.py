@@ -74,6 +74,9 @@ class EngineRequest:
       cache_salt: isolates prefix-cache sharing (e.g. per tenant).
       chat_kwargs: extra chat-template variables (e.g. ``enable_thinking``).
       images: encoded images for a ``prompt_token_ids`` prompt, one per image-start token in it.
+      strict_max_tokens: the caller chose ``max_tokens``: a prompt plus ``max_tokens`` beyond
+        the context is an error (as in vLLM and OpenAI's chat API) instead of ``max_tokens``
+        being cut to what the context leaves.
     """
 
     messages: Sequence[Mapping[str, Any]] | None = None
@@ -93,6 +96,7 @@ class EngineRequest:
     cache_salt: str | None = None
     chat_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     images: Sequence[bytes] = ()
+    strict_max_tokens: bool = False
 
 
 class RequestHandle:
@@ -204,6 +208,10 @@ class Engine:
       clock: time source (deadlines, rates).
       image_limits: what one image may cost before it is decoded (bytes, pixels, frames).
       max_images_per_request: most images in one request (a continued conversation's included).
+      max_model_len: most tokens of one sequence, prompt plus output (vLLM's name; default: the
+        model's ``max_position_embeddings``). When given, the engine refuses to start unless one
+        sequence of that length fits the KV pools, and says by how many pages it does not.
+      kv_cache_dtype: dtype of the KV pages (default: the model's compute dtype).
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None, *, num_pages: int,
@@ -212,8 +220,16 @@ class Engine:
                  enable_prefix_caching: bool = True, max_stored_responses: int = 1024,
                  attn_impl: str = "auto", seed: int = 0, vocab: ChannelVocab | None = None,
                  effort: EffortModel | None = None, clock: Callable[[], float] = time.monotonic,
-                 image_limits: ImageLimits | None = None, max_images_per_request: int = 8):
+                 image_limits: ImageLimits | None = None, max_images_per_request: int = 8,
+                 max_model_len: int | None = None, kv_cache_dtype: str | None = None):
         cfg = model.config
+        if max_model_len is not None:
+            if isinstance(max_model_len, bool) or not isinstance(max_model_len, int) or max_model_len < 2:
+                raise ValueError(f"max_model_len must be an int >= 2, got {max_model_len!r}")
+            if max_model_len > cfg.max_position_embeddings:
+                raise ValueError(f"max_model_len {max_model_len:,} exceeds the model's "
+                                 f"max_position_embeddings ({cfg.max_position_embeddings:,})")
+        self.max_model_len = max_model_len or cfg.max_position_embeddings
         self.effort = effort or EffortModel()
         self.config = cfg
         self.tokenizer = tokenizer
@@ -223,7 +239,9 @@ class Engine:
                                             enable_prefix_caching=enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, max_num_seqs, max_num_batched_tokens, prefill_chunk_size,
                                    clock=clock)
-        self.runner = ModelRunner(model, self.kv, attn_impl=attn_impl)
+        if max_model_len is not None:
+            self._check_pools_hold(max_model_len)
+        self.runner = ModelRunner(model, self.kv, attn_impl=attn_impl, cache_dtype=kv_cache_dtype)
         self.image_limits = image_limits or ImageLimits()
         self.max_images_per_request = max_images_per_request
         self.responses = ResponseStore(max_stored_responses)
@@ -239,6 +257,22 @@ class Engine:
         self.num_output_tokens = 0
         self.mask_seconds = 0.0
         self.step_seconds = 0.0
+
+    def _check_pools_hold(self, max_model_len: int) -> None:
+        """Refuses (before any K/V is allocated) a pool that cannot hold one full-length sequence."""
+        need = self.kv.required_pages(max_model_len - 1, self.scheduler.prefill_chunk_size)
+        for n, group in zip(need, self.kv.groups):
+            have = group.pool.num_pages
+            if n > have:
+                kind = "global" if group.window is None else f"sliding (window {group.window:,})"
+                # Every group holds ceil((len - 1) / G) pages while that is under its window's cap.
+                fits = have * self.kv.page_size + 1
+                raise ValueError(
+                    f"max_model_len {max_model_len:,} does not fit the KV cache: one sequence needs "
+                    f"{n:,} pages of {self.kv.page_size} tokens in the {kind} group "
+                    f"({self.config.layer_types.count('global' if group.window is None else 'sliding')} "
+                    f"layer(s)), but its pool has {have:,} pages; give at "
+                    f"least {n:,} pages or a max_model_len of at most {fits:,}")
 
     # ------------------------------------------------------------------ submission
 
@@ -285,10 +319,15 @@ class Engine:
                                reasoning_budget=budget, effort_budgets=self.effort.budgets)
         tool_schemas = tuple(_tool_schema(t) for t in tools)
         prompt, messages, spans, inputs = self._prompt(req, tool_schemas)
-        context = self.config.max_position_embeddings
+        context = self.max_model_len
         if len(prompt) >= context:
             raise ValueError(f"the prompt has {len(prompt)} tokens; the model's context is {context} "
                              f"tokens, which leaves no room for output")
+        if req.strict_max_tokens and len(prompt) + req.params.max_tokens > context:
+            raise ValueError(f"the model's context is {context:,} tokens, but the prompt has "
+                             f"{len(prompt):,} and max_tokens asks for {req.params.max_tokens:,} more "
+                             f"({len(prompt) + req.params.max_tokens:,} in all); lower max_tokens to "
+                             f"{context - len(prompt):,} or shorten the prompt")
         bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")

@@ -230,6 +230,19 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def pages_held(num_tokens: int, window: int | None, max_chunk: int, page_size: int) -> int:
+    """Most pages one request of ``num_tokens`` tokens ever holds at once in one group.
+
+    A global group (``window=None``) holds every page; a sliding group holds the pages its window
+    sees from a step's first query plus that step's (at most ``max_chunk``) new tokens, and one
+    more for a window that does not start on a page boundary.
+    """
+    need = _ceil_div(num_tokens, page_size)
+    if window is None:
+        return need
+    return min(need, _ceil_div(window - 1 + max_chunk, page_size) + 1)
+
+
 class KVCacheManager:
     """Per-request page tables over one or more page groups, with prefix caching.
 
@@ -301,14 +314,7 @@ class KVCacheManager:
 
     def required_pages(self, num_tokens: int, max_chunk: int) -> tuple[int, ...]:
         """Most pages, per group, one request of ``num_tokens`` ever holds at once."""
-        need = _ceil_div(num_tokens, self.page_size)
-        out = []
-        for g in self.groups:
-            if g.window is None:
-                out.append(need)
-            else:
-                out.append(min(need, _ceil_div(g.window - 1 + max_chunk, self.page_size) + 1))
-        return tuple(out)
+        return tuple(pages_held(num_tokens, g.window, max_chunk, self.page_size) for g in self.groups)
 
     def page_tables(self, request: Request) -> tuple[list[int], ...]:
         """The request's current page table per group (live lists; copy before keeping)."""

@@ -4,11 +4,15 @@ Each engine step hands the runner a ``SchedulerOutput``. Its entries split into 
 token) and prefill chunks (several); each kind runs as one jitted call over a batch padded to a
 bucket of sizes, so a warm engine never recompiles for a new request length:
 
-- decode: ``[B, 1]`` tokens, B a power of two up to ``max_num_seqs``, page tables padded to a
-  power-of-two width M; attention is the paged decode kernel.
+- decode: ``[B, 1]`` tokens, B a power of two up to ``max_num_seqs`` (at least ``min_batch``
+  while rows are small: ``serve/buckets.batch_rows``), page tables padded to a width M of the
+  form 2^k or 3 * 2^(k-1); attention is the paged decode kernel.
+- sliding-window groups get tables that start at the first page the window still sees (with the
+  offset in tokens), so their gathers and scores stay ``W + T`` keys wide at any context.
 - prefill: the chunks' real tokens packed into one row ``[1, N]`` (N >= 16 of the form 2^k or
   3 * 2^(k-1)), so projections and MLPs never compute padding; attention alone unpacks them to
-  ``[B, T]`` and gathers each sequence's pages (see ``model/paged_cache.py``).
+  ``[B, T]`` (B bucketed as for decode) and gathers each sequence's pages (see
+  ``model/paged_cache.py``).
 
 The page arrays, ``[K, P, G, H]`` per layer, live here and are donated to every step; the new
 tokens' K/V are scattered into them through a slot mapping built from the scheduler's page tables.
@@ -37,6 +41,7 @@ from model.paged_cache import PagedKVCache
 from model.sampling import filter_logits
 from model.transformer import Transformer
 from serve.image_cache import ImageEmbeddingCache
+from serve.buckets import batch_rows, length_bucket, min_table_width, pow2, table_bucket
 from serve.kv_pages import KVCacheManager
 from serve.request import MAX_TOP_LOGPROBS
 from serve.scheduler import ScheduledRequest, SchedulerOutput
@@ -58,17 +63,6 @@ class SampleOutput:
     logprob: float | None = None
     top_logprobs: tuple[tuple[int, float], ...] = ()
     hidden: np.ndarray | None = None
-
-
-def _pow2(n: int, minimum: int = 1) -> int:
-    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
-
-
-def _length_bucket(n: int, minimum: int = 16) -> int:
-    """The smallest of 2^k and 3 * 2^(k-1) that is >= n (and >= minimum): padding stays under a
-    third of a prefill's tokens (a power-of-two bucket can nearly double them)."""
-    b = _pow2(n, minimum)
-    return b * 3 // 4 if b * 3 // 4 >= max(n, minimum) else b
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +127,7 @@ def sample_tokens(logits, p: Mapping[str, jax.Array], flags: _Flags):
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5, 6))
 def _step(graphdef, layer_groups, attn_impl, flags, state, k, v, tokens, tables, slots, positions,
-          lengths, logits_index, sp, packing=None, images=None):
+          lengths, logits_index, sp, packing=None, images=None, table_offsets=None):
     """One forward pass over paged K/V plus sampling; module-level so that runners of one model
     structure share compilations.
 
@@ -147,7 +141,8 @@ def _step(graphdef, layer_groups, attn_impl, flags, state, k, v, tokens, tables,
     cache = PagedKVCache(k=k, v=v, page_tables=tables, slots=slots, positions=positions,
                          lengths=lengths, layer_groups=layer_groups, unpack=unpack, pack=pack,
                          query_positions=query_positions,
-                         span_ids=None if images is None else images[2])
+                         span_ids=None if images is None else images[2],
+                         table_offsets=table_offsets)
     embeddings = None
     if images is not None:
         index, rows, _ = images
@@ -206,6 +201,7 @@ class ModelRunner:
             raise ValueError(f"kv_manager has {len(kv_manager.groups)} page groups; the model's layer "
                              f"types {sorted(set(cfg.layer_types))} need {max(self.layer_groups) + 1}")
         self.num_pages = tuple(g.pool.num_pages for g in kv_manager.groups)
+        self.windows = tuple(g.window for g in kv_manager.groups)
         self.k, self.v = PagedKVCache.create_pages(cfg, self.num_pages, self.page_size,
                                                    self.layer_groups, cache_dtype)
         self.min_batch, self.min_table_pages = min_batch, min_table_pages
@@ -238,7 +234,7 @@ class ModelRunner:
         decodes = [e for e in output.scheduled if not (len(e.token_ids) > 1 or _image_overlaps(e))]
         results: dict[str, SampleOutput] = {}
         if prefills:
-            t = _length_bucket(max(len(e.token_ids) for e in prefills))
+            t = length_bucket(max(len(e.token_ids) for e in prefills))
             results.update(self._run(prefills, t, masks))
         if decodes:
             results.update(self._run(decodes, 1, masks))
@@ -246,15 +242,26 @@ class ModelRunner:
 
     def _run(self, entries: list[ScheduledRequest], t: int, masks) -> dict[str, SampleOutput]:
         n = len(entries)
-        b = _pow2(n, self.min_batch)
         G = self.page_size
-        m = _pow2(max(len(e.page_tables[0]) for e in entries), self.min_table_pages)
         n_groups = len(self.num_pages)
+        # A sliding group's table starts at the first page its window sees at this step's first
+        # query, so its gather and scores stay W + T keys wide as a sequence grows.
+        first = np.zeros((n_groups, n), np.int64)
+        for g, window in enumerate(self.windows):
+            if window is not None:
+                first[g] = [max(0, e.start_position - window + 1) // G for e in entries]
+        widths = [table_bucket(max(len(e.page_tables[g]) - int(first[g, i]) for i, e in enumerate(entries)),
+                               min_table_width(self.windows[g], t, G, self.min_table_pages))
+                  for g in range(n_groups)]
+        cfg = self.config
+        b = batch_rows(n, t, max(widths) * G, cfg.num_heads * t + 2 * cfg.num_kv_heads * cfg.head_dim,
+                       self.min_batch)
         tokens = np.zeros((b, t), np.int32)
         positions = np.full((b, t), -1, np.int32)
         lengths = np.zeros((b,), np.int32)
         logits_index = np.zeros((b,), np.int32)
-        tables = np.full((n_groups, b, m), -1, np.int32)
+        tables = [np.full((b, m), -1, np.int32) for m in widths]
+        offsets = np.zeros((n_groups, b), np.int32)
         slots = np.full((n_groups, b, t), -1, np.int32)
         for i, e in enumerate(entries):
             k = len(e.token_ids)
@@ -265,14 +272,16 @@ class ModelRunner:
             logits_index[i] = k - 1
             for g, table in enumerate(e.page_tables):
                 table = np.asarray(table, np.int32)
-                tables[g, i, :len(table)] = table
+                lo = int(first[g, i])
+                tables[g][i, :len(table) - lo] = table[lo:]
+                offsets[g, i] = lo * G
                 slots[g, i, :k] = table[pos // G] * G + pos % G
         packing = None
         if t > 1:
             # Pack the real tokens into one row so projections and MLPs skip the padding.
             real = positions >= 0  # [B, T]
             total = int(real.sum())
-            n_packed = _length_bucket(total)
+            n_packed = length_bucket(total)
             flat = np.flatnonzero(real.reshape(-1))  # packed token j sits at flat index flat[j]
             unpack = np.full((b * t,), n_packed, np.int32)
             unpack[flat] = np.arange(total, dtype=np.int32)
@@ -294,7 +303,7 @@ class ModelRunner:
             self.graphdef, self.layer_groups, self.attn_impl, flags, self.state, self.k, self.v,
             jnp.asarray(tokens), tuple(jnp.asarray(x) for x in tables),
             tuple(jnp.asarray(x) for x in slots), jnp.asarray(positions), jnp.asarray(lengths),
-            jnp.asarray(logits_index), sp, packing, images)
+            jnp.asarray(logits_index), sp, packing, images, tuple(jnp.asarray(x) for x in offsets))
         self.num_steps += 1
         tok, lp, top_ids, top_lp = outs[:4]
         hidden = np.asarray(outs[4]) if len(outs) > 4 else None
@@ -342,7 +351,7 @@ class ModelRunner:
                 span_ids[i, lo - start:hi - start] = j + 1
                 count += hi - lo
         stacked = np.concatenate(rows)
-        padded = np.zeros((_length_bucket(count), stacked.shape[1]), np.float32)
+        padded = np.zeros((length_bucket(count), stacked.shape[1]), np.float32)
         padded[:count] = stacked
         return index, padded, span_ids
 
@@ -377,7 +386,7 @@ class ModelRunner:
                     mask[i] = masks[e.request_id]
             p["mask"] = mask
         if penalties:
-            hist_len = _pow2(max(e.request.num_tokens for e in entries), 16)
+            hist_len = pow2(max(e.request.num_tokens for e in entries), 16)
             history = np.full((b, hist_len), -1, np.int32)
             is_output = np.zeros((b, hist_len), bool)
             for i, e in enumerate(entries):

@@ -98,6 +98,8 @@ class Prepared:
       stop: stop strings that end the answer.
       previous: the record of ``previous_response_id``, or None.
       store, metadata: as in the request.
+      explicit_max_tokens: the client set ``max_output_tokens`` (then a prompt plus it beyond the
+        context is an error, not a silent cut).
     """
 
     messages: list[dict[str, Any]]
@@ -115,6 +117,7 @@ class Prepared:
     store: bool
     metadata: dict[str, str]
     model: str
+    explicit_max_tokens: bool = False
 
 
 def _json(text: str, where: str) -> Any:
@@ -343,4 +346,4 @@ def prepare(req: pb.CreateRequest, *, model: ModelInfo, records: RecordStore, po
                     response_format=response_format, effort=effort, reasoning_budget=budget,
                     summary=summary, params=params, stop=stop, previous=previous,
                     store=req.store if req.HasField("store") else True, metadata=dict(req.metadata),
-                    model=model.id)
+                    model=model.id, explicit_max_tokens=req.HasField("max_output_tokens"))

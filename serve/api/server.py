@@ -71,7 +71,7 @@ class KestrelServer:
                  api_keys: Sequence[str] = (), tls: TlsConfig | None = None, policy: Policy | None = None,
                  max_queued: int = 256, max_records: int = 1024):
         self.engine = engine
-        ctx = engine.config.max_position_embeddings
+        ctx = engine.max_model_len
         self.model = ModelInfo(id=model_id, context_length=ctx,
                                max_output_tokens=min(max_output_tokens or ctx, ctx),
                                supports_tools=engine.tokenizer is not None,

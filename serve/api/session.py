@@ -208,7 +208,7 @@ class ResponseRun:
         params = dataclasses.replace(p.params, max_tokens=remaining)
         req = self.runner.engine_request(p, messages=messages, tool_choice=self.tool_choice, params=params,
                                          previous_response_id=previous_id, store=True, deadline=deadline,
-                                         request_id=eid)
+                                         request_id=eid, strict_max_tokens=first and p.explicit_max_tokens)
         try:
             self.handle = await asyncio.to_thread(self.runner.engine.submit, req)
         except ValueError as e:
