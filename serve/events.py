@@ -27,6 +27,10 @@ class Usage:
         tool_call_tokens: ``<tool_call>`` .. ``</tool_call>`` blocks, blanks between them and the
             end-of-turn token after them.
         tool_argument_tokens: the part of tool_call_tokens whose text lies in ``arguments``.
+        accepted_prediction_tokens: speculative decoding: draft tokens the target accepted
+            (part of the output tokens above; OpenAI's
+            ``completion_tokens_details.accepted_prediction_tokens``).
+        rejected_prediction_tokens: draft tokens verified and rejected (computed, not output).
     """
 
     input_tokens: int = 0
@@ -35,6 +39,8 @@ class Usage:
     answer_tokens: int = 0
     tool_call_tokens: int = 0
     tool_argument_tokens: int = 0
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
 
     @property
     def output_tokens(self) -> int:

@@ -34,6 +34,7 @@ from model.paged_cache import PagedKVCache
 from model.sampling import filter_logits
 from model.transformer import Transformer
 from serve.kv_pages import KVCacheManager
+from serve.rejection import processed_probs, verify_drafts
 from serve.request import MAX_TOP_LOGPROBS
 from serve.scheduler import ScheduledRequest, SchedulerOutput
 
@@ -76,6 +77,7 @@ class _Flags:
     masked: bool
     logprobs: bool  # with MAX_TOP_LOGPROBS alternatives
     hidden: bool = False  # return each row's last hidden state (prefill of a wants_hidden request)
+    probs: bool = False  # return each row's sampling distribution [B, V] (a draft model's q)
 
 
 def _unpack_bits(words: jax.Array, vocab: int) -> jax.Array:
@@ -124,6 +126,11 @@ def sample_tokens(logits, p: Mapping[str, jax.Array], flags: _Flags):
         lsm = jax.nn.log_softmax(logits, axis=-1)
         lp = jnp.take_along_axis(lsm, tokens[:, None], axis=1)[:, 0]
         top_lp, top_ids = jax.lax.top_k(lsm, min(MAX_TOP_LOGPROBS, lsm.shape[-1]))
+    if flags.probs:  # q for rejection sampling: one-hot for greedy rows
+        probs = jax.nn.one_hot(tokens, vocab, dtype=jnp.float32)
+        if flags.sampling:
+            probs = jnp.where((p["temperature"] > 0)[:, None], processed_probs(x[:, None], p)[:, 0], probs)
+        return tokens, lp, top_ids, top_lp, probs
     return tokens, lp, top_ids, top_lp
 
 
@@ -156,6 +163,54 @@ def _step(graphdef, layer_groups, attn_impl, flags, state, k, v, tokens, tables,
     return out, cache.k, cache.v
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5, 6))
+def _verify_step(graphdef, layer_groups, attn_impl, flags, state, k, v, tokens, tables, slots,
+                 positions, lengths, pad, drafts, num_drafts, sp, draft_probs=None):
+    """One target pass over each row's fed token + drafts (left-padded to [B, T]), then draft
+    verification (``serve.rejection.verify_drafts``); ``pad`` [B] is each row's left padding."""
+    model = nnx.merge(graphdef, state)
+    cache = PagedKVCache(k=k, v=v, page_tables=tables, slots=slots, positions=positions,
+                         lengths=lengths, layer_groups=layer_groups)
+    logits, cache = model(tokens, cache=cache, attn_impl=attn_impl)  # [B, T, V]
+    t = tokens.shape[1]
+    idx = jnp.minimum(pad[:, None] + jnp.arange(t)[None, :], t - 1)  # real positions first
+    logits = jnp.take_along_axis(logits, idx[..., None], axis=1)
+    out = verify_drafts(logits, drafts, num_drafts, sp, sampling=flags.sampling,
+                        masked=flags.masked, draft_probs=draft_probs)
+    return out, cache.k, cache.v
+
+
+@dataclasses.dataclass(frozen=True)
+class Draft:
+    """A proposer's draft for one request.
+
+    Attributes:
+      token_ids: the draft tokens (possibly fewer than the slots reserved; empty: no draft).
+      probs: [len(token_ids), V] distributions they were sampled from (a draft model), or None
+        for deterministic drafts (prompt lookup): q is then one-hot.
+    """
+
+    token_ids: tuple[int, ...]
+    probs: jax.Array | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyOutput:
+    """The tokens a speculative step produced for one request.
+
+    Attributes:
+      samples: the accepted drafts, then the target's own token (correction or bonus).
+      num_draft_tokens: drafts verified in the step.
+    """
+
+    samples: tuple[SampleOutput, ...]
+    num_draft_tokens: int
+
+    @property
+    def num_accepted(self) -> int:
+        return len(self.samples) - 1
+
+
 class ModelRunner:
     """Owns the paged K/V arrays and runs the jitted steps.
 
@@ -167,17 +222,26 @@ class ModelRunner:
       min_batch: smallest batch bucket (fewer, larger buckets mean fewer compilations; padding
         rows cost little next to a dispatch).
       min_table_pages: smallest page-table width bucket.
+      layer_groups: the page group of each layer (default: from the model's layer types); a draft
+        model maps its layers onto the target's groups.
     """
 
     def __init__(self, model: Transformer, kv_manager: KVCacheManager, *, attn_impl: str = "auto",
-                 cache_dtype: str | None = None, min_batch: int = 8, min_table_pages: int = 16):
+                 cache_dtype: str | None = None, min_batch: int = 8, min_table_pages: int = 16,
+                 layer_groups: tuple[int, ...] | None = None):
         cfg = model.config
         self.config = cfg
         self.graphdef, self.state = nnx.split(model)
         self.attn_impl = attn_impl
         self.page_size = kv_manager.page_size
-        self.layer_groups = KVCacheManager.group_of_layer(cfg.layer_types)
-        if len(kv_manager.groups) != max(self.layer_groups) + 1:
+        if layer_groups is not None:  # a draft model reading the target's page tables
+            if len(layer_groups) != cfg.num_layers or not all(0 <= g < len(kv_manager.groups) for g in layer_groups):
+                raise ValueError(f"layer_groups {layer_groups} must name one of the "
+                                 f"{len(kv_manager.groups)} page groups per layer")
+            self.layer_groups = tuple(layer_groups)
+        else:
+            self.layer_groups = KVCacheManager.group_of_layer(cfg.layer_types)
+        if layer_groups is None and len(kv_manager.groups) != max(self.layer_groups) + 1:
             raise ValueError(f"kv_manager has {len(kv_manager.groups)} page groups; the model's layer "
                              f"types {sorted(set(cfg.layer_types))} need {max(self.layer_groups) + 1}")
         self.num_pages = tuple(g.pool.num_pages for g in kv_manager.groups)
@@ -185,6 +249,9 @@ class ModelRunner:
                                                    self.layer_groups, cache_dtype)
         self.min_batch, self.min_table_pages = min_batch, min_table_pages
         self.num_steps = 0  # jitted calls run
+        # Speculative decoding: proposes drafts for entries with num_lookahead (prompt lookup or a
+        # draft model, ``serve.speculative``); None: lookahead entries run as plain decodes.
+        self.proposer = None
 
     @staticmethod
     def compiled_variants() -> int:
@@ -206,17 +273,86 @@ class ModelRunner:
           The sampled token of every entry with ``samples=True``.
         """
         masks = masks or {}
-        decodes = [e for e in output.scheduled if len(e.token_ids) == 1]
+        if self.proposer is not None:
+            self.proposer.release(output.finished_request_ids + output.preempted_request_ids)
+        lookahead = [e for e in output.scheduled if e.num_lookahead]
+        drafts = self.proposer.propose(lookahead, masks) if lookahead and self.proposer else {}
+        spec = [e for e in lookahead if drafts.get(e.request_id) and drafts[e.request_id].token_ids]
+        decodes = [e for e in output.scheduled if len(e.token_ids) == 1 and e not in spec]
         prefills = [e for e in output.scheduled if len(e.token_ids) > 1]
-        results: dict[str, SampleOutput] = {}
+        results: dict[str, SampleOutput | VerifyOutput] = {}
         if prefills:
             t = _length_bucket(max(len(e.token_ids) for e in prefills))
             results.update(self._run(prefills, t, masks))
         if decodes:
             results.update(self._run(decodes, 1, masks))
+        if spec:
+            results.update(self._verify(spec, drafts, masks))
+        for e in lookahead:  # a lookahead entry without a draft decoded plainly
+            if e.request_id in results and not isinstance(results[e.request_id], VerifyOutput):
+                results[e.request_id] = VerifyOutput((results[e.request_id],), 0)
         return results
 
-    def _run(self, entries: list[ScheduledRequest], t: int, masks) -> dict[str, SampleOutput]:
+    def _verify(self, entries: list[ScheduledRequest], drafts: Mapping[str, Draft],
+                masks) -> dict[str, VerifyOutput]:
+        """Feeds each entry its token + drafts at once and verifies the drafts (one target pass)."""
+        n = len(entries)
+        b = _pow2(n, self.min_batch)
+        k_max = max(len(drafts[e.request_id].token_ids) for e in entries)
+        t = _pow2(k_max + 1, 2)  # few compiled widths
+        G = self.page_size
+        m = _pow2(max(len(e.page_tables[0]) for e in entries), self.min_table_pages)
+        n_groups = len(self.num_pages)
+        tokens = np.zeros((b, t), np.int32)
+        positions = np.full((b, t), -1, np.int32)
+        lengths = np.full((b,), t, np.int32)  # padding rows: any valid length; they write nothing
+        pad = np.zeros((b,), np.int32)
+        draft_ids = np.zeros((b, t - 1), np.int32)
+        num_drafts = np.zeros((b,), np.int32)
+        tables = np.full((n_groups, b, m), -1, np.int32)
+        slots = np.full((n_groups, b, t), -1, np.int32)
+        with_probs = any(drafts[e.request_id].probs is not None for e in entries)
+        vocab = self.config.vocab_size
+        probs = np.zeros((b, t - 1, vocab), np.float32) if with_probs else None
+        for i, e in enumerate(entries):
+            d = drafts[e.request_id]
+            k = len(d.token_ids)
+            if k > e.num_lookahead:
+                raise ValueError(f"proposer returned {k} drafts for {e.request_id!r}; "
+                                 f"{e.num_lookahead} slots were reserved")
+            feed = list(e.token_ids) + list(d.token_ids)
+            pos = e.start_position + np.arange(len(feed))
+            pad[i] = t - len(feed)  # left padding: the kernel's queries are the last T positions
+            tokens[i, pad[i]:] = feed
+            positions[i, pad[i]:] = pos
+            lengths[i] = pos[-1] + 1
+            draft_ids[i, :k] = d.token_ids
+            num_drafts[i] = k
+            if d.probs is not None:
+                probs[i, :k] = np.asarray(d.probs)
+            for g, table in enumerate(e.page_tables):
+                table = np.asarray(table, np.int32)
+                tables[g, i, :len(table)] = table
+                slots[g, i, pad[i]:] = table[pos // G] * G + pos % G
+        sp, flags = self._sampling_inputs(entries, b, masks)
+        if flags.penalties or flags.logprobs:
+            raise ValueError("speculative verification does not support penalties or logprobs; "
+                             "the engine decodes such requests without drafts")
+        (out_tokens, accepted), self.k, self.v = _verify_step(
+            self.graphdef, self.layer_groups, self.attn_impl, flags, self.state, self.k, self.v,
+            jnp.asarray(tokens), tuple(jnp.asarray(x) for x in tables),
+            tuple(jnp.asarray(x) for x in slots), jnp.asarray(positions), jnp.asarray(lengths),
+            jnp.asarray(pad), jnp.asarray(draft_ids), jnp.asarray(num_drafts), sp,
+            None if probs is None else jnp.asarray(probs))
+        self.num_steps += 1
+        out_tokens, accepted = np.asarray(out_tokens), np.asarray(accepted)
+        return {e.request_id: VerifyOutput(
+                    tuple(SampleOutput(int(x)) for x in out_tokens[i, :accepted[i] + 1]),
+                    int(num_drafts[i]))
+                for i, e in enumerate(entries)}
+
+    def _run(self, entries: list[ScheduledRequest], t: int, masks, *,
+             probs: bool = False) -> dict[str, SampleOutput]:
         n = len(entries)
         b = _pow2(n, self.min_batch)
         G = self.page_size
@@ -258,6 +394,8 @@ class ModelRunner:
                  np.full((*x.shape[:-2], n_packed - total), fill, np.int32)], -1)[..., None, :]
             tokens, positions, slots = pack_row(tokens, 0), pack_row(positions, -1), pack_row(slots, -1)
         sp, flags = self._sampling_inputs(entries, b, masks)
+        if probs:
+            flags = dataclasses.replace(flags, probs=True, hidden=False)
         outs, self.k, self.v = _step(
             self.graphdef, self.layer_groups, self.attn_impl, flags, self.state, self.k, self.v,
             jnp.asarray(tokens), tuple(jnp.asarray(x) for x in tables),
@@ -265,7 +403,8 @@ class ModelRunner:
             jnp.asarray(logits_index), sp, packing)
         self.num_steps += 1
         tok, lp, top_ids, top_lp = outs[:4]
-        hidden = np.asarray(outs[4]) if len(outs) > 4 else None
+        hidden = np.asarray(outs[4]) if flags.hidden and len(outs) > 4 else None
+        self.last_probs = outs[4] if flags.probs else None  # [B, V] on device (draft model's q)
         tok = np.asarray(tok)
         lp = None if lp is None else np.asarray(lp)
         top_ids = None if top_ids is None else np.asarray(top_ids)
@@ -300,7 +439,7 @@ class ModelRunner:
             p["temperature"][i], p["top_k"][i], p["top_p"][i], p["min_p"][i] = (
                 sp.temperature, sp.top_k, sp.top_p, sp.min_p)
             p["seed"][i] = (sp.seed or 0) & 0xFFFFFFFF
-            p["out_index"][i] = r.num_output_tokens
+            p["out_index"][i] = r.num_output_tokens + e.sample_offset
             p["repetition"][i], p["frequency"][i], p["presence"][i] = (
                 sp.repetition_penalty, sp.frequency_penalty, sp.presence_penalty)
             penalties |= (sp.repetition_penalty != 1.0 or sp.frequency_penalty != 0.0
