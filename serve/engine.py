@@ -569,6 +569,7 @@ class Engine:
             finished_event = patched
         if self.acceptance is not None:
             self.acceptance.forget(rid)
+            self.runner.proposer.release([rid])
         if live.store and reason not in (FinishReason.CANCELLED.value, FinishReason.ERROR.value):
             self.responses.put(self._stored(live, reason, finished_event.usage))
         h._push(events if events else [finished_event])

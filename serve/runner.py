@@ -273,8 +273,6 @@ class ModelRunner:
           The sampled token of every entry with ``samples=True``.
         """
         masks = masks or {}
-        if self.proposer is not None:
-            self.proposer.release(output.finished_request_ids + output.preempted_request_ids)
         lookahead = [e for e in output.scheduled if e.num_lookahead]
         drafts = self.proposer.propose(lookahead, masks) if lookahead and self.proposer else {}
         spec = [e for e in lookahead if drafts.get(e.request_id) and drafts[e.request_id].token_ids]
