@@ -49,6 +49,45 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--log-level", default="info")
+    # Speculative decoding, named after vLLM's speculative_config keys.
+    p.add_argument("--speculative", choices=("off", "ngram", "draft"), default="off",
+                   help="speculative decoding: prompt lookup (ngram) or a draft model (draft)")
+    p.add_argument("--draft-model", default=None,
+                   help="draft checkpoint folder for --speculative draft (the target's tokenizer)")
+    p.add_argument("--num-speculative-tokens", type=int, default=4, help="drafts verified per step (k)")
+    p.add_argument("--prompt-lookup-max", type=int, default=4, help="longest n-gram matched (ngram)")
+    p.add_argument("--prompt-lookup-min", type=int, default=2, help="shortest n-gram matched (ngram)")
+    p.add_argument("--speculative-min-acceptance", type=float, default=0.1,
+                   help="acceptance rate below which speculation is switched off (per request, "
+                        "and paused server-wide)")
+
+
+def speculative_config(args):
+    """The engine's SpeculativeConfig from the serve flags (None: off); bad flags raise KestrelError."""
+    from model.checkpoint import load_checkpoint
+    from serve.speculative import SpeculativeConfig
+
+    if args.speculative == "off":
+        if args.draft_model is not None:
+            raise KestrelError("--draft-model needs --speculative draft")
+        return None
+    draft_model = draft_tokenizer = None
+    if args.speculative == "draft":
+        if args.draft_model is None:
+            raise KestrelError("--speculative draft needs --draft-model CKPT")
+        if not Path(args.draft_model).is_dir():
+            raise KestrelError(f"draft checkpoint folder {args.draft_model!r} does not exist")
+        draft_model, draft_tokenizer = load_checkpoint(Path(args.draft_model))
+    elif args.draft_model is not None:
+        raise KestrelError("--draft-model needs --speculative draft")
+    try:
+        return SpeculativeConfig(args.speculative, num_speculative_tokens=args.num_speculative_tokens,
+                                 prompt_lookup_max=args.prompt_lookup_max,
+                                 prompt_lookup_min=args.prompt_lookup_min, draft_model=draft_model,
+                                 draft_tokenizer=draft_tokenizer,
+                                 min_acceptance_rate=args.speculative_min_acceptance)
+    except ValueError as e:
+        raise KestrelError(str(e)) from None
 
 
 def build_server(args):
@@ -73,9 +112,15 @@ def build_server(args):
         effort = EffortModel.load(ckpt)
     except ValueError as e:
         raise KestrelError(str(e)) from None
-    engine = Engine(model, tokenizer, num_pages=args.num_pages, page_size=args.page_size,
-                    max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                    effort=effort)
+    speculative = speculative_config(args)
+    try:  # a draft model with another tokenizer is refused here, before anything is served
+        engine = Engine(model, tokenizer, num_pages=args.num_pages, page_size=args.page_size,
+                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                        effort=effort, speculative=speculative)
+    except ValueError as e:
+        if speculative is None:
+            raise
+        raise KestrelError(f"--speculative {args.speculative}: {e}") from None
     tls = TlsConfig(args.tls_cert, args.tls_key) if args.tls_cert else None
     return KestrelServer(engine, model_id=args.model_id or ckpt.resolve().name, api_keys=keys, tls=tls,
                          max_queued=args.max_queued, max_output_tokens=args.max_output_tokens)

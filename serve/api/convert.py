@@ -96,6 +96,7 @@ class Prepared:
       stop: stop strings that end the answer.
       previous: the record of ``previous_response_id``, or None.
       store, metadata: as in the request.
+      speculative: False when the request opted out of speculative decoding.
     """
 
     messages: list[dict[str, Any]]
@@ -113,6 +114,7 @@ class Prepared:
     store: bool
     metadata: dict[str, str]
     model: str
+    speculative: bool = True
 
 
 def _json(text: str, where: str) -> Any:
@@ -329,4 +331,5 @@ def prepare(req: pb.CreateRequest, *, model: ModelInfo, records: RecordStore, po
                     response_format=response_format, effort=effort, reasoning_budget=budget,
                     summary=summary, params=params, stop=stop, previous=previous,
                     store=req.store if req.HasField("store") else True, metadata=dict(req.metadata),
-                    model=model.id)
+                    model=model.id,
+                    speculative=req.sampling.speculative if req.sampling.HasField("speculative") else True)
