@@ -17,6 +17,12 @@ machine's int32 bitmask, then greedy or temperature sampling with top-k / top-p 
 key is ``fold_in(key(seed), output index)``, so a seeded request draws the same tokens however it
 is batched, preempted or recomputed. Optional logprobs: of the model's raw distribution, for the
 sampled token and the 20 best alternatives.
+
+Speculative decoding: an entry with ``num_lookahead`` slots gets drafts from ``proposer``
+(``serve.speculative``); such entries run as one ``[B, 1 + k]`` verification pass, each row
+left-padded so its queries are its last positions (the layout of the paged decode kernel), with
+target logits at every position; ``serve.rejection`` accepts the longest valid draft prefix plus
+one target token. The result is a ``VerifyOutput``; the scheduler rolls back rejected slots.
 """
 
 from __future__ import annotations
