@@ -303,7 +303,9 @@ class ModelRunner:
         n = len(entries)
         b = _pow2(n, self.min_batch)
         k_max = max(len(drafts[e.request_id].token_ids) for e in entries)
-        t = _pow2(k_max + 1, 2)  # few compiled widths
+        # Exact width: at most num_speculative_tokens compiled widths, and no padded positions
+        # (a power-of-two bucket would compute 8 positions for 4 drafts).
+        t = k_max + 1
         G = self.page_size
         m = _pow2(max(len(e.page_tables[0]) for e in entries), self.min_table_pages)
         n_groups = len(self.num_pages)

@@ -94,9 +94,10 @@ def assert_usage_adds_up(engine, handles):
 
 
 def test_prompt_lookup_greedy_equals_plain_decoding_for_concurrent_requests():
-    prompts = quoting_prompts(4)
-    _, plain = run(raw(prompts))
-    engine, spec = run(raw(prompts), speculative=ngram())
+    prompts = quoting_prompts(3)
+    params = SamplingParams(max_tokens=24, temperature=0.0)
+    _, plain = run(raw(prompts, params))
+    engine, spec = run(raw(prompts, params), speculative=ngram())
     assert_same_streams(plain, spec)
     drafted, accepted = assert_usage_adds_up(engine, spec)
     assert drafted > 0 and accepted > 0
@@ -130,13 +131,12 @@ def chat_requests():
     weather = {"type": "function", "function": {"name": "weather", "parameters": {
         "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
     msgs = lambda text: [{"role": "user", "content": text}]  # noqa: E731
-    p = SamplingParams(max_tokens=48, temperature=0.0)
+    p = SamplingParams(max_tokens=40, temperature=0.0)
     return [
-        EngineRequest(messages=msgs("Think, then answer: 6 * 7?"), effort="low", reasoning_budget=36, params=p),
-        EngineRequest(messages=msgs("hello world, how are you?"), effort="none", params=p),
-        EngineRequest(messages=msgs("Weather in Paris?"), effort="low", reasoning_budget=30, tools=[weather],
+        EngineRequest(messages=msgs("Think, then answer: 6 * 7?"), effort="low", reasoning_budget=30, params=p),
+        EngineRequest(messages=msgs("Weather in Paris?"), effort="low", reasoning_budget=26, tools=[weather],
                       tool_choice="required", params=p),
-        EngineRequest(messages=msgs("The answer as JSON"), effort="low", reasoning_budget=28, params=p,
+        EngineRequest(messages=msgs("The answer as JSON"), effort="low", reasoning_budget=24, params=p,
                       response_format={"type": "object", "properties": {"n": {"type": "integer"}}}),
     ]
 
@@ -147,7 +147,7 @@ def test_channel_requests_reason_hit_the_budget_and_call_tools_exactly_as_withou
     _, plain = run(chat_requests(), model=model)
     # The scenario the test is about: reasoning closed by the forced hand-off, then a tool call.
     assert [e.forced for e in plain[0].events if isinstance(e, ev.ReasoningDone)] == [True]
-    assert any(isinstance(e, ev.ToolCallName) for e in plain[2].events)
+    assert any(isinstance(e, ev.ToolCallName) for e in plain[1].events)
     spec_cfg = ngram() if method == "ngram" else draft(thinker())
     engine, spec = run(chat_requests(), model=model, speculative=spec_cfg)
     assert_same_streams(plain, spec)
