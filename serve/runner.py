@@ -301,8 +301,10 @@ class ModelRunner:
                 masks) -> dict[str, VerifyOutput]:
         """Feeds each entry its token + drafts at once and verifies the drafts (one target pass)."""
         n = len(entries)
-        b = _pow2(n, self.min_batch)
         k_max = max(len(drafts[e.request_id].token_ids) for e in entries)
+        # Each padding row would cost 1 + k positions: keep the batch bucket's padded positions
+        # near a plain decode's (min_batch rows of one token) instead of min_batch rows of 1 + k.
+        b = _pow2(n, max(1, self.min_batch // (k_max + 1)))
         # Exact width: at most num_speculative_tokens compiled widths, and no padded positions
         # (a power-of-two bucket would compute 8 positions for 4 drafts).
         t = k_max + 1
