@@ -17,8 +17,9 @@ scores span ``W + T`` keys however long the sequence (attention masks are relati
 applied before the keys were stored, so shifting every key position by the offset is exact).
 Released sliding-window pages that remain in a table read -1: they are clamped to page 0 and
 hidden by the window mask. ``Transformer.__call__`` recognises this cache and hands each layer
-``attend``, which scatters the new K/V into the pages and attends over them: decode steps (T = 1) go through the
-paged decode kernel, prefill chunks gather their pages into a dense view for the attention entry
+``attend``, which scatters the new K/V into the pages and attends over them: decode steps (T = 1) and speculative
+verification steps (T = 1 + drafts, each row's queries its last T positions, left-padded) go
+through the paged decode kernel, packed prefill chunks gather their pages into a dense view for the attention entry
 point (their queries sit at arbitrary, padded positions the paged kernel does not describe).
 """
 
@@ -122,7 +123,7 @@ class PagedKVCache:
             n_q = q.shape[1]
             q = jnp.take(q[0], self.unpack, axis=0, mode="fill", fill_value=0)  # [B, T, N, H]
             b, t = q.shape[:2]
-        if t == 1:
+        if not packed:  # decode (T = 1) or verification of drafts: the last T positions
             out = paged_attention(q, k_pages.astype(q.dtype), v_pages.astype(q.dtype), table,
                                   jnp.maximum(lengths, 1), window=window, scale=scale,
                                   soft_cap=soft_cap, impl=impl)

@@ -135,7 +135,10 @@ def completion_body(handle: RequestHandle, model_name: str) -> dict[str, Any]:
         "usage": {"prompt_tokens": u.input_tokens, "completion_tokens": u.output_tokens,
                   "total_tokens": u.total_tokens,
                   "prompt_tokens_details": {"cached_tokens": u.cached_input_tokens},
-                  "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens}},
+                  "completion_tokens_details": {
+                      "reasoning_tokens": u.reasoning_tokens,
+                      "accepted_prediction_tokens": u.accepted_prediction_tokens,
+                      "rejected_prediction_tokens": u.rejected_prediction_tokens}},
     }
 
 

@@ -518,15 +518,53 @@ class ChannelMachine:
         """Starts the hand-off when the reasoning budget has just room enough for it."""
         if self._budget is None or self.state is not State.REASONING or self._forced:
             return
-        used = self._counts["reasoning"]
-        if used + len(self._handoff) == self._budget:
-            seq = self._handoff
-        elif used + len(self._handoff) > self._budget and used + len(self._short_handoff) >= self._budget:
-            seq = self._short_handoff  # the sentence does not fit: close right away
-        else:
+        seq = self._handoff_at(self._counts["reasoning"])
+        if seq is None:
             return
         self._forced.extend(seq)
         self._forcing_handoff = True
+
+    def _handoff_at(self, used: int) -> list[int] | None:
+        """The hand-off to force after ``used`` reasoning tokens, or None (budget not reached)."""
+        if used + len(self._handoff) == self._budget:
+            return self._handoff
+        if used + len(self._handoff) > self._budget and used + len(self._short_handoff) >= self._budget:
+            return self._short_handoff  # the sentence does not fit: close right away
+        return None
+
+    # ----------------------------------------------------------------------------- speculation
+    @property
+    def mask_is_fixed(self) -> bool:
+        """Whether the next mask is a precomputed one that ordinary text tokens leave unchanged:
+        reasoning with no hand-off pending, or an answer without ``response_format``. Speculative
+        decoding verifies drafts only here, all under this one mask (grammar and forced states
+        decode one token at a time, so their masks hold exactly as without speculation)."""
+        return self.state is not State.DONE and not self._forced and (
+            self.state is State.REASONING
+            or (self.state is State.ANSWER and self._answer_matcher is None))
+
+    def fixed_mask_run(self, tokens: Sequence[int]) -> int:
+        """How many of ``tokens`` (each drawn under the current mask, in order) may be taken now.
+
+        The first always; each later one only while the tokens before it keep the mask what it
+        is: no channel tag, no end of turn, no budget hand-off starting. A verified draft past
+        that point was checked against a mask that no longer applies, so it is dropped.
+        """
+        if not tokens:
+            return 0
+        if not self.mask_is_fixed:
+            return 1
+        used = self._counts["reasoning"]
+        for i, token in enumerate(tokens[:-1]):
+            if self.state is State.REASONING:
+                if token in (self._end_think, self._call):
+                    return i + 1
+                used += 1
+                if self._budget is not None and self._handoff_at(used) is not None:
+                    return i + 1
+            elif token in self._ends or token == self._call:
+                return i + 1
+        return len(tokens)
 
     # ----------------------------------------------------------------------------- ending
     def finish(self, reason: str) -> list[ev.Event]:

@@ -62,6 +62,45 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 
     add_plan_arguments(p, serving=True)
     p.add_argument("--log-level", default="info")
+    # Speculative decoding, named after vLLM's speculative_config keys.
+    p.add_argument("--speculative", choices=("off", "ngram", "draft"), default="off",
+                   help="speculative decoding: prompt lookup (ngram) or a draft model (draft)")
+    p.add_argument("--draft-model", default=None,
+                   help="draft checkpoint folder for --speculative draft (the target's tokenizer)")
+    p.add_argument("--num-speculative-tokens", type=int, default=4, help="drafts verified per step (k)")
+    p.add_argument("--prompt-lookup-max", type=int, default=4, help="longest n-gram matched (ngram)")
+    p.add_argument("--prompt-lookup-min", type=int, default=2, help="shortest n-gram matched (ngram)")
+    p.add_argument("--speculative-min-acceptance", type=float, default=0.1,
+                   help="acceptance rate below which speculation is switched off (per request, "
+                        "and paused server-wide)")
+
+
+def speculative_config(args):
+    """The engine's SpeculativeConfig from the serve flags (None: off); bad flags raise KestrelError."""
+    from model.checkpoint import load_checkpoint
+    from serve.speculative import SpeculativeConfig
+
+    if args.speculative == "off":
+        if args.draft_model is not None:
+            raise KestrelError("--draft-model needs --speculative draft")
+        return None
+    draft_model = draft_tokenizer = None
+    if args.speculative == "draft":
+        if args.draft_model is None:
+            raise KestrelError("--speculative draft needs --draft-model CKPT")
+        if not Path(args.draft_model).is_dir():
+            raise KestrelError(f"draft checkpoint folder {args.draft_model!r} does not exist")
+        draft_model, draft_tokenizer = load_checkpoint(Path(args.draft_model))
+    elif args.draft_model is not None:
+        raise KestrelError("--draft-model needs --speculative draft")
+    try:
+        return SpeculativeConfig(args.speculative, num_speculative_tokens=args.num_speculative_tokens,
+                                 prompt_lookup_max=args.prompt_lookup_max,
+                                 prompt_lookup_min=args.prompt_lookup_min, draft_model=draft_model,
+                                 draft_tokenizer=draft_tokenizer,
+                                 min_acceptance_rate=args.speculative_min_acceptance)
+    except ValueError as e:
+        raise KestrelError(str(e)) from None
 
 
 def plan_pools(args, cfg):
@@ -117,16 +156,19 @@ def build_server(args):
     keys = load_api_keys(args.api_keys_file, args.api_keys_env)
     max_len, num_pages, num_sliding_pages = plan_pools(args, read_config(ckpt))
     model, tokenizer = load_checkpoint(ckpt)
-    try:
+    speculative = speculative_config(args)
+    try:  # a draft model with another tokenizer is refused here, before anything is served
         effort = EffortModel.load(ckpt)
         engine = Engine(model, tokenizer, num_pages=num_pages, page_size=args.page_size,
                         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                         num_sliding_pages=num_sliding_pages, effort=effort, max_model_len=max_len,
                         kv_cache_dtype=args.kv_cache_dtype, max_images_per_request=args.max_images,
                         image_limits=ImageLimits(max_bytes=args.max_image_bytes,
-                                                 max_pixels=args.max_image_pixels))
+                                                 max_pixels=args.max_image_pixels),
+                        speculative=speculative)
     except ValueError as e:
-        raise KestrelError(str(e)) from None
+        prefix = f"--speculative {args.speculative}: " if speculative is not None else ""
+        raise KestrelError(f"{prefix}{e}") from None
     tls = TlsConfig(args.tls_cert, args.tls_key) if args.tls_cert else None
     return KestrelServer(engine, model_id=args.model_id or ckpt.resolve().name, api_keys=keys, tls=tls,
                          max_queued=args.max_queued, max_output_tokens=args.max_output_tokens)

@@ -45,8 +45,9 @@ from serve.grammar import IM_END, ChannelVocab, FunctionTool
 from serve.image_prompt import decode_images, expand_images, split_image_parts
 from serve.kv_pages import KVCacheManager
 from serve.request import FinishReason, Request, SamplingParams
-from serve.runner import ModelRunner, SampleOutput
+from serve.runner import ModelRunner, SampleOutput, VerifyOutput
 from serve.scheduler import Scheduler
+from serve.speculative import AcceptanceMonitor, SpeculativeConfig, build_proposer, spec_usage_fields
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ class EngineRequest:
       strict_max_tokens: the caller chose ``max_tokens``: a prompt plus ``max_tokens`` beyond
         the context is an error (as in vLLM and OpenAI's chat API) instead of ``max_tokens``
         being cut to what the context leaves.
+      speculative: False: decode without drafts even when the engine speculates.
     """
 
     messages: Sequence[Mapping[str, Any]] | None = None
@@ -97,6 +99,7 @@ class EngineRequest:
     chat_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     images: Sequence[bytes] = ()
     strict_max_tokens: bool = False
+    speculative: bool = True
 
 
 class RequestHandle:
@@ -171,6 +174,8 @@ class EngineStats:
     mask_seconds: float  # host time spent computing channel masks
     step_seconds: float  # busy time of the loop
     num_stored_responses: int
+    num_draft_tokens: int = 0  # speculative decoding: drafts verified
+    num_accepted_tokens: int = 0  # of those, accepted into outputs
 
 
 @dataclasses.dataclass
@@ -183,6 +188,9 @@ class _Live:
     tools: tuple
     store: bool
     prompt_recorded: bool = False
+    speculate: bool = False  # speculative decoding allowed for this request
+    num_drafted: int = 0
+    num_accepted: int = 0
     # Samples of answer tokens whose text no AnswerDelta has carried yet (logprobs requests).
     pending_logprobs: list = dataclasses.field(default_factory=list)
 
@@ -205,6 +213,8 @@ class Engine:
       attn_impl: attention implementation for the runner.
       seed: seeds the engine RNG that seeds requests without a ``seed``.
       vocab: the channel vocabulary (default: built from ``tokenizer``).
+      effort: the effort model (budgets per effort, optional probe).
+      speculative: speculative decoding (prompt lookup or a draft model); None: off.
       clock: time source (deadlines, rates).
       image_limits: what one image may cost before it is decoded (bytes, pixels, frames).
       max_images_per_request: most images in one request (a continued conversation's included).
@@ -221,7 +231,8 @@ class Engine:
                  attn_impl: str = "auto", seed: int = 0, vocab: ChannelVocab | None = None,
                  effort: EffortModel | None = None, clock: Callable[[], float] = time.monotonic,
                  image_limits: ImageLimits | None = None, max_images_per_request: int = 8,
-                 max_model_len: int | None = None, kv_cache_dtype: str | None = None):
+                 max_model_len: int | None = None, kv_cache_dtype: str | None = None,
+                 speculative: SpeculativeConfig | None = None):
         cfg = model.config
         if max_model_len is not None:
             if isinstance(max_model_len, bool) or not isinstance(max_model_len, int) or max_model_len < 2:
@@ -244,6 +255,13 @@ class Engine:
         self.runner = ModelRunner(model, self.kv, attn_impl=attn_impl, cache_dtype=kv_cache_dtype)
         self.image_limits = image_limits or ImageLimits()
         self.max_images_per_request = max_images_per_request
+        self.speculative = speculative
+        self.acceptance = None
+        if speculative is not None:  # a draft with another tokenizer is refused here
+            self.runner.proposer = build_proposer(speculative, target=model, target_tokenizer=tokenizer,
+                                                  kv=self.kv, attn_impl=attn_impl)
+            self.acceptance = AcceptanceMonitor(speculative)
+        self.num_steps = 0
         self.responses = ResponseStore(max_stored_responses)
         self._vocab = vocab
         self._rng = np.random.default_rng(seed)
@@ -362,6 +380,11 @@ class Engine:
         handle = RequestHandle(rid, prompt)
         handle.request = request
         live = _Live(request, handle, machine, decoder, messages, tool_schemas, req.store)
+        # Penalties change along the draft and logprobs would be needed at every position: such
+        # requests decode one token at a time (documented in serve.speculative).
+        live.speculate = bool(req.speculative) and self.speculative is not None and not (
+            params.logprobs or params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0
+            or params.presence_penalty != 0.0)
         with self._wake:
             self._inbox.append(("add", rid, live))
             self._wake.notify()
@@ -477,7 +500,9 @@ class Engine:
             self._drain_inbox()
             if not self.scheduler.has_unfinished():
                 return False
+            self._plan_drafts()
             out = self.scheduler.schedule()
+            self.num_steps += 1
             for r in out.expired:
                 self._end(r.request_id, FinishReason.DEADLINE.value)
             masks = self._masks(out)
@@ -491,11 +516,59 @@ class Engine:
                 self.scheduler.update(out, {})
                 self.step_seconds += time.perf_counter() - t0
                 return True
-            results = self.scheduler.update(out, {k: s.token_id for k, s in sampled.items()})
+            tokens: dict[str, Any] = {}
+            for rid, s in sampled.items():
+                if isinstance(s, VerifyOutput):
+                    # Tokens past a channel boundary were verified under a mask that no longer
+                    # applies: the machine keeps those up to the boundary only.
+                    machine = self._live[rid].machine
+                    keep = machine.fixed_mask_run(s.samples) if machine is not None else len(s.samples)
+                    tokens[rid] = [x.token_id for x in s.samples[:keep]]
+                else:
+                    tokens[rid] = s.token_id
+            results = self.scheduler.update(out, tokens)
+            committed = collections.Counter(res.request.request_id for res in results)
+            for rid, s in sampled.items():
+                if isinstance(s, VerifyOutput) and s.num_draft_tokens:
+                    self._record_drafts(rid, s, committed[rid])
+            index: collections.Counter = collections.Counter()
             for res in results:
-                self._on_token(res.request, sampled[res.request.request_id], res.finished)
+                rid = res.request.request_id
+                if rid not in self._live:
+                    continue  # ended by an earlier token of this step
+                s = sampled[rid]
+                sample = s.samples[index[rid]] if isinstance(s, VerifyOutput) else s
+                index[rid] += 1
+                self._on_token(res.request, sample, res.finished)
             self.step_seconds += time.perf_counter() - t0
             return True
+
+    def _plan_drafts(self) -> None:
+        """Sets each running request's draft slots for this step (0: a plain decode)."""
+        if self.speculative is None:
+            return
+        k = self.speculative.num_speculative_tokens
+        proposer = self.runner.proposer
+        for r in self.scheduler.running:
+            r.num_lookahead_tokens = 0
+            live = self._live.get(r.request_id)
+            if (live is None or not live.speculate or r.num_tokens - r.num_computed_tokens != 1
+                    or not self.acceptance.allows(r.request_id, self.num_steps)
+                    or (live.machine is not None and not live.machine.mask_is_fixed)):
+                continue
+            # The last sampled token needs no slot: drafts stop one short of max_tokens.
+            room = min(k, r.params.max_tokens - r.num_output_tokens - 1)
+            if room > 0:
+                r.num_lookahead_tokens = proposer.lookahead(r, room)
+
+    def _record_drafts(self, rid: str, s: VerifyOutput, committed: int) -> None:
+        """Counts a verification: drafts that made it into the output accepted, the rest rejected."""
+        accepted = min(s.num_accepted, committed)
+        self.acceptance.record(rid, s.num_draft_tokens, accepted, self.num_steps)
+        live = self._live.get(rid)
+        if live is not None:
+            live.num_drafted += s.num_draft_tokens
+            live.num_accepted += accepted
 
     def _masks(self, out) -> dict[str, np.ndarray]:
         rows = [(e.request_id, self._live[e.request_id].machine) for e in out.scheduled
@@ -581,6 +654,15 @@ class Engine:
             if live.pending_logprobs:  # a flushed tail carries the samples still waiting
                 events = [dataclasses.replace(e, logprobs=tuple(live.pending_logprobs))
                           if isinstance(e, ev.AnswerDelta) else e for e in events]
+        if live.num_drafted:
+            usage = dataclasses.replace(finished_event.usage,
+                                        **spec_usage_fields(live.num_drafted, live.num_accepted))
+            patched = dataclasses.replace(finished_event, usage=usage)
+            events = [patched if e is finished_event else e for e in events]
+            finished_event = patched
+        if self.acceptance is not None:
+            self.acceptance.forget(rid)
+            self.runner.proposer.release([rid])
         if live.store and reason not in (FinishReason.CANCELLED.value, FinishReason.ERROR.value):
             self.responses.put(self._stored(live, reason, finished_event.usage))
         h._push(events if events else [finished_event])
@@ -667,7 +749,9 @@ class Engine:
             num_preemptions=s.num_preemptions, num_computed_tokens=s.num_computed_tokens,
             num_output_tokens=self.num_output_tokens, output_tokens_per_s=rate,
             mask_seconds=self.mask_seconds, step_seconds=self.step_seconds,
-            num_stored_responses=len(self.responses))
+            num_stored_responses=len(self.responses),
+            num_draft_tokens=self.acceptance.drafted if self.acceptance else 0,
+            num_accepted_tokens=self.acceptance.accepted if self.acceptance else 0)
 
 
 def _image_tokens(request: Request) -> int:

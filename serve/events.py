@@ -28,6 +28,10 @@ class Usage:
             end-of-turn token after them.
         tool_argument_tokens: the part of tool_call_tokens whose text lies in ``arguments``.
         image_tokens: the part of input_tokens that are image placeholders (soft tokens).
+        accepted_prediction_tokens: speculative decoding: draft tokens the target accepted
+            (part of the output tokens above; OpenAI's
+            ``completion_tokens_details.accepted_prediction_tokens``).
+        rejected_prediction_tokens: draft tokens verified and rejected (computed, not output).
     """
 
     input_tokens: int = 0
@@ -37,6 +41,8 @@ class Usage:
     tool_call_tokens: int = 0
     tool_argument_tokens: int = 0
     image_tokens: int = 0
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
 
     @property
     def output_tokens(self) -> int:

@@ -444,6 +444,27 @@ class KVCacheManager:
                 g.pool.free([table[i]])
                 table[i] = NULL_PAGE
 
+    def truncate(self, request: Request, num_tokens: int) -> None:
+        """Frees the request's pages past its first ``num_tokens`` tokens, tail first.
+
+        Speculative decoding writes K/V for draft tokens before knowing which survive; once the
+        verification has committed ``num_tokens``, pages holding only rejected slots go back to
+        the pool. They were never keyed: ``cache_full_pages`` keys only pages of computed,
+        committed tokens, so the prefix index never points at a rejected draft.
+        """
+        if num_tokens < 0:
+            raise ValueError(f"truncate: num_tokens must be >= 0, got {num_tokens}")
+        tables = self._tables.get(request.request_id)
+        if tables is None:
+            return
+        keep = _ceil_div(num_tokens, self.page_size)
+        if keep < self._num_keyed.get(request.request_id, 0):
+            raise ValueError(f"truncate: request {request.request_id!r} would drop keyed pages")
+        for g, table in zip(self.groups, tables):
+            tail = table[keep:]
+            del table[keep:]
+            g.pool.free([p for p in reversed(tail) if p != NULL_PAGE])
+
     def free(self, request: Request) -> None:
         """Returns all the request's pages; keyed ones stay cached until evicted."""
         tables = self._tables.pop(request.request_id, None)

@@ -176,8 +176,8 @@ class Request:
       wants_hidden: the runner returns the prompt's last hidden state with the first sampled
         token (``effort="auto"`` predicts the reasoning budget from it).
       status, output_token_ids, num_computed_tokens, num_cached_tokens, total_computed_tokens,
-      num_preemptions, finish_reason, first_scheduled_time, finish_time: engine state (see the
-        module docstring); not constructor arguments.
+      num_preemptions, finish_reason, first_scheduled_time, finish_time, num_lookahead_tokens:
+        engine state (see the module docstring); not constructor arguments.
     """
 
     request_id: str
@@ -199,6 +199,9 @@ class Request:
     finish_reason: FinishReason | None = dataclasses.field(default=None, init=False)
     first_scheduled_time: float | None = dataclasses.field(default=None, init=False)
     finish_time: float | None = dataclasses.field(default=None, init=False)
+    # Draft tokens the engine wants verified in the next decode step (speculative decoding): the
+    # scheduler reserves this many K/V slots past the last token; 0 means a plain decode.
+    num_lookahead_tokens: int = dataclasses.field(default=0, init=False)
     # Prefix-cache keys of the full pages of prompt + output, extended lazily by the KV manager.
     page_hashes: list[bytes] = dataclasses.field(default_factory=list, init=False, repr=False)
 

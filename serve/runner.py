@@ -24,6 +24,12 @@ machine's int32 bitmask, then greedy or temperature sampling with top-k / top-p 
 key is ``fold_in(key(seed), output index)``, so a seeded request draws the same tokens however it
 is batched, preempted or recomputed. Optional logprobs: of the model's raw distribution, for the
 sampled token and the 20 best alternatives.
+
+Speculative decoding: an entry with ``num_lookahead`` slots gets drafts from ``proposer``
+(``serve.speculative``); such entries run as one ``[B, 1 + k]`` verification pass, each row
+left-padded so its queries are its last positions (the layout of the paged decode kernel), with
+target logits at every position; ``serve.rejection`` accepts the longest valid draft prefix plus
+one target token. The result is a ``VerifyOutput``; the scheduler rolls back rejected slots.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from model.transformer import Transformer
 from serve.image_cache import ImageEmbeddingCache
 from serve.buckets import batch_rows, length_bucket, min_table_width, pow2, table_bucket
 from serve.kv_pages import KVCacheManager
+from serve.rejection import processed_probs, verify_drafts
 from serve.request import MAX_TOP_LOGPROBS
 from serve.scheduler import ScheduledRequest, SchedulerOutput
 
@@ -74,6 +81,7 @@ class _Flags:
     masked: bool
     logprobs: bool  # with MAX_TOP_LOGPROBS alternatives
     hidden: bool = False  # return each row's last hidden state (prefill of a wants_hidden request)
+    probs: bool = False  # return each row's sampling distribution [B, V] (a draft model's q)
 
 
 def _unpack_bits(words: jax.Array, vocab: int) -> jax.Array:
@@ -122,6 +130,11 @@ def sample_tokens(logits, p: Mapping[str, jax.Array], flags: _Flags):
         lsm = jax.nn.log_softmax(logits, axis=-1)
         lp = jnp.take_along_axis(lsm, tokens[:, None], axis=1)[:, 0]
         top_lp, top_ids = jax.lax.top_k(lsm, min(MAX_TOP_LOGPROBS, lsm.shape[-1]))
+    if flags.probs:  # q for rejection sampling: one-hot for greedy rows
+        probs = jax.nn.one_hot(tokens, vocab, dtype=jnp.float32)
+        if flags.sampling:
+            probs = jnp.where((p["temperature"] > 0)[:, None], processed_probs(x[:, None], p)[:, 0], probs)
+        return tokens, lp, top_ids, top_lp, probs
     return tokens, lp, top_ids, top_lp
 
 
@@ -172,6 +185,52 @@ def _overlap(e: ScheduledRequest, span) -> bool:
 def _image_overlaps(e: ScheduledRequest) -> bool:
     """Whether the entry computes any image placeholder."""
     return any(_overlap(e, span) for span in e.request.mm_spans)
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5, 6))
+def _verify_step(graphdef, layer_groups, attn_impl, flags, state, k, v, tokens, tables, slots,
+                 positions, lengths, pad, drafts, num_drafts, sp, draft_probs=None):
+    """One target pass over each row's fed token + drafts (left-padded to [B, T]), then draft
+    verification (``serve.rejection.verify_drafts``); ``pad`` [B] is each row's left padding."""
+    model = nnx.merge(graphdef, state)
+    cache = PagedKVCache(k=k, v=v, page_tables=tables, slots=slots, positions=positions,
+                         lengths=lengths, layer_groups=layer_groups)
+    logits, cache = model(tokens, cache=cache, attn_impl=attn_impl)  # [B, T, V]
+    t = tokens.shape[1]
+    idx = jnp.minimum(pad[:, None] + jnp.arange(t)[None, :], t - 1)  # real positions first
+    logits = jnp.take_along_axis(logits, idx[..., None], axis=1)
+    out = verify_drafts(logits, drafts, num_drafts, sp, sampling=flags.sampling,
+                        masked=flags.masked, draft_probs=draft_probs)
+    return out, cache.k, cache.v
+
+
+@dataclasses.dataclass(frozen=True)
+class Draft:
+    """A proposer's draft for one request.
+
+    Attributes:
+      token_ids: the draft tokens (possibly fewer than the slots reserved; empty: no draft).
+      probs: [len(token_ids), V] distributions they were sampled from (a draft model), or None
+        for deterministic drafts (prompt lookup): q is then one-hot.
+    """
+
+    token_ids: tuple[int, ...]
+    probs: jax.Array | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyOutput:
+    """The tokens a speculative step produced for one request.
+
+    Attributes:
+      samples: the accepted drafts, then the target's own token (correction or bonus).
+      num_draft_tokens: drafts verified in the step.
+    """
+
+    samples: tuple[SampleOutput, ...]
+    num_draft_tokens: int
+
+    @property
+    def num_accepted(self) -> int:
+        return len(self.samples) - 1
 
 
 class ModelRunner:
@@ -186,18 +245,26 @@ class ModelRunner:
         rows cost little next to a dispatch).
       min_table_pages: smallest page-table width bucket.
       max_cached_images: image embeddings kept by content hash (models with a vision tower).
+      layer_groups: the page group of each layer (default: from the model's layer types); a draft
+        model maps its layers onto the target's groups.
     """
 
     def __init__(self, model: Transformer, kv_manager: KVCacheManager, *, attn_impl: str = "auto",
                  cache_dtype: str | None = None, min_batch: int = 8, min_table_pages: int = 16,
-                 max_cached_images: int = 256):
+                 max_cached_images: int = 256, layer_groups: tuple[int, ...] | None = None):
         cfg = model.config
         self.config = cfg
         self.graphdef, self.state = nnx.split(model)
         self.attn_impl = attn_impl
         self.page_size = kv_manager.page_size
-        self.layer_groups = KVCacheManager.group_of_layer(cfg.layer_types)
-        if len(kv_manager.groups) != max(self.layer_groups) + 1:
+        if layer_groups is not None:  # a draft model reading the target's page tables
+            if len(layer_groups) != cfg.num_layers or not all(0 <= g < len(kv_manager.groups) for g in layer_groups):
+                raise ValueError(f"layer_groups {layer_groups} must name one of the "
+                                 f"{len(kv_manager.groups)} page groups per layer")
+            self.layer_groups = tuple(layer_groups)
+        else:
+            self.layer_groups = KVCacheManager.group_of_layer(cfg.layer_types)
+        if layer_groups is None and len(kv_manager.groups) != max(self.layer_groups) + 1:
             raise ValueError(f"kv_manager has {len(kv_manager.groups)} page groups; the model's layer "
                              f"types {sorted(set(cfg.layer_types))} need {max(self.layer_groups) + 1}")
         self.num_pages = tuple(g.pool.num_pages for g in kv_manager.groups)
@@ -208,6 +275,9 @@ class ModelRunner:
         self.num_steps = 0  # jitted calls run
         self.images = None if cfg.vision is None else ImageEmbeddingCache(
             self.graphdef, self.state, attn_impl=attn_impl, max_images=max_cached_images)
+        # Speculative decoding: proposes drafts for entries with num_lookahead (prompt lookup or a
+        # draft model, ``serve.speculative``); None: lookahead entries run as plain decodes.
+        self.proposer = None
 
     @staticmethod
     def compiled_variants() -> int:
@@ -230,17 +300,89 @@ class ModelRunner:
         """
         masks = masks or {}
         # A chunk with image placeholders takes the prefill path (embeddings spliced), even at 1 token.
+        lookahead = [e for e in output.scheduled if e.num_lookahead]
+        drafts = self.proposer.propose(lookahead, masks) if lookahead and self.proposer else {}
+        spec = [e for e in lookahead if drafts.get(e.request_id) and drafts[e.request_id].token_ids]
         prefills = [e for e in output.scheduled if len(e.token_ids) > 1 or _image_overlaps(e)]
-        decodes = [e for e in output.scheduled if not (len(e.token_ids) > 1 or _image_overlaps(e))]
-        results: dict[str, SampleOutput] = {}
+        decodes = [e for e in output.scheduled
+                   if not (len(e.token_ids) > 1 or _image_overlaps(e)) and e not in spec]
+        results: dict[str, SampleOutput | VerifyOutput] = {}
         if prefills:
             t = length_bucket(max(len(e.token_ids) for e in prefills))
             results.update(self._run(prefills, t, masks))
         if decodes:
             results.update(self._run(decodes, 1, masks))
+        if spec:
+            results.update(self._verify(spec, drafts, masks))
+        for e in lookahead:  # a lookahead entry without a draft decoded plainly
+            if e.request_id in results and not isinstance(results[e.request_id], VerifyOutput):
+                results[e.request_id] = VerifyOutput((results[e.request_id],), 0)
         return results
 
-    def _run(self, entries: list[ScheduledRequest], t: int, masks) -> dict[str, SampleOutput]:
+    def _verify(self, entries: list[ScheduledRequest], drafts: Mapping[str, Draft],
+                masks) -> dict[str, VerifyOutput]:
+        """Feeds each entry its token + drafts at once and verifies the drafts (one target pass)."""
+        n = len(entries)
+        k_max = max(len(drafts[e.request_id].token_ids) for e in entries)
+        # Each padding row would cost 1 + k positions: keep the batch bucket's padded positions
+        # near a plain decode's (min_batch rows of one token) instead of min_batch rows of 1 + k.
+        b = pow2(n, max(1, self.min_batch // (k_max + 1)))
+        # Exact width: at most num_speculative_tokens compiled widths, and no padded positions
+        # (a power-of-two bucket would compute 8 positions for 4 drafts).
+        t = k_max + 1
+        G = self.page_size
+        m = pow2(max(len(e.page_tables[0]) for e in entries), self.min_table_pages)
+        n_groups = len(self.num_pages)
+        tokens = np.zeros((b, t), np.int32)
+        positions = np.full((b, t), -1, np.int32)
+        lengths = np.full((b,), t, np.int32)  # padding rows: any valid length; they write nothing
+        pad = np.zeros((b,), np.int32)
+        draft_ids = np.zeros((b, t - 1), np.int32)
+        num_drafts = np.zeros((b,), np.int32)
+        tables = np.full((n_groups, b, m), -1, np.int32)
+        slots = np.full((n_groups, b, t), -1, np.int32)
+        with_probs = any(drafts[e.request_id].probs is not None for e in entries)
+        vocab = self.config.vocab_size
+        probs = np.zeros((b, t - 1, vocab), np.float32) if with_probs else None
+        for i, e in enumerate(entries):
+            d = drafts[e.request_id]
+            k = len(d.token_ids)
+            if k > e.num_lookahead:
+                raise ValueError(f"proposer returned {k} drafts for {e.request_id!r}; "
+                                 f"{e.num_lookahead} slots were reserved")
+            feed = list(e.token_ids) + list(d.token_ids)
+            pos = e.start_position + np.arange(len(feed))
+            pad[i] = t - len(feed)  # left padding: the kernel's queries are the last T positions
+            tokens[i, pad[i]:] = feed
+            positions[i, pad[i]:] = pos
+            lengths[i] = pos[-1] + 1
+            draft_ids[i, :k] = d.token_ids
+            num_drafts[i] = k
+            if d.probs is not None:
+                probs[i, :k] = np.asarray(d.probs)
+            for g, table in enumerate(e.page_tables):
+                table = np.asarray(table, np.int32)
+                tables[g, i, :len(table)] = table
+                slots[g, i, pad[i]:] = table[pos // G] * G + pos % G
+        sp, flags = self._sampling_inputs(entries, b, masks)
+        if flags.penalties or flags.logprobs:
+            raise ValueError("speculative verification does not support penalties or logprobs; "
+                             "the engine decodes such requests without drafts")
+        (out_tokens, accepted), self.k, self.v = _verify_step(
+            self.graphdef, self.layer_groups, self.attn_impl, flags, self.state, self.k, self.v,
+            jnp.asarray(tokens), tuple(jnp.asarray(x) for x in tables),
+            tuple(jnp.asarray(x) for x in slots), jnp.asarray(positions), jnp.asarray(lengths),
+            jnp.asarray(pad), jnp.asarray(draft_ids), jnp.asarray(num_drafts), sp,
+            None if probs is None else jnp.asarray(probs))
+        self.num_steps += 1
+        out_tokens, accepted = np.asarray(out_tokens), np.asarray(accepted)
+        return {e.request_id: VerifyOutput(
+                    tuple(SampleOutput(int(x)) for x in out_tokens[i, :accepted[i] + 1]),
+                    int(num_drafts[i]))
+                for i, e in enumerate(entries)}
+
+    def _run(self, entries: list[ScheduledRequest], t: int, masks, *,
+             probs: bool = False) -> dict[str, SampleOutput]:
         n = len(entries)
         G = self.page_size
         n_groups = len(self.num_pages)
@@ -299,6 +441,8 @@ class ModelRunner:
             index, rows, span_ids = self._image_inputs(entries, b, t)
             images = (jnp.asarray(pack_row(index, -1)), jnp.asarray(rows), jnp.asarray(span_ids))
         sp, flags = self._sampling_inputs(entries, b, masks)
+        if probs:
+            flags = dataclasses.replace(flags, probs=True, hidden=False)
         outs, self.k, self.v = _step(
             self.graphdef, self.layer_groups, self.attn_impl, flags, self.state, self.k, self.v,
             jnp.asarray(tokens), tuple(jnp.asarray(x) for x in tables),
@@ -306,7 +450,8 @@ class ModelRunner:
             jnp.asarray(logits_index), sp, packing, images, tuple(jnp.asarray(x) for x in offsets))
         self.num_steps += 1
         tok, lp, top_ids, top_lp = outs[:4]
-        hidden = np.asarray(outs[4]) if len(outs) > 4 else None
+        hidden = np.asarray(outs[4]) if flags.hidden and len(outs) > 4 else None
+        self.last_probs = outs[4] if flags.probs else None  # [B, V] on device (draft model's q)
         tok = np.asarray(tok)
         lp = None if lp is None else np.asarray(lp)
         top_ids = None if top_ids is None else np.asarray(top_ids)
@@ -371,7 +516,7 @@ class ModelRunner:
             p["temperature"][i], p["top_k"][i], p["top_p"][i], p["min_p"][i] = (
                 sp.temperature, sp.top_k, sp.top_p, sp.min_p)
             p["seed"][i] = (sp.seed or 0) & 0xFFFFFFFF
-            p["out_index"][i] = r.num_output_tokens
+            p["out_index"][i] = r.num_output_tokens + e.sample_offset
             p["repetition"][i], p["frequency"][i], p["presence"][i] = (
                 sp.repetition_penalty, sp.frequency_penalty, sp.presence_penalty)
             penalties |= (sp.repetition_penalty != 1.0 or sp.frequency_penalty != 0.0

@@ -53,6 +53,11 @@ class ScheduledRequest:
       samples: whether this step yields a sampled token for the request (its last prefill chunk or
         a decode).
       request: the request itself, for sampling parameters and the history penalties need.
+      num_lookahead: K/V slots reserved after ``token_ids`` for draft tokens (speculative
+        decoding: a decode whose request set ``num_lookahead_tokens``); the runner fills up to
+        this many drafts, verifies them and returns the committed tokens.
+      sample_offset: the sampled token's index past ``request.num_output_tokens`` (a draft
+        model's later steps sample tokens 1, 2, ... ahead; it keys the sampler's RNG).
     """
 
     request_id: str
@@ -61,6 +66,8 @@ class ScheduledRequest:
     page_tables: tuple[tuple[int, ...], ...]
     samples: bool
     request: Request = dataclasses.field(repr=False, compare=False)
+    num_lookahead: int = 0
+    sample_offset: int = 0
 
     @property
     def page_table(self) -> tuple[int, ...]:
@@ -281,6 +288,10 @@ class Scheduler:
             if n == 0:  # the rest of an image span needs more budget than this step has left
                 i += 1
                 continue
+            lookahead = 0
+            if request.num_tokens - request.num_computed_tokens == 1:  # a decode: room for drafts?
+                lookahead = max(0, min(request.num_lookahead_tokens, budget - 1))
+            n += lookahead
             tables = self.kv.allocate_slots(request, n)
             while tables is None:
                 victim = self._running.pop()[1]  # newest; never one scheduled earlier in this step
@@ -291,7 +302,7 @@ class Scheduler:
                 tables = self.kv.allocate_slots(request, n)
             if tables is None:
                 break  # the request preempted itself; it was the last running one
-            scheduled.append(self._entry(request, n, tables))
+            scheduled.append(self._entry(request, n - lookahead, tables, lookahead))
             budget -= n
             i += 1
 
@@ -354,7 +365,7 @@ class Scheduler:
                 keys.update(self._uncomputed_keys(r, r.num_computed_tokens))
         return keys
 
-    def _entry(self, request: Request, n: int, tables) -> ScheduledRequest:
+    def _entry(self, request: Request, n: int, tables, lookahead: int = 0) -> ScheduledRequest:
         start = request.num_computed_tokens
         return ScheduledRequest(
             request_id=request.request_id,
@@ -363,6 +374,7 @@ class Scheduler:
             page_tables=tuple(tuple(t) for t in tables),
             samples=start + n == request.num_tokens,
             request=request,
+            num_lookahead=lookahead,
         )
 
     def update(self, output: SchedulerOutput, sampled: Mapping[str, int]) -> list[StepResult]:
@@ -373,7 +385,9 @@ class Scheduler:
 
         Args:
           output: the output of the last ``schedule()``.
-          sampled: the sampled token per request id, for every entry with ``samples=True``.
+          sampled: the sampled token per request id, for every entry with ``samples=True``; for
+            an entry with ``num_lookahead`` a sequence of 1 .. num_lookahead + 1 committed tokens
+            (accepted drafts, then the target's own token).
 
         Returns:
           One result per sampled token, in schedule order; finished requests have freed their
@@ -388,31 +402,53 @@ class Scheduler:
             request = item.request
             if request.is_finished:
                 continue
-            n = len(item.token_ids)
-            request.num_computed_tokens += n
+            n = len(item.token_ids) + item.num_lookahead
             request.total_computed_tokens += n
             self.num_computed_tokens += n
-            self.kv.cache_full_pages(request)
             if not item.samples:
+                request.num_computed_tokens += n
+                self.kv.cache_full_pages(request)
                 continue
             if item.request_id not in sampled:
                 raise ValueError(f"update(): no sampled token for request {item.request_id!r}")
-            token = sampled[item.request_id]
-            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
-                raise ValueError(f"update(): sampled token for {item.request_id!r} must be an int >= 0, got {token!r}")
-            request.output_token_ids.append(token)
+            tokens = self._committed(item, sampled[item.request_id])
             reason = None
-            if token in request.params.stop_token_ids:
-                reason = FinishReason.STOP
-            elif request.num_output_tokens >= request.params.max_tokens:
-                reason = FinishReason.LENGTH
-            elif request.deadline is not None and now >= request.deadline:
-                reason = FinishReason.DEADLINE
+            for token in tokens:
+                request.output_token_ids.append(token)
+                if token in request.params.stop_token_ids:
+                    reason = FinishReason.STOP
+                elif request.num_output_tokens >= request.params.max_tokens:
+                    reason = FinishReason.LENGTH
+                elif request.deadline is not None and now >= request.deadline:
+                    reason = FinishReason.DEADLINE
+                results.append(StepResult(request, token, reason is not None))
+                if reason is not None:
+                    break
+            # The K/V of every committed token but the newest is in the cache now: the fed token
+            # plus the accepted drafts. Slots written for rejected drafts are rolled back.
+            committed = request.num_output_tokens - (item.start_position + len(item.token_ids)
+                                                     - request.num_prompt_tokens)
+            request.num_computed_tokens += len(item.token_ids) + committed - 1
+            if item.num_lookahead:
+                self.kv.truncate(request, request.num_computed_tokens)
+            self.kv.cache_full_pages(request)
             if reason is not None:
                 self._remove(request)
                 self._finish(request, reason, now)
-            results.append(StepResult(request, token, reason is not None))
         return results
+
+    @staticmethod
+    def _committed(item: ScheduledRequest, value) -> list[int]:
+        """The sampled token(s) of an entry, checked: one int, or 1 .. num_lookahead + 1 of them."""
+        rid = item.request_id
+        tokens = [value] if not item.num_lookahead and not isinstance(value, (list, tuple)) else value
+        if not isinstance(tokens, (list, tuple)) or not 1 <= len(tokens) <= item.num_lookahead + 1:
+            raise ValueError(f"update(): request {rid!r} needs 1 to {item.num_lookahead + 1} sampled "
+                             f"tokens, got {value!r}")
+        for token in tokens:
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                raise ValueError(f"update(): sampled token for {rid!r} must be an int >= 0, got {token!r}")
+        return list(tokens)
 
     # ------------------------------------------------------------------ internals
 

@@ -100,6 +100,7 @@ class Prepared:
       store, metadata: as in the request.
       explicit_max_tokens: the client set ``max_output_tokens`` (then a prompt plus it beyond the
         context is an error, not a silent cut).
+      speculative: False when the request opted out of speculative decoding.
     """
 
     messages: list[dict[str, Any]]
@@ -118,6 +119,7 @@ class Prepared:
     metadata: dict[str, str]
     model: str
     explicit_max_tokens: bool = False
+    speculative: bool = True
 
 
 def _json(text: str, where: str) -> Any:
@@ -346,4 +348,5 @@ def prepare(req: pb.CreateRequest, *, model: ModelInfo, records: RecordStore, po
                     response_format=response_format, effort=effort, reasoning_budget=budget,
                     summary=summary, params=params, stop=stop, previous=previous,
                     store=req.store if req.HasField("store") else True, metadata=dict(req.metadata),
-                    model=model.id, explicit_max_tokens=req.HasField("max_output_tokens"))
+                    model=model.id, explicit_max_tokens=req.HasField("max_output_tokens"),
+                    speculative=req.sampling.speculative if req.sampling.HasField("speculative") else True)

@@ -33,7 +33,11 @@ class _EngineCollector:
                 ("kestrel_output_tokens_per_second", "Output tokens per second of engine busy time.",
                  s.output_tokens_per_s),
                 ("kestrel_stored_responses", "Responses kept for previous_response_id.", s.num_stored_responses),
-                ("kestrel_preemptions", "Requests preempted since start.", s.num_preemptions)):
+                ("kestrel_preemptions", "Requests preempted since start.", s.num_preemptions),
+                ("kestrel_spec_decode_draft_tokens", "Speculative draft tokens verified since start.",
+                 s.num_draft_tokens),
+                ("kestrel_spec_decode_accepted_tokens", "Speculative draft tokens accepted since start.",
+                 s.num_accepted_tokens)):
             g = GaugeMetricFamily(name, doc)
             g.add_metric([], float(value))
             yield g

@@ -127,6 +127,10 @@ def _sampling(body: dict, req: pb.CreateRequest) -> None:
         s.seed = int(body["seed"])
     if body.get("logprobs"):
         s.logprobs = True
+    if body.get("speculative") is not None:
+        if not isinstance(body["speculative"], bool):
+            raise invalid(f"speculative must be true or false, got {body['speculative']!r}")
+        s.speculative = body["speculative"]
     top = body.get("top_logprobs")
     if top is not None:
         if not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= 20:
@@ -285,17 +289,24 @@ _INCOMPLETE = {pb.INCOMPLETE_REASON_MAX_OUTPUT_TOKENS: "max_output_tokens",
                pb.INCOMPLETE_REASON_MAX_TOOL_ROUNDS: "max_tool_rounds"}
 
 
+def _predictions(u: pb.Usage) -> dict:
+    """Speculative drafts, named as OpenAI names Predicted Outputs' counts."""
+    return {"accepted_prediction_tokens": u.accepted_prediction_tokens,
+            "rejected_prediction_tokens": u.rejected_prediction_tokens}
+
+
 def usage_json(u: pb.Usage) -> dict:
     return {"input_tokens": u.input_tokens, "input_tokens_details": {"cached_tokens": u.cached_input_tokens,
                                                                      "image_tokens": u.image_tokens},
-            "output_tokens": u.output_tokens, "output_tokens_details": {"reasoning_tokens": u.reasoning_tokens},
+            "output_tokens": u.output_tokens,
+            "output_tokens_details": {"reasoning_tokens": u.reasoning_tokens, **_predictions(u)},
             "total_tokens": u.total_tokens}
 
 
 def chat_usage_json(u: pb.Usage) -> dict:
     return {"prompt_tokens": u.input_tokens, "completion_tokens": u.output_tokens, "total_tokens": u.total_tokens,
             "prompt_tokens_details": {"cached_tokens": u.cached_input_tokens, "image_tokens": u.image_tokens},
-            "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens}}
+            "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens, **_predictions(u)}}
 
 
 def logprob_json(r: pb.TokenLogprob) -> dict:

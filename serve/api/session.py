@@ -54,7 +54,9 @@ def usage_proto(u: ev.Usage) -> pb.Usage:
     return pb.Usage(input_tokens=u.input_tokens, cached_input_tokens=u.cached_input_tokens,
                     output_tokens=u.output_tokens, reasoning_tokens=u.reasoning_tokens,
                     answer_tokens=u.answer_tokens, tool_call_tokens=u.tool_call_tokens,
-                    total_tokens=u.total_tokens, image_tokens=u.image_tokens)
+                    total_tokens=u.total_tokens, image_tokens=u.image_tokens,
+                    accepted_prediction_tokens=u.accepted_prediction_tokens,
+                    rejected_prediction_tokens=u.rejected_prediction_tokens)
 
 
 def _add_usage(a: ev.Usage, b: ev.Usage) -> ev.Usage:
@@ -142,7 +144,8 @@ class ResponseRunner:
     def engine_request(self, prepared: Prepared, **kw) -> EngineRequest:
         return EngineRequest(tools=prepared.tools, parallel_tool_calls=prepared.parallel_tool_calls,
                              response_format=prepared.response_format, effort=prepared.effort,
-                             reasoning_budget=prepared.reasoning_budget, **kw)
+                             reasoning_budget=prepared.reasoning_budget,
+                             speculative=prepared.speculative, **kw)
 
     def cancel(self, record: ResponseRecord) -> None:
         record.cancelled = True
