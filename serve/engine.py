@@ -204,6 +204,8 @@ class Engine:
       clock: time source (deadlines, rates).
       image_limits: what one image may cost before it is decoded (bytes, pixels, frames).
       max_images_per_request: most images in one request (a continued conversation's included).
+      early_exit_threshold: early-exit decoding (models with ``exit_layers``; see
+        ``ModelRunner``); ``None``: off.
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None, *, num_pages: int,
@@ -212,7 +214,8 @@ class Engine:
                  enable_prefix_caching: bool = True, max_stored_responses: int = 1024,
                  attn_impl: str = "auto", seed: int = 0, vocab: ChannelVocab | None = None,
                  effort: EffortModel | None = None, clock: Callable[[], float] = time.monotonic,
-                 image_limits: ImageLimits | None = None, max_images_per_request: int = 8):
+                 image_limits: ImageLimits | None = None, max_images_per_request: int = 8,
+                 early_exit_threshold: float | None = None):
         cfg = model.config
         self.effort = effort or EffortModel()
         self.config = cfg
@@ -223,7 +226,8 @@ class Engine:
                                             enable_prefix_caching=enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, max_num_seqs, max_num_batched_tokens, prefill_chunk_size,
                                    clock=clock)
-        self.runner = ModelRunner(model, self.kv, attn_impl=attn_impl)
+        self.runner = ModelRunner(model, self.kv, attn_impl=attn_impl,
+                                  early_exit_threshold=early_exit_threshold)
         self.image_limits = image_limits or ImageLimits()
         self.max_images_per_request = max_images_per_request
         self.responses = ResponseStore(max_stored_responses)
