@@ -52,6 +52,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024, help="encoded size of one image")
     p.add_argument("--max-image-pixels", type=int, default=25_000_000,
                    help="width x height of one image, checked from its header before decoding")
+    p.add_argument("--early-exit-threshold", type=float, default=None,
+                   help="decode with the model's exit heads (config exit_layers): a step stops at an "
+                        "exit layer when every row's top probability there exceeds this (0..1); off by default")
     p.add_argument("--log-level", default="info")
 
 
@@ -73,16 +76,22 @@ def build_server(args):
                  "max_images", "max_image_bytes", "max_image_pixels"):
         if getattr(args, flag) < (0 if flag == "port" else 1):
             raise KestrelError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if args.early_exit_threshold is not None and not 0.0 <= args.early_exit_threshold <= 1.0:
+        raise KestrelError(f"--early-exit-threshold must be in [0, 1], got {args.early_exit_threshold}")
     keys = load_api_keys(args.api_keys_file, args.api_keys_env)
     model, tokenizer = load_checkpoint(ckpt)
     try:
         effort = EffortModel.load(ckpt)
     except ValueError as e:
         raise KestrelError(str(e)) from None
+    if args.early_exit_threshold is not None and not model.config.exit_layers:
+        raise KestrelError(f"--early-exit-threshold: the model in {os.fspath(ckpt)!r} has no exit heads "
+                           "(its config.json has no exit_layers)")
     engine = Engine(model, tokenizer, num_pages=args.num_pages, page_size=args.page_size,
                     max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                     effort=effort, max_images_per_request=args.max_images,
-                    image_limits=ImageLimits(max_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels))
+                    image_limits=ImageLimits(max_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels),
+                    early_exit_threshold=args.early_exit_threshold)
     tls = TlsConfig(args.tls_cert, args.tls_key) if args.tls_cert else None
     return KestrelServer(engine, model_id=args.model_id or ckpt.resolve().name, api_keys=keys, tls=tls,
                          max_queued=args.max_queued, max_output_tokens=args.max_output_tokens)

@@ -2,6 +2,8 @@
 exit layer (the output is then the truncated model's), the skipped layers' K/V are the projections
 of the exit layer's state (CALM), and bad settings are refused at construction."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,6 +36,7 @@ def sharp(model):
     return model
 
 
+@functools.lru_cache(maxsize=None)
 def exit_model():
     return sharp(init_model(CFG, 0))
 
@@ -70,7 +73,7 @@ def drive(model, prompts, threshold, pages_of=None):
 
 def test_threshold_one_never_exits_and_equals_the_engine_without_early_exit():
     model = exit_model()
-    prompts = random_prompts(6, seed=3)
+    prompts = random_prompts(4, seed=3)
     outputs = {}
     for threshold in (None, 1.0):
         engine = Engine(model, None, num_pages=256, page_size=PAGE, max_num_seqs=8,
@@ -79,9 +82,9 @@ def test_threshold_one_never_exits_and_equals_the_engine_without_early_exit():
         engine.run_until_idle()
         outputs[threshold] = [h.output_token_ids for h in hs]
         counts = engine.runner.exit_counts
-        assert (counts == {}) if threshold is None else (set(counts) == {0} and counts[0] > 5)
+        assert (counts == {}) if threshold is None else (set(counts) == {0} and counts[0] > 4)
     assert outputs[1.0] == outputs[None]
-    assert len({tuple(o) for o in outputs[None]}) > 3
+    assert len({tuple(o) for o in outputs[None]}) > 2
 
 
 def test_threshold_zero_exits_every_decode_at_the_first_exit_and_equals_the_truncated_model():
