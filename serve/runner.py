@@ -252,9 +252,14 @@ class ModelRunner:
           The sampled token of every entry with ``samples=True``.
         """
         masks = masks or {}
-        # A chunk with image placeholders takes the prefill path (embeddings spliced), even at 1 token.
-        prefills = [e for e in output.scheduled if len(e.token_ids) > 1 or _image_overlaps(e)]
-        decodes = [e for e in output.scheduled if not (len(e.token_ids) > 1 or _image_overlaps(e))]
+        # A chunk with image placeholders takes the prefill path (embeddings spliced), even at 1 token;
+        # with early exit so does a 1-token prompt chunk, so that only output tokens ever exit.
+        def is_prefill(e):
+            return len(e.token_ids) > 1 or _image_overlaps(e) or (
+                self.early_exit_threshold is not None and e.start_position < e.request.num_prompt_tokens)
+
+        prefills = [e for e in output.scheduled if is_prefill(e)]
+        decodes = [e for e in output.scheduled if not is_prefill(e)]
         results: dict[str, SampleOutput] = {}
         if prefills:
             t = _length_bucket(max(len(e.token_ids) for e in prefills))

@@ -27,6 +27,7 @@ CFG = ModelConfig(vocab_size=VOCAB, hidden_size=32, num_layers=3, num_heads=4, n
                   intermediate_size=64, max_position_embeddings=1024,
                   layer_types=("sliding", "global", "global"), sliding_window=8, exit_layers=(1, 2))
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0)
+PROMPTS = random_prompts(4, seed=3)  # one workload for every test: the compilations are shared
 
 
 def sharp(model):
@@ -73,10 +74,10 @@ def drive(model, prompts, threshold, pages_of=None):
 
 def test_threshold_one_never_exits_and_equals_the_engine_without_early_exit():
     model = exit_model()
-    prompts = random_prompts(4, seed=3)
+    prompts = PROMPTS
     outputs = {}
     for threshold in (None, 1.0):
-        engine = Engine(model, None, num_pages=256, page_size=PAGE, max_num_seqs=8,
+        engine = Engine(model, None, num_pages=256, page_size=PAGE, max_num_seqs=32,
                         max_num_batched_tokens=64, prefill_chunk_size=16, early_exit_threshold=threshold)
         hs = [engine.submit(EngineRequest(prompt_token_ids=p, channels=False, params=GREEDY)) for p in prompts]
         engine.run_until_idle()
@@ -89,7 +90,7 @@ def test_threshold_one_never_exits_and_equals_the_engine_without_early_exit():
 
 def test_threshold_zero_exits_every_decode_at_the_first_exit_and_equals_the_truncated_model():
     model = exit_model()
-    prompts = random_prompts(4, seed=5)
+    prompts = PROMPTS
     outs, counts, _, _ = drive(model, prompts, 0.0)
     full, _, _, _ = drive(model, prompts, None)
     assert set(counts) == {1} and counts[1] >= GREEDY.max_tokens - 1
@@ -105,8 +106,8 @@ def test_threshold_zero_exits_every_decode_at_the_first_exit_and_equals_the_trun
 
 def test_skipped_layers_keys_and_values_are_projections_of_the_exit_state():
     model = exit_model()
-    prompt = random_prompts(1, seed=7)[0]
-    outs, counts, runner, tables = drive(model, [prompt], 0.0)
+    prompt = PROMPTS[0]
+    outs, counts, runner, tables = drive(model, PROMPTS, 0.0)
     assert set(counts) == {1}
     tokens = prompt + outs[0][:-1]  # every token whose K/V were written
     t = len(tokens)
@@ -114,7 +115,7 @@ def test_skipped_layers_keys_and_values_are_projections_of_the_exit_state():
     ropes = {kind: rope_tables(jnp.arange(t)[None], *f) for kind, f in rope_frequencies(CFG).items()}
     x, _ = model.blocks[0](x, rope=ropes["sliding"], q_positions=None, kv_positions=None)
     decoded = np.arange(len(prompt), t)  # positions computed by exited decode steps
-    for layer in (1, 2):  # the skipped (global, group 1... of this model's layer groups) layers
+    for layer in (1, 2):  # the layers an exit after block 1 skips
         block = model.blocks[layer]
         _, k, v = block.attn.project(block.attn_norm(x), ropes[block.layer_type])
         group = runner.layer_groups[layer]
