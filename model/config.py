@@ -91,6 +91,10 @@ class ModelConfig:
       param_dtype: storage dtype of parameters.
       architecture: the family this config came from (informational, kept for export).
       vision: the image tower (SigLIP + projector) when the model takes images, else None.
+      exit_layers: early exit (LayerSkip / CALM): after each of these layers (1-based counts of
+        blocks run, increasing, each < L) an exit head reads the hidden state. The head is the
+        model's own final norm and (tied) LM head, so exits add no parameters; training adds their
+        cross entropy (``RunConfig.early_exit_weight``), serving may stop there when confident.
     """
 
     vocab_size: int
@@ -121,6 +125,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     architecture: str = "kestrel"
     vision: VisionConfig | None = None
+    exit_layers: tuple[int, ...] = ()
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
@@ -156,6 +161,12 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name} must be float32, bfloat16 or float16")
         if isinstance(self.vision, dict):
             object.__setattr__(self, "vision", VisionConfig.from_dict(self.vision))
+        object.__setattr__(self, "exit_layers", tuple(self.exit_layers))
+        exits = self.exit_layers
+        if (any(not isinstance(e, int) or not 1 <= e < self.num_layers for e in exits)
+                or list(exits) != sorted(set(exits))):
+            raise ValueError(f"ModelConfig.exit_layers {list(exits)} must be increasing layer counts "
+                             f"in 1..{self.num_layers - 1} (an exit after the last layer is the model)")
         if self.vision is not None and not isinstance(self.vision, VisionConfig):
             raise ValueError(f"ModelConfig.vision must be a VisionConfig or None, got {self.vision!r}")
 
@@ -181,6 +192,7 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["layer_types"] = list(self.layer_types)
+        out["exit_layers"] = list(self.exit_layers)
         return out
 
     @classmethod

@@ -101,20 +101,10 @@ class PagedKVCache:
           ([B, T, N, H] attention output, (k pages, v pages) updated).
         """
         g = self.layer_groups[layer]
-        k_pages, v_pages = self.k[layer], self.v[layer]
+        k_pages, v_pages = self.store(layer, k, v)
         kh, p, page, h = k_pages.shape
         b, t = q.shape[:2]
         packed = self.unpack is not None
-        # Out-of-range slots are dropped by the scatter; -1 would wrap around to the last slot.
-        slots = self.slots[g].reshape(-1)
-        slots = jnp.where(slots < 0, p * page, slots)
-
-        def write(pages, new):  # new [B, T, K, H] -> pages [K, P, G, H]
-            flat = pages.reshape(kh, p * page, h)
-            new = new.astype(pages.dtype).reshape(b * t, kh, h).transpose(1, 0, 2)  # [K, B*T, H]
-            return flat.at[:, slots].set(new, mode="drop").reshape(kh, p, page, h)
-
-        k_pages, v_pages = write(k_pages, k), write(v_pages, v)
         table = jnp.maximum(self.page_tables[g], 0)  # released sliding pages: hidden by the window
         offset = (jnp.zeros_like(self.lengths) if self.table_offsets is None
                   else self.table_offsets[g])  # [B]
@@ -149,6 +139,26 @@ class PagedKVCache:
             out = out.reshape(b * t, *out.shape[2:])[self.pack][None]  # [1, N, N_h, H]
             assert out.shape[1] == n_q
         return out, (k_pages, v_pages)
+
+    def store(self, layer: int, k: Float[Array, "B T K H"], v: Float[Array, "B T K H"]):
+        """Writes layer ``layer``'s new keys/values into its pages at the step's slots.
+
+        Returns:
+          (k pages, v pages) updated.
+        """
+        g = self.layer_groups[layer]
+        k_pages, v_pages = self.k[layer], self.v[layer]
+        kh, p, page, h = k_pages.shape
+        # Out-of-range slots are dropped by the scatter; -1 would wrap around to the last slot.
+        slots = self.slots[g].reshape(-1)
+        slots = jnp.where(slots < 0, p * page, slots)
+
+        def write(pages, new):  # new [B, T, K, H] -> pages [K, P, G, H]
+            flat = pages.reshape(kh, p * page, h)
+            new = new.astype(pages.dtype).reshape(-1, kh, h).transpose(1, 0, 2)  # [K, B*T, H]
+            return flat.at[:, slots].set(new, mode="drop").reshape(kh, p, page, h)
+
+        return write(k_pages, k), write(v_pages, v)
 
     def with_pages(self, k: tuple, v: tuple) -> "PagedKVCache":
         """The same step with the updated page arrays of every layer."""

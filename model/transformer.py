@@ -86,6 +86,8 @@ class Transformer(nnx.Module):
         attn_impl: str = "auto",
         return_hidden: bool = False,
         logits_index: Int[Array, "B"] | None = None,
+        return_exits: bool = False,
+        exit_threshold: Float[Array, ""] | None = None,
     ):
         """Runs the model over tokens, optionally extending a KV cache.
 
@@ -107,9 +109,17 @@ class Transformer(nnx.Module):
           return_hidden: also return the final hidden states [B, T, D].
           logits_index: compute logits only at this index of each row ([B, 1, V] out), which
             saves the [T, V] projection when only the next token matters (prefill).
+          return_exits: also return the exit heads' logits, a tuple of [B, T, V] (one per
+            ``cfg.exit_layers``), for training them.
+          exit_threshold: early-exit decoding (paged cache, T = 1): at each exit layer, if the
+            exit head's top probability exceeds this for every real row, the upper layers are
+            skipped (``lax.cond``: their compute really is not run) and the exit head's logits
+            returned; the skipped layers' K/V for the token are still written, projected from
+            the exit layer's hidden state (CALM's state copying), so later tokens attend to it.
 
         Returns:
-          (logits [B, T, V] float32, updated cache or None[, hidden [B, T, D]]).
+          (logits [B, T, V] float32, updated cache or None[, hidden [B, T, D]][, exit logits
+          tuple][, exit layer: int32 scalar, 0 when no exit was taken]), extras in this order.
         """
         cfg = self.config
         b, t = tokens.shape
@@ -160,16 +170,33 @@ class Transformer(nnx.Module):
         if static_positions:
             kv_positions = None
 
-        new_k, new_v = [], []
-        for i, block in enumerate(self.blocks):
-            x, (k, v) = block(
+        def block_at(i: int, x):
+            block = self.blocks[i]
+            return block(
                 x, rope=ropes[block.layer_type], q_positions=q_positions, kv_positions=kv_positions,
                 keys_values=None if cache is None or paged else (cache.k[i], cache.v[i]), write=write,
                 q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
                 q_span_ids=span_ids, kv_span_ids=span_ids, impl=attn_impl,
                 attend=functools.partial(cache.attend, i) if paged else None)
+
+        if exit_threshold is not None:
+            if not paged or t != 1 or return_hidden or return_exits:
+                raise ValueError("exit_threshold is for decoding one token per row over a paged "
+                                 "cache, without return_hidden / return_exits")
+            if not cfg.exit_layers:
+                raise ValueError("exit_threshold needs a model with exit heads (ModelConfig.exit_layers)")
+            real = positions[:, -1] >= 0  # padding rows of the decode batch do not vote
+            logits, kvs, exit_layer = self._decode_from(0, x, block_at, ropes, cache, exit_threshold, real)
+            new_cache = cache.with_pages([k for k, _ in kvs], [v for _, v in kvs])
+            return logits, new_cache, exit_layer
+
+        new_k, new_v, exit_logits = [], [], []
+        for i in range(cfg.num_layers):
+            x, (k, v) = block_at(i, x)
             new_k.append(k)
             new_v.append(v)
+            if return_exits and i + 1 in cfg.exit_layers:
+                exit_logits.append(self.logits(self.final_norm(x)))
         hidden = self.final_norm(x)
         if logits_index is None:
             logits = self.logits(hidden)
@@ -180,9 +207,48 @@ class Transformer(nnx.Module):
             new_cache = cache.with_pages(new_k, new_v)
         elif cache is not None:
             new_cache = dataclasses.replace(advanced, k=tuple(new_k), v=tuple(new_v))
+        out = (logits, new_cache)
         if return_hidden:
-            return logits, new_cache, hidden
-        return logits, new_cache
+            out += (hidden,)
+        if return_exits:
+            out += (tuple(exit_logits),)
+        return out
+
+    def _decode_from(self, lo: int, x: Float[Array, "B 1 D"], block_at, ropes, cache: PagedKVCache,
+                     threshold: Float[Array, ""], real):
+        """Blocks lo.. up to the next exit layer, then either stop there (every real row is
+        confident) or go on to the next exit / the end; nested ``lax.cond``s, so a taken exit skips
+        the upper layers' compute.
+
+        Returns:
+          (logits [B, 1, V], per layer from lo its (k pages, v pages), exit layer int32 (0: none)).
+        """
+        cfg = self.config
+        later = [e for e in cfg.exit_layers if e > lo]
+        hi = later[0] if later else cfg.num_layers
+        kvs = []
+        for i in range(lo, hi):
+            x, kv = block_at(i, x)
+            kvs.append(kv)
+        exit_logits = self.logits(self.final_norm(x))
+        if not later:
+            return exit_logits, tuple(kvs), jnp.int32(0)
+        confidence = jnp.max(jax.nn.softmax(exit_logits[:, -1], axis=-1), axis=-1)  # [B]
+        confident = jnp.all(jnp.where(real, confidence > threshold, True))
+
+        def stop(x):
+            filled = []
+            for i in range(hi, cfg.num_layers):  # CALM: the exit state stands in for the layer input
+                block = self.blocks[i]
+                _, k, v = block.attn.project(block.attn_norm(x), ropes[block.layer_type])
+                filled.append(cache.store(i, k, v))
+            return exit_logits, tuple(filled), jnp.int32(hi)
+
+        def go_on(x):
+            return self._decode_from(hi, x, block_at, ropes, cache, threshold, real)
+
+        logits, rest, exit_layer = jax.lax.cond(confident, stop, go_on, x)
+        return logits, tuple(kvs) + tuple(rest), exit_layer
 
     def logits(self, hidden: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
         """Output logits in float32, soft-capped when the config says so."""

@@ -61,6 +61,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     from kestrel.cli import add_plan_arguments
 
     add_plan_arguments(p, serving=True)
+    p.add_argument("--early-exit-threshold", type=float, default=None,
+                   help="decode with the model's exit heads (config exit_layers): a step stops at an "
+                        "exit layer when every row's top probability there exceeds this (0..1); off by default")
     p.add_argument("--log-level", default="info")
     # Speculative decoding, named after vLLM's speculative_config keys.
     p.add_argument("--speculative", choices=("off", "ngram", "draft"), default="off",
@@ -153,6 +156,8 @@ def build_server(args):
         value = getattr(args, flag)
         if value is not None and value < (0 if flag == "port" else 1):
             raise KestrelError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    if args.early_exit_threshold is not None and not 0.0 <= args.early_exit_threshold <= 1.0:
+        raise KestrelError(f"--early-exit-threshold must be in [0, 1], got {args.early_exit_threshold}")
     keys = load_api_keys(args.api_keys_file, args.api_keys_env)
     max_len, num_pages, num_sliding_pages = plan_pools(args, read_config(ckpt))
     model, tokenizer = load_checkpoint(ckpt)

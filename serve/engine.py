@@ -222,6 +222,8 @@ class Engine:
         model's ``max_position_embeddings``). When given, the engine refuses to start unless one
         sequence of that length fits the KV pools, and says by how many pages it does not.
       kv_cache_dtype: dtype of the KV pages (default: the model's compute dtype).
+      early_exit_threshold: early-exit decoding (models with ``exit_layers``; see
+        ``ModelRunner``); ``None``: off.
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None, *, num_pages: int,
@@ -232,7 +234,8 @@ class Engine:
                  effort: EffortModel | None = None, clock: Callable[[], float] = time.monotonic,
                  image_limits: ImageLimits | None = None, max_images_per_request: int = 8,
                  max_model_len: int | None = None, kv_cache_dtype: str | None = None,
-                 speculative: SpeculativeConfig | None = None):
+                 speculative: SpeculativeConfig | None = None,
+                 early_exit_threshold: float | None = None):
         cfg = model.config
         if max_model_len is not None:
             if isinstance(max_model_len, bool) or not isinstance(max_model_len, int) or max_model_len < 2:
@@ -252,7 +255,8 @@ class Engine:
                                    clock=clock)
         if max_model_len is not None:
             self._check_pools_hold(max_model_len)
-        self.runner = ModelRunner(model, self.kv, attn_impl=attn_impl, cache_dtype=kv_cache_dtype)
+        self.runner = ModelRunner(model, self.kv, attn_impl=attn_impl, cache_dtype=kv_cache_dtype,
+                                  early_exit_threshold=early_exit_threshold)
         self.image_limits = image_limits or ImageLimits()
         self.max_images_per_request = max_images_per_request
         self.speculative = speculative

@@ -140,7 +140,8 @@ def sample_tokens(logits, p: Mapping[str, jax.Array], flags: _Flags):
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5, 6))
 def _step(graphdef, layer_groups, attn_impl, flags, state, k, v, tokens, tables, slots, positions,
-          lengths, logits_index, sp, packing=None, images=None, table_offsets=None):
+          lengths, logits_index, sp, packing=None, images=None, table_offsets=None,
+          exit_threshold=None):
     """One forward pass over paged K/V plus sampling; module-level so that runners of one model
     structure share compilations.
 
@@ -148,6 +149,8 @@ def _step(graphdef, layer_groups, attn_impl, flags, state, k, v, tokens, tables,
     positions and slots are then one packed row [1, N] and ``logits_index`` [B] indexes it.
     ``images`` (prefill): ``(index [1, N], rows [R, D], span_ids [B, T])``: token j takes soft
     token ``rows[index[j]]`` instead of its embedding where ``index[j] >= 0``.
+    ``exit_threshold`` (decode, early exit): a float32 scalar; the step then also returns the
+    exit layer taken (int32, 0: none; see ``Transformer.__call__``).
     """
     model = nnx.merge(graphdef, state)
     unpack, pack, query_positions = packing if packing is not None else (None, None, None)
@@ -164,7 +167,12 @@ def _step(graphdef, layer_groups, attn_impl, flags, state, k, v, tokens, tables,
         picked = jnp.take(rows, jnp.maximum(index, 0), axis=0).astype(embeddings.dtype)
         embeddings = jnp.where(is_image[..., None], picked, embeddings)
     last_hidden = None
-    if packing is None:
+    exit_layer = jnp.int32(0)
+    if packing is None and exit_threshold is not None:  # early exit: decode only
+        logits, cache, exit_layer = model(tokens, cache=cache, attn_impl=attn_impl,
+                                          exit_threshold=exit_threshold)
+        logits = logits[:, 0]
+    elif packing is None:
         logits, cache = model(tokens, cache=cache, attn_impl=attn_impl, logits_index=logits_index)
         logits = logits[:, 0]
     else:  # logits of each sequence's last token only: [B, D] rows of the packed hidden states
@@ -175,7 +183,7 @@ def _step(graphdef, layer_groups, attn_impl, flags, state, k, v, tokens, tables,
     out = sample_tokens(logits, sp, flags)
     if flags.hidden and last_hidden is not None:
         out = (*out, last_hidden.astype(jnp.float32))
-    return out, cache.k, cache.v
+    return out, cache.k, cache.v, exit_layer
 
 
 def _overlap(e: ScheduledRequest, span) -> bool:
@@ -185,6 +193,8 @@ def _overlap(e: ScheduledRequest, span) -> bool:
 def _image_overlaps(e: ScheduledRequest) -> bool:
     """Whether the entry computes any image placeholder."""
     return any(_overlap(e, span) for span in e.request.mm_spans)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5, 6))
 def _verify_step(graphdef, layer_groups, attn_impl, flags, state, k, v, tokens, tables, slots,
                  positions, lengths, pad, drafts, num_drafts, sp, draft_probs=None):
@@ -247,12 +257,25 @@ class ModelRunner:
       max_cached_images: image embeddings kept by content hash (models with a vision tower).
       layer_groups: the page group of each layer (default: from the model's layer types); a draft
         model maps its layers onto the target's groups.
+      early_exit_threshold: decode with early exit (the model's ``exit_layers``): a step stops
+        at an exit layer when the exit head's top probability exceeds this for every row of the
+        batch. ``None`` (default): off. ``exit_counts`` counts decode steps per exit layer
+        (0: ran every layer).
     """
 
     def __init__(self, model: Transformer, kv_manager: KVCacheManager, *, attn_impl: str = "auto",
                  cache_dtype: str | None = None, min_batch: int = 8, min_table_pages: int = 16,
-                 max_cached_images: int = 256, layer_groups: tuple[int, ...] | None = None):
+                 max_cached_images: int = 256, layer_groups: tuple[int, ...] | None = None,
+                 early_exit_threshold: float | None = None):
         cfg = model.config
+        if early_exit_threshold is not None:
+            if not cfg.exit_layers:
+                raise ValueError("early exit needs a model trained with exit heads; this model's "
+                                 "config has no exit_layers")
+            if not 0.0 <= early_exit_threshold <= 1.0:
+                raise ValueError(f"early_exit_threshold must be in [0, 1], got {early_exit_threshold}")
+        self.early_exit_threshold = early_exit_threshold
+        self.exit_counts: dict[int, int] = {}
         self.config = cfg
         self.graphdef, self.state = nnx.split(model)
         self.attn_impl = attn_impl
@@ -299,13 +322,17 @@ class ModelRunner:
           The sampled token of every entry with ``samples=True``.
         """
         masks = masks or {}
-        # A chunk with image placeholders takes the prefill path (embeddings spliced), even at 1 token.
+        # A chunk with image placeholders takes the prefill path (embeddings spliced), even at 1 token;
+        # with early exit so does a 1-token prompt chunk, so that only output tokens ever exit.
+        def is_prefill(e):
+            return len(e.token_ids) > 1 or _image_overlaps(e) or (
+                self.early_exit_threshold is not None and e.start_position < e.request.num_prompt_tokens)
+
         lookahead = [e for e in output.scheduled if e.num_lookahead]
         drafts = self.proposer.propose(lookahead, masks) if lookahead and self.proposer else {}
         spec = [e for e in lookahead if drafts.get(e.request_id) and drafts[e.request_id].token_ids]
-        prefills = [e for e in output.scheduled if len(e.token_ids) > 1 or _image_overlaps(e)]
-        decodes = [e for e in output.scheduled
-                   if not (len(e.token_ids) > 1 or _image_overlaps(e)) and e not in spec]
+        prefills = [e for e in output.scheduled if is_prefill(e)]
+        decodes = [e for e in output.scheduled if not is_prefill(e) and e not in spec]
         results: dict[str, SampleOutput | VerifyOutput] = {}
         if prefills:
             t = length_bucket(max(len(e.token_ids) for e in prefills))
@@ -443,12 +470,17 @@ class ModelRunner:
         sp, flags = self._sampling_inputs(entries, b, masks)
         if probs:
             flags = dataclasses.replace(flags, probs=True, hidden=False)
-        outs, self.k, self.v = _step(
+        early_exit = t == 1 and self.early_exit_threshold is not None
+        outs, self.k, self.v, exit_layer = _step(
             self.graphdef, self.layer_groups, self.attn_impl, flags, self.state, self.k, self.v,
             jnp.asarray(tokens), tuple(jnp.asarray(x) for x in tables),
             tuple(jnp.asarray(x) for x in slots), jnp.asarray(positions), jnp.asarray(lengths),
-            jnp.asarray(logits_index), sp, packing, images, tuple(jnp.asarray(x) for x in offsets))
+            jnp.asarray(logits_index), sp, packing, images, tuple(jnp.asarray(x) for x in offsets),
+            jnp.float32(self.early_exit_threshold) if early_exit else None)
         self.num_steps += 1
+        if early_exit:
+            layer = int(exit_layer)
+            self.exit_counts[layer] = self.exit_counts.get(layer, 0) + 1
         tok, lp, top_ids, top_lp = outs[:4]
         hidden = np.asarray(outs[4]) if flags.hidden and len(outs) > 4 else None
         self.last_probs = outs[4] if flags.probs else None  # [B, V] on device (draft model's q)

@@ -134,6 +134,8 @@ class RunConfig:
       compute_dtype: activation dtype (``bfloat16`` by default; parameters stay float32).
       strategy: ``dp``, ``fsdp`` or ``fsdp_tp`` (see ``sharding/rules.py``).
       z_loss: weight of the z-loss ``log(Z)^2`` that keeps logits from drifting; 0 disables it.
+      early_exit_weight: weight of each early-exit head's cross entropy (the model's
+        ``exit_layers``); 0 trains the final head only.
       log_every: progress-bar and JSONL interval in steps.
       peak_flops_per_device: for the MFU estimate; ``None`` looks the device kind up.
       attention: the attention implementation of the training step (``auto``, ``reference``,
@@ -151,6 +153,7 @@ class RunConfig:
     compute_dtype: str = "bfloat16"
     strategy: str = "fsdp"
     z_loss: float = 0.0
+    early_exit_weight: float = 0.0
     log_every: int = 1
     peak_flops_per_device: float | None = None
     attention: str = "auto"
@@ -174,6 +177,10 @@ class RunConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.data.batch_size < 1 or self.data.seq_len < 1:
             raise ValueError("data.batch_size and data.seq_len must be >= 1")
+        if self.early_exit_weight < 0:
+            raise ValueError(f"early_exit_weight must be >= 0, got {self.early_exit_weight}")
+        if self.early_exit_weight and not self.model.exit_layers:
+            raise ValueError("early_exit_weight needs exit heads: set model.exit_layers")
         if not 0.0 <= self.distill.weight <= 1.0:
             raise ValueError(f"distill.weight must be in [0, 1], got {self.distill.weight}")
         if self.distill.temperature <= 0:

@@ -89,11 +89,13 @@ def make_train_step(graphdef, tx, cfg: RunConfig, teacher_graphdef=None):
     metrics)``; ``step_index`` counts from 0 and only feeds the learning rate reported.
     """
 
-    def forward(gd, params, batch):
-        logits, _ = nnx.merge(gd, params)(
+    def forward(gd, params, batch, exits=False):
+        out = nnx.merge(gd, params)(
             batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"],
-            attn_impl=cfg.attention)
-        return logits  # [B, T, V] float32
+            attn_impl=cfg.attention, return_exits=exits)
+        return out[0] if not exits else (out[0], out[2])  # [B, T, V] float32 (, exit logits)
+
+    train_exits = bool(cfg.early_exit_weight and cfg.model.exit_layers)
 
     schedule = make_optimizer(cfg.optimizer, cfg.steps)[1]
 
@@ -103,10 +105,13 @@ def make_train_step(graphdef, tx, cfg: RunConfig, teacher_graphdef=None):
             teacher_logits = jax.lax.stop_gradient(forward(teacher_graphdef, teacher_params, batch))
 
         def loss_fn(p):
+            logits, exit_logits = (forward(graphdef, p, batch, exits=True) if train_exits
+                                   else (forward(graphdef, p, batch), ()))
             return training_loss(
-                forward(graphdef, p, batch), batch, z_loss=cfg.z_loss,
+                logits, batch, z_loss=cfg.z_loss,
                 teacher_logits=teacher_logits, distill_weight=cfg.distill.weight,
-                temperature=cfg.distill.temperature)
+                temperature=cfg.distill.temperature, exit_logits=exit_logits,
+                exit_weight=cfg.early_exit_weight)
 
         (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
@@ -298,7 +303,7 @@ def _jitted(cfg, mesh, graphdef, tx, p_shard, o_shard, b_shard, t_shard, teacher
     Reuse lets a process that trains again (a resumed run, a benchmark, a notebook) skip
     recompiling: jit caches executables per function object.
     """
-    key = (repr((cfg.student, cfg.optimizer, cfg.steps, cfg.seed, cfg.z_loss, cfg.distill.weight,
+    key = (repr((cfg.student, cfg.optimizer, cfg.steps, cfg.seed, cfg.z_loss, cfg.early_exit_weight, cfg.distill.weight,
                  cfg.distill.temperature, cfg.strategy, cfg.attention, cfg.compiler_options)), mesh,
            repr(teacher_graphdef))
     if key in _JIT_CACHE:

@@ -30,7 +30,8 @@ def distill_kl(student_logits: Float[Array, "B T V"], teacher_logits: Float[Arra
 
 
 def training_loss(logits, batch, *, z_loss: float = 0.0, teacher_logits=None,
-                  distill_weight: float = 0.0, temperature: float = 1.0):
+                  distill_weight: float = 0.0, temperature: float = 1.0,
+                  exit_logits=(), exit_weight: float = 0.0):
     """The scalar loss and its parts, averaged over ``batch["loss_mask"]``.
 
     Args:
@@ -40,9 +41,12 @@ def training_loss(logits, batch, *, z_loss: float = 0.0, teacher_logits=None,
       teacher_logits: teacher logits [B, T, V] or None.
       distill_weight: w in ``(1 - w) * ce + w * kl`` (only with teacher logits).
       temperature: the KL temperature.
+      exit_logits: the early-exit heads' logits, one [B, T, V] per exit layer.
+      exit_weight: each exit head's cross entropy (same targets and mask) is added with this
+        weight (LayerSkip's early-exit loss, a constant weight per exit).
 
     Returns:
-      (loss, dict of float32 scalars ``ce``, ``z_loss``, ``kl``).
+      (loss, dict of float32 scalars ``ce``, ``z_loss``, ``kl``, ``exit_ce_<i>``).
     """
     mask = batch["loss_mask"].astype(jnp.float32)
     ce_tok, log_z = cross_entropy(logits, batch["targets"])
@@ -57,4 +61,8 @@ def training_loss(logits, batch, *, z_loss: float = 0.0, teacher_logits=None,
         zl = masked_mean(log_z ** 2, mask)
         loss = loss + z_loss * zl
         parts["z_loss"] = zl
+    for i, exit_lg in enumerate(exit_logits):
+        exit_ce = masked_mean(cross_entropy(exit_lg, batch["targets"])[0], mask)
+        loss = loss + exit_weight * exit_ce
+        parts[f"exit_ce_{i}"] = exit_ce
     return loss, parts

@@ -116,3 +116,6 @@ def test_serve_arguments_and_checks(tmp_path):
         build_server(parser.parse_args([str(tmp_path), "--tls-cert", "c.pem"]))
     with pytest.raises(KestrelError, match="API key file 'missing.txt' cannot be read"):
         build_server(parser.parse_args([str(tmp_path), "--api-keys-file", "missing.txt"]))
+    assert args.early_exit_threshold is None  # early exit is off by default
+    with pytest.raises(KestrelError, match=r"--early-exit-threshold must be in \[0, 1\], got 1.5"):
+        build_server(parser.parse_args([str(tmp_path), "--early-exit-threshold", "1.5"]))
