@@ -1,18 +1,22 @@
 """configs/nano_vision_tiny.py trains on text and rendered problems, exports a checkpoint whose
 tower loads, and serves an image question through the engine and ``kestrel eval --suite vision``."""
 
+import asyncio
 import io
 import json
+import threading
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-from kestrel import cli
+from kestrel import cli, demo
 
 from configs.nano_vision_tiny import config as tiny_vision_config
 from model.checkpoint import load_checkpoint
+from serve.api.convert import Policy
+from serve.api.server import KestrelServer
 from serve.engine import EngineRequest
 from serve.request import SamplingParams
 from train import eval as ev
@@ -77,3 +81,34 @@ def test_kestrel_eval_vision_suite_runs_constrained(exported, monkeypatch):
                                                        "image_triangle"}
     overall = [res["overall"] for res in result["results"].values()]
     assert overall and all(agg["n"] == 2 for agg in overall)
+
+
+def test_the_demo_asks_about_a_rendered_problem_when_the_model_takes_images(exported, capfd):
+    out, _ = exported
+    model, tok = load_checkpoint(out)
+    engine = ev.eval_engine(model, tok, max_num_seqs=2)
+    engine.start()
+    server = KestrelServer(engine, model_id="nano-vision-tiny", max_output_tokens=6,
+                           policy=Policy(effort_budgets={"low": 2, "medium": 2, "high": 2}))
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        asyncio.run_coroutine_threadsafe(server.start(host="127.0.0.1", port=0, http_port=None),
+                                         loop).result(60)
+        demo.image_step(f"127.0.0.1:{server.port}", str(out))
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(1.0), loop).result(60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        engine.stop()
+    shown = capfd.readouterr().out
+    # The command line the demo prints names the temporary PNG; usage counts the image's tokens.
+    assert "--image" in shown and f"{demo.IMAGE_TASK}.png" in shown and "skipped" not in shown
+    assert f"{model.config.vision.mm_tokens_per_image} image" in shown
+
+
+def test_the_demo_skips_the_image_question_for_a_text_model(capfd):
+    demo.image_step("127.0.0.1:1", "checkpoints/kestrel-nano")  # no server needed: nothing is sent
+    shown = capfd.readouterr().out.strip()
+    assert shown.count("\n") == 0 and "skipped" in shown and "no vision tower" in shown
