@@ -9,7 +9,11 @@
    (``kestrel/demo_functions.py``) that the client runs and sends back.
 4. A follow-up turn through ``--previous-response-id``: the earlier turn's tokens come from the
    prefix cache (the usage line shows them as cached).
-5. SIGTERM: the server stops accepting, drains and exits; the demo reports its exit status.
+5. A question about an image, when the checkpoint has a vision tower: one of the generator's
+   rendered problems (``train/synthetic/images.py``) is written to a temporary PNG and sent with
+   ``kestrel chat --image``. The bundled kestrel-nano has no tower yet; the demo then says in one
+   line that it skips this step.
+6. SIGTERM: the server stops accepting, drains and exits; the demo reports its exit status.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 
@@ -31,6 +36,34 @@ STEM = ("15 batteries cost $8.47 each. Sales tax of 6.5% is added. Priya hands o
 PARALLEL = ("Can you fetch the share quote? Use symbol KSTR. And i need to reserve the train seat, "
             "city Lisbon and date 2026-12-04.")
 FOLLOW_UP = "A current of 3.5 A flows through a 163.2 ohm heater. How much power does it use?"
+# The rendered problem of the image step: a table drawn as a picture (held-out split, fixed seed).
+IMAGE_TASK, IMAGE_LEVEL, IMAGE_SEED = "image_table", 1, 7
+
+
+def rendered_problem(directory: str) -> tuple[str, str]:
+    """One of the generator's problems drawn as an image: (PNG file written in `directory`, the
+    question that goes with it, without the image marker ``kestrel chat --image`` adds itself)."""
+    from train.synthetic import IMAGE_PLACEHOLDER, generate
+
+    example = generate(IMAGE_TASK, level=IMAGE_LEVEL, seed=IMAGE_SEED, split="heldout")
+    path = os.path.join(directory, f"{IMAGE_TASK}.png")
+    with open(path, "wb") as f:
+        f.write(example.images[0])
+    question = next(m["content"] for m in example.messages if m["role"] == "user")
+    return path, question.replace(IMAGE_PLACEHOLDER, "").strip()
+
+
+def image_step(target: str, checkpoint: str) -> None:
+    """Asks about a rendered problem if the served checkpoint takes images; else says why not."""
+    from model.checkpoint import read_config
+
+    if read_config(checkpoint).vision is None:
+        print(f"\n[image question skipped: {checkpoint} has no vision tower (the bundled kestrel-nano "
+              "takes no images yet)]", flush=True)
+        return
+    with tempfile.TemporaryDirectory(prefix="kestrel-demo-") as directory:
+        path, question = rendered_problem(directory)
+        chat(target, question, "--image", path, "--calculator", "--temperature", "0")
 
 
 def free_port() -> int:
@@ -92,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
              "--function", "kestrel.demo_functions:reserve_train_seat", "--temperature", "0")
         first = chat(target, "What is 20% of 903?", "--calculator", "--temperature", "0")
         chat(target, FOLLOW_UP, "--calculator", "--previous-response-id", first.id, "--temperature", "0")
+        image_step(target, args.checkpoint)
     finally:
         if server.poll() is None:
             print("\n$ kill -TERM <kestrel serve>", flush=True)

@@ -16,7 +16,7 @@ from model.kv_cache import KVCache
 from model.layers import DTYPES, Embedding, GatedMLP, RMSNorm, param
 from model.paged_cache import PagedKVCache
 from model.rope import inverse_frequencies, rope_tables
-from model.vision import VisionTower, image_span_ids, splice_images
+from model.vision import VisionTower, image_span_ids, splice_images, splice_images_by_span
 
 
 class Block(nnx.Module):
@@ -64,12 +64,15 @@ class Transformer(nnx.Module):
             raise ValueError("this model has no vision tower (its config has no vision section)")
         return self.vision(pixels, attn_impl)
 
-    def embed_with_images(self, tokens: Int[Array, "B T"], image_embeddings: Float[Array, "I M D"]
-                          ) -> Float[Array, "B T D"]:
-        """Token embeddings with the image placeholders replaced by the images' soft tokens."""
+    def embed_with_images(self, tokens: Int[Array, "B T"], image_embeddings: Float[Array, "I M D"],
+                          span_ids: Int[Array, "B T"] | None = None) -> Float[Array, "B T D"]:
+        """Token embeddings with the image placeholders replaced by the images' soft tokens: in
+        reading order, or, given ``span_ids``, span ``s`` taking image ``s - 1`` (training batches)."""
         image_id = self.config.vision.image_token_id
         # The placeholder may lie outside the vocabulary (Gemma 3 allows it): look up id 0 there.
         x = self.embed(jnp.where(tokens == image_id, 0, tokens))
+        if span_ids is not None:
+            return splice_images_by_span(x, span_ids, image_embeddings)
         return splice_images(x, tokens, image_embeddings, image_id)
 
     def __call__(
@@ -101,8 +104,8 @@ class Transformer(nnx.Module):
             from it), or None for a self-contained pass.
           embeddings: input embeddings [B, T, D] replacing the token lookup.
           images: preprocessed images [I, S, S, C] for the placeholders in ``tokens``: encoded by
-            the vision tower, spliced in, and (unless ``span_ids`` is given) each image's span
-            made bidirectional.
+            the vision tower, spliced in (in reading order; with ``span_ids``, span ``s`` takes
+            image ``s - 1``, so ids are batch-wide), and each image's span made bidirectional.
           image_embeddings: the images' soft tokens [I, M, D] already encoded (a cache of them),
             used as ``images`` is.
           attn_impl: attention kernel implementation.
@@ -150,7 +153,7 @@ class Transformer(nnx.Module):
                 raise ValueError("images with a KV cache are not supported here: the serving runner "
                                  "splices them chunk by chunk (serve/runner.py); without a cache the "
                                  "image spans are made bidirectional")
-            embeddings = self.embed_with_images(tokens, image_embeddings)
+            embeddings = self.embed_with_images(tokens, image_embeddings, span_ids)
             if span_ids is None:
                 span_ids = image_span_ids(tokens, cfg.vision.image_token_id)
         x = self.embed(tokens) if embeddings is None else embeddings.astype(DTYPES[cfg.dtype])

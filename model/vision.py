@@ -172,3 +172,27 @@ def splice_images(embeddings: Float[Array, "B T D"], tokens: Int[Array, "B T"],
     picked = jnp.take(flat, jnp.clip(order, 0, max(flat.shape[0] - 1, 0)), axis=0)
     picked = picked.reshape(*tokens.shape, -1).astype(embeddings.dtype)
     return jnp.where(is_image[..., None], picked, embeddings)
+
+
+def splice_images_by_span(embeddings: Float[Array, "B T D"], span_ids: Int[Array, "B T"],
+                          image_embeddings: Float[Array, "I M D"]) -> Float[Array, "B T D"]:
+    """Replaces the embeddings of span ``s`` (``s >= 1``) with the soft tokens of image ``s - 1``,
+    the span's k-th position taking the image's k-th token; span id 0 keeps its embedding.
+
+    Training batches number their images batch-wide in packing order, which need not be reading
+    order (the packer fills rows out of order), so the span id, not the order of the placeholders,
+    names the image. Every span must be exactly M long and name an image below I: ids past the
+    images a batch carries are the caller's to refuse (the training loop does, on the host).
+    """
+    i, m, d = image_embeddings.shape
+    t = span_ids.shape[1]
+    in_span = span_ids > 0
+    # A span starts where the id changes to a non-zero one; its offset is the distance to there.
+    prev = jnp.pad(span_ids, ((0, 0), (1, 0)))[:, :-1]
+    starts = in_span & (span_ids != prev)
+    where = jnp.arange(t, dtype=jnp.int32)[None, :]
+    start_at = jax.lax.cummax(jnp.where(starts, where, 0), axis=1)
+    index = (span_ids - 1) * m + (where - start_at)  # [B, T] row of the flattened soft tokens
+    flat = image_embeddings.reshape(i * m, d)
+    picked = jnp.take(flat, jnp.clip(index, 0, max(i * m - 1, 0)), axis=0).astype(embeddings.dtype)
+    return jnp.where(in_span[..., None], picked, embeddings)

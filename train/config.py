@@ -76,6 +76,9 @@ class DataConfig:
       image_tokens: soft tokens per image for mixes with image tasks (``tasks`` naming
         ``vision`` or ``image_*``; the model needs a vision tower); None takes the tower's
         ``mm_tokens_per_image``.
+      max_images: the images one batch may carry; the loop pads every image batch to this many so
+        the train step compiles once (the tower runs on the padding too: keep it near the mixes'
+        real count). None: as many as the batch can hold, ``B * (T // (M + 1))``.
     """
 
     source: str = "toy"
@@ -89,6 +92,7 @@ class DataConfig:
     tools_fraction: float = 0.8
     session_size: int = 1
     image_tokens: int | None = None
+    max_images: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,6 +32,7 @@ from sharding.rules import batch_sharding, optimizer_shardings, param_shardings,
 from train import metrics as metrics_lib
 from train.checkpointing import TrainCheckpointer, host_rng
 from train.config import RunConfig, apply_overrides, load_config
+from train.image_batch import default_max_images, image_inputs
 from train.loss import training_loss
 from train.optimizer import make_optimizer
 from train.teacher import check_teacher, load_teacher
@@ -66,19 +67,35 @@ def make_batches(cfg: RunConfig) -> Iterator[dict]:
     return factory(cfg)
 
 
-def shard_batch(batch: dict, sharding: NamedSharding, batch_size: int, seq_len: int) -> dict:
-    """Places a global numpy batch on the mesh; every process holds the same global batch."""
+def shard_batch(batch: dict, sharding: NamedSharding, batch_size: int, seq_len: int, *,
+                vision=None, max_images: int = 0) -> dict:
+    """Places a global numpy batch on the mesh; every process holds the same global batch.
+
+    A batch that carries ``images`` needs the model's ``vision`` config: its images become the
+    fixed-shape ``pixels`` and ``image_count`` (``train/image_batch.py``), replicated, and its
+    ``image_span_ids`` are placed as the other [B, T] arrays.
+    """
     missing = [k for k in BATCH_KEYS if k not in batch]
     if missing:
         raise ValueError(f"batch is missing {missing}; a batch needs {list(BATCH_KEYS)}")
+    arrays = {key: np.asarray(batch[key]) for key in BATCH_KEYS}
+    extra = {}
+    if "images" in batch:
+        if vision is None:
+            raise ValueError("the batch carries images but the model has no vision tower")
+        extra = image_inputs(batch, vision, max_images)
+        arrays["image_span_ids"] = extra.pop("image_span_ids")
     out = {}
-    for key in BATCH_KEYS:
-        arr = np.asarray(batch[key])
+    for key, arr in arrays.items():
         if arr.shape != (batch_size, seq_len):
             raise ValueError(f"batch[{key!r}] has shape {arr.shape}, expected "
                              f"[B, T]={(batch_size, seq_len)}")
         arr = arr.astype(np.float32 if key == "loss_mask" else np.int32)
         out[key] = jax.make_array_from_callback(arr.shape, sharding, lambda idx, a=arr: a[idx])
+    # Images are not aligned with the batch's rows: every device holds all of them.
+    replicated = NamedSharding(sharding.mesh, P())
+    for key, arr in extra.items():
+        out[key] = jax.make_array_from_callback(arr.shape, replicated, lambda idx, a=arr: a[idx])
     return out
 
 
@@ -90,9 +107,18 @@ def make_train_step(graphdef, tx, cfg: RunConfig, teacher_graphdef=None):
     """
 
     def forward(gd, params, batch, exits=False):
-        out = nnx.merge(gd, params)(
+        model = nnx.merge(gd, params)
+        images = {}
+        if "pixels" in batch:
+            # The tower runs inside the step (its gradients flow); the zero images padding the
+            # batch to a fixed count give no soft tokens, and no span names them.
+            soft = model.encode_images(batch["pixels"], cfg.attention)  # [I, M, D]
+            real = jnp.arange(soft.shape[0]) < batch["image_count"]
+            images = dict(image_embeddings=jnp.where(real[:, None, None], soft, 0),
+                          span_ids=batch["image_span_ids"])
+        out = model(
             batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"],
-            attn_impl=cfg.attention, return_exits=exits)
+            attn_impl=cfg.attention, return_exits=exits, **images)
         return out[0] if not exits else (out[0], out[2])  # [B, T, V] float32 (, exit logits)
 
     train_exits = bool(cfg.early_exit_weight and cfg.model.exit_layers)
@@ -200,6 +226,11 @@ def run(config: RunConfig | str | pathlib.Path, workdir: str | pathlib.Path | No
     o_shard = optimizer_shardings(tx, jax.eval_shape(tx.init, abstract_params), p_shard, mesh)
     replicated = NamedSharding(mesh, P())
     b_shard = batch_sharding(mesh, rules)
+    vision = student.vision
+    max_images = 0
+    if vision is not None:
+        max_images = cfg.data.max_images or default_max_images(
+            cfg.data.batch_size, cfg.data.seq_len, vision.mm_tokens_per_image)
 
     teacher_graphdef = teacher_params = t_shard = None
     if cfg.distill.teacher is not None:
@@ -208,7 +239,7 @@ def run(config: RunConfig | str | pathlib.Path, workdir: str | pathlib.Path | No
         t_shard = jax.tree.map(lambda a: a.sharding, teacher_params)
 
     with jax.set_mesh(mesh):
-        init_params, init_opt, step_fn = _jitted(
+        init_params, init_opt, step_fn, image_step_fn = _jitted(
             cfg, mesh, graphdef, tx, p_shard, o_shard, b_shard, t_shard, teacher_graphdef)
 
         data = batches if batches is not None else make_batches(cfg)
@@ -261,11 +292,17 @@ def run(config: RunConfig | str | pathlib.Path, workdir: str | pathlib.Path | No
                     step -= 1
                     break
                 try:
-                    batch = shard_batch(raw, b_shard, cfg.data.batch_size, cfg.data.seq_len)
+                    batch = shard_batch(raw, b_shard, cfg.data.batch_size, cfg.data.seq_len,
+                                        vision=vision, max_images=max_images)
                 except ValueError as e:
                     raise KestrelError(f"step {step}: {e}") from e
-                params, opt_state, rng, out = step_fn(params, opt_state, rng, batch, teacher_params,
-                                                     np.int32(step - 1))
+                if "pixels" in batch and teacher_graphdef is not None:
+                    raise KestrelError(f"step {step}: distillation of batches with images is not "
+                                       "supported (the teacher is a text model)")
+                # Text batches keep the text step; image batches (fixed shapes) compile one more.
+                fn = image_step_fn if "pixels" in batch else step_fn
+                params, opt_state, rng, out = fn(params, opt_state, rng, batch, teacher_params,
+                                                 np.int32(step - 1))
                 out = jax.device_get(out)
                 loss = float(out["loss"])
                 # A finite loss with a non-finite gradient would leave NaN parameters behind.
@@ -314,14 +351,22 @@ def _jitted(cfg, mesh, graphdef, tx, p_shard, o_shard, b_shard, t_shard, teacher
         lambda: nnx.to_pure_dict(nnx.state(init_model(student, cfg.seed), nnx.Param)),
         out_shardings=p_shard, compiler_options=cfg.compiler_options)
     init_opt = jax.jit(tx.init, out_shardings=o_shard, compiler_options=cfg.compiler_options)
-    step_fn = jax.jit(
-        make_train_step(graphdef, tx, cfg, teacher_graphdef),
-        in_shardings=(p_shard, o_shard, replicated, b_shard, t_shard, replicated),
-        out_shardings=(p_shard, o_shard, replicated, replicated),
-        donate_argnums=(0, 1), compiler_options=cfg.compiler_options)
+    step = make_train_step(graphdef, tx, cfg, teacher_graphdef)
+
+    def jit_step(batch_shardings):
+        return jax.jit(
+            step, in_shardings=(p_shard, o_shard, replicated, batch_shardings, t_shard, replicated),
+            out_shardings=(p_shard, o_shard, replicated, replicated),
+            donate_argnums=(0, 1), compiler_options=cfg.compiler_options)
+
+    step_fn = jit_step(b_shard)
+    # Batches with images: the [B, T] arrays plus image_span_ids as before, pixels and count
+    # replicated (shard_batch places them so). Traced only when such a batch arrives.
+    image_step_fn = jit_step({**{k: b_shard for k in BATCH_KEYS}, "image_span_ids": b_shard,
+                              "pixels": replicated, "image_count": replicated})
     if len(_JIT_CACHE) >= 8:
         _JIT_CACHE.pop(next(iter(_JIT_CACHE)))
-    _JIT_CACHE[key] = (init_params, init_opt, step_fn)
+    _JIT_CACHE[key] = (init_params, init_opt, step_fn, image_step_fn)
     return _JIT_CACHE[key]
 
 
