@@ -26,7 +26,8 @@ def parse_ids(text: str, flag: str) -> list[int]:
 def cmd_convert(args) -> None:
     from model.convert import convert_checkpoint
 
-    out = convert_checkpoint(args.src, args.out, dtype=args.dtype, force=args.force)
+    out = convert_checkpoint(args.src, args.out, dtype=args.dtype, force=args.force,
+                             quantize=args.quantize)
     print(f"wrote {out}")
 
 
@@ -108,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the Kestrel checkpoint folder to write")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--quantize", default=None, metavar="TYPE",
+                   help="write int8 weights: int8 (weight-only) or int8-w8a8 (weights and activations)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("export", help="write a Kestrel checkpoint as a safetensors folder")

@@ -88,6 +88,8 @@ class ModelConfig:
       dtype: compute dtype of activations (parameters are kept in ``param_dtype``).
       param_dtype: storage dtype of parameters.
       architecture: the family this config came from (informational, kept for export).
+      quantization: ``None`` (float weights), ``int8`` (int8 weights, float compute) or
+        ``int8-w8a8`` (int8 weights and activations); see ``model/quantization.py``.
     """
 
     vocab_size: int
@@ -117,6 +119,7 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     architecture: str = "kestrel"
+    quantization: str | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
@@ -150,6 +153,10 @@ class ModelConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ValueError(f"ModelConfig.{name} must be float32, bfloat16 or float16")
+        if self.quantization is not None:
+            from model.quantization import check_quantization
+
+            check_quantization(self.quantization)
 
     @property
     def scale(self) -> float:
