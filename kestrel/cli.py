@@ -96,7 +96,8 @@ def cmd_eval(args) -> None:
 
     run_eval(args.ckpt, args.suite, n=args.n, seed=args.seed, max_new_tokens=args.max_new_tokens,
              json=args.json, batch_size=args.batch_size, max_rounds=args.max_rounds,
-             constrained=args.constrained, effort=args.effort)
+             constrained=args.constrained, effort=args.effort, quantize=args.quantize,
+             kv_cache_dtype=args.kv_cache_dtype)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode through the serving engine: grammar-constrained tool calls, reasoning budgets")
     p.add_argument("--effort", choices=["none", "low", "medium", "high", "auto"], default="medium",
                    help="reasoning effort with --constrained")
+    p.add_argument("--quantize", default=None, metavar="TYPE",
+                   help="quantize the weights at load: int8 or int8-w8a8")
+    p.add_argument("--kv-cache-dtype", default="auto", metavar="DTYPE",
+                   help="KV cache pages with --constrained: auto or int8")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
     return parser

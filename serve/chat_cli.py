@@ -48,12 +48,18 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--quantize", default=None, metavar="TYPE",
+                   help="quantize a float checkpoint's weights at load: int8 (weight-only) or "
+                        "int8-w8a8 (weights and activations)")
+    p.add_argument("--kv-cache-dtype", default="auto", metavar="DTYPE",
+                   help="KV cache pages: auto (the model's dtype) or int8 (per-page scales)")
     p.add_argument("--log-level", default="info")
 
 
 def build_server(args):
     """The KestrelServer ``serve_main`` runs (split out so tests can build one from arguments)."""
     from model.checkpoint import load_checkpoint
+    from model.quantization import check_kv_cache_dtype, check_quantization
     from serve.api.auth import load_api_keys
     from serve.api.server import KestrelServer, TlsConfig
     from serve.effort import EffortModel
@@ -67,15 +73,17 @@ def build_server(args):
     for flag in ("port", "max_queued", "num_pages", "page_size", "max_num_seqs", "max_num_batched_tokens"):
         if getattr(args, flag) < (0 if flag == "port" else 1):
             raise KestrelError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    check_quantization(args.quantize)
+    check_kv_cache_dtype(args.kv_cache_dtype)
     keys = load_api_keys(args.api_keys_file, args.api_keys_env)
-    model, tokenizer = load_checkpoint(ckpt)
+    model, tokenizer = load_checkpoint(ckpt, quantize=args.quantize)
     try:
         effort = EffortModel.load(ckpt)
     except ValueError as e:
         raise KestrelError(str(e)) from None
     engine = Engine(model, tokenizer, num_pages=args.num_pages, page_size=args.page_size,
                     max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                    effort=effort)
+                    effort=effort, kv_cache_dtype=args.kv_cache_dtype)
     tls = TlsConfig(args.tls_cert, args.tls_key) if args.tls_cert else None
     return KestrelServer(engine, model_id=args.model_id or ckpt.resolve().name, api_keys=keys, tls=tls,
                          max_queued=args.max_queued, max_output_tokens=args.max_output_tokens)

@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from model.quantization import check_kv_cache_dtype
 from model.tokenizer import Tokenizer
 from model.transformer import Transformer
 from serve import events as ev
@@ -193,6 +194,8 @@ class Engine:
       enable_prefix_caching: share full pages across requests with equal prefixes.
       max_stored_responses: bound of the response store (LRU).
       attn_impl: attention implementation for the runner.
+      kv_cache_dtype: ``auto`` (the model's compute dtype) or ``int8`` (int8 pages with one scale
+        per page and kv head, ``model/kv_int8.py``); vLLM's ``--kv-cache-dtype``.
       seed: seeds the engine RNG that seeds requests without a ``seed``.
       vocab: the channel vocabulary (default: built from ``tokenizer``).
       clock: time source (deadlines, rates).
@@ -202,9 +205,10 @@ class Engine:
                  page_size: int = 16, max_num_seqs: int = 32, max_num_batched_tokens: int = 512,
                  prefill_chunk_size: int | None = None, num_sliding_pages: int | None = None,
                  enable_prefix_caching: bool = True, max_stored_responses: int = 1024,
-                 attn_impl: str = "auto", seed: int = 0, vocab: ChannelVocab | None = None,
+                 attn_impl: str = "auto", kv_cache_dtype: str = "auto", seed: int = 0, vocab: ChannelVocab | None = None,
                  effort: EffortModel | None = None, clock: Callable[[], float] = time.monotonic):
         cfg = model.config
+        kv_cache_dtype = check_kv_cache_dtype(kv_cache_dtype)  # before any page is allocated
         self.effort = effort or EffortModel()
         self.config = cfg
         self.tokenizer = tokenizer
@@ -214,7 +218,8 @@ class Engine:
                                             enable_prefix_caching=enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, max_num_seqs, max_num_batched_tokens, prefill_chunk_size,
                                    clock=clock)
-        self.runner = ModelRunner(model, self.kv, attn_impl=attn_impl)
+        self.runner = ModelRunner(model, self.kv, attn_impl=attn_impl,
+                                  cache_dtype=None if kv_cache_dtype == "auto" else kv_cache_dtype)
         self.responses = ResponseStore(max_stored_responses)
         self._vocab = vocab
         self._rng = np.random.default_rng(seed)
