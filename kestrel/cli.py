@@ -26,7 +26,8 @@ def parse_ids(text: str, flag: str) -> list[int]:
 def cmd_convert(args) -> None:
     from model.convert import convert_checkpoint
 
-    out = convert_checkpoint(args.src, args.out, dtype=args.dtype, force=args.force)
+    out = convert_checkpoint(args.src, args.out, dtype=args.dtype, force=args.force,
+                             quantize=args.quantize)
     print(f"wrote {out}")
 
 
@@ -95,7 +96,8 @@ def cmd_eval(args) -> None:
 
     run_eval(args.ckpt, args.suite, n=args.n, seed=args.seed, max_new_tokens=args.max_new_tokens,
              json=args.json, batch_size=args.batch_size, max_rounds=args.max_rounds,
-             constrained=args.constrained, effort=args.effort)
+             constrained=args.constrained, effort=args.effort, quantize=args.quantize,
+             kv_cache_dtype=args.kv_cache_dtype)
 
 
 def read_model_config(path: str):
@@ -139,8 +141,9 @@ def add_plan_arguments(p: argparse.ArgumentParser, *, serving: bool) -> None:
         p.add_argument("--page-size", type=int, default=16)
         p.add_argument("--prefill-chunk", dest="max_num_batched_tokens", type=int, default=512,
                        help="tokens per prefill step")
-    p.add_argument("--kv-cache-dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="dtype of the KV pages (default: the model's compute dtype)")
+    p.add_argument("--kv-cache-dtype", default="auto", metavar="DTYPE",
+                   help="dtype of the KV pages: auto (the model's compute dtype), float32, bfloat16, "
+                        "float16, or int8 (one float32 scale per page and KV head)")
     p.add_argument("--memory", type=float, default=None,
                    help="GiB available (default: device memory, else available host RAM)")
     p.add_argument("--memory-utilization", type=float, default=0.9,
@@ -178,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the Kestrel checkpoint folder to write")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--quantize", default=None, metavar="TYPE",
+                   help="write int8 weights: int8 (weight-only) or int8-w8a8 (weights and activations)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("export", help="write a Kestrel checkpoint as a safetensors folder")
@@ -241,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode through the serving engine: grammar-constrained tool calls, reasoning budgets")
     p.add_argument("--effort", choices=["none", "low", "medium", "high", "auto"], default="medium",
                    help="reasoning effort with --constrained")
+    p.add_argument("--quantize", default=None, metavar="TYPE",
+                   help="quantize the weights at load: int8 or int8-w8a8")
+    p.add_argument("--kv-cache-dtype", default="auto", metavar="DTYPE",
+                   help="KV cache pages with --constrained: auto or int8")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
     return parser

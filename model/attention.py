@@ -9,6 +9,7 @@ from jaxtyping import Array, Float, Int
 from model import kernels
 from model.config import ModelConfig
 from model.layers import DTYPES, RMSNorm, param
+from model.quantization import linear, read_weight
 from model.rope import apply_rope
 
 
@@ -18,6 +19,7 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer_type: str, *, rngs: nnx.Rngs):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.dtype = DTYPES[cfg.dtype]
+        self.quantize_activations = cfg.quantization == "int8-w8a8"
         self.window = cfg.sliding_window if layer_type == "sliding" else None
         self.scale = cfg.scale
         self.soft_cap = cfg.attn_logit_softcap
@@ -35,12 +37,15 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(h, **norm) if cfg.qk_norm else None
         self.k_norm = RMSNorm(h, **norm) if cfg.qk_norm else None
 
+    def _linear(self, equation, x, weight):
+        return linear(equation, x, read_weight(weight), dtype=self.dtype,
+                      quantize_activations=self.quantize_activations)
+
     def project(self, x: Float[Array, "B T D"], rope: tuple[Array, Array]):
         """Queries, keys and values of x, normed and rotated: [B,T,N,H], [B,T,K,H], [B,T,K,H]."""
-        x = x.astype(self.dtype)
-        q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...].astype(self.dtype))
-        k = jnp.einsum("BTD,DKH->BTKH", x, self.k_proj[...].astype(self.dtype))
-        v = jnp.einsum("BTD,DKH->BTKH", x, self.v_proj[...].astype(self.dtype))
+        q = self._linear("BTD,DNH->BTNH", x, self.q_proj)
+        k = self._linear("BTD,DKH->BTKH", x, self.k_proj)
+        v = self._linear("BTD,DKH->BTKH", x, self.v_proj)
         if self.q_bias is not None:
             q = q + self.q_bias[...].astype(self.dtype)
             k = k + self.k_bias[...].astype(self.dtype)
@@ -88,7 +93,7 @@ class Attention(nnx.Module):
         if attend is not None:
             out, kv = attend(q, k, v, window=self.window, scale=self.scale, soft_cap=self.soft_cap,
                              impl=impl)
-            y = jnp.einsum("BTNH,NHD->BTD", out.astype(self.dtype), self.o_proj[...].astype(self.dtype))
+            y = self._linear("BTNH,NHD->BTD", out, self.o_proj)
             return y, kv
         if keys_values is not None:
             k, v = write(keys_values[0], k), write(keys_values[1], v)
@@ -98,5 +103,5 @@ class Attention(nnx.Module):
             q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
             q_span_ids=q_span_ids, kv_span_ids=kv_span_ids, scale=self.scale,
             soft_cap=self.soft_cap, impl=impl)
-        y = jnp.einsum("BTNH,NHD->BTD", out.astype(self.dtype), self.o_proj[...].astype(self.dtype))
+        y = self._linear("BTNH,NHD->BTD", out, self.o_proj)
         return y, (k, v)

@@ -30,6 +30,7 @@ from flax import nnx
 from kestrel.errors import KestrelError
 from model.config import ModelConfig
 from model.layers import DTYPES
+from model.quantization import check_quantization, quantize_model, tree_bytes
 from model.transformer import Transformer
 
 FORMAT_VERSION = 1
@@ -151,7 +152,8 @@ def save_checkpoint(model: Transformer, out_dir: str | Path, *, tokenizer=None,
         if tokenizer is not None:
             tokenizer.save(tmp)
         meta = {"format_version": FORMAT_VERSION, "source": source, "dtype": cfg.param_dtype,
-                "num_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))}
+                "num_params": cfg.num_params, "quantization": cfg.quantization,
+                "param_bytes": tree_bytes(params)}
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
     return Path(out_dir).absolute()
 
@@ -188,8 +190,10 @@ def restore_params(ckpt_dir: str | Path, target: dict | None = None) -> dict:
     if target is None:
         target = abstract_params(read_config(ckpt_dir))
     # Restore in the stored dtype, then cast: a dtype change is a plain astype, never orbax's.
+    # Integer leaves (int8 weights of a quantized model) are restored as they are.
+    stored = lambda t: t.dtype if jnp.issubdtype(t.dtype, jnp.integer) else stored_dtype  # noqa: E731
     shapes = jax.tree.map(
-        lambda t: jax.ShapeDtypeStruct(t.shape, stored_dtype, sharding=getattr(t, "sharding", None)),
+        lambda t: jax.ShapeDtypeStruct(t.shape, stored(t), sharding=getattr(t, "sharding", None)),
         target)
     with ocp.StandardCheckpointer() as checkpointer:
         restored = checkpointer.restore(Path(ckpt_dir).absolute() / PARAMS, shapes)
@@ -208,17 +212,28 @@ def load_tokenizer(ckpt_dir: str | Path):
     return Tokenizer.load(ckpt)
 
 
-def load_checkpoint(ckpt_dir: str | Path, *, dtype: str | None = None):
+def load_checkpoint(ckpt_dir: str | Path, *, dtype: str | None = None,
+                    quantize: str | None = None):
     """Loads a Kestrel checkpoint folder.
 
     Args:
       ckpt_dir: the folder ``save_checkpoint`` or ``convert_checkpoint`` wrote.
       dtype: parameter and compute dtype (``float32``, ``bfloat16``, ``float16``); default as saved.
+      quantize: quantize a float checkpoint's weights at load (``int8``, ``int8-w8a8``); a
+        checkpoint saved quantized loads quantized without it.
 
     Returns:
       (Transformer, Tokenizer or None).
+
+    Raises:
+      KestrelError: not a checkpoint; an unsupported ``quantize`` type; ``quantize`` differing
+        from the quantization the checkpoint was saved with.
     """
+    check_quantization(quantize)
     cfg = read_config(ckpt_dir)
+    if quantize is not None and cfg.quantization not in (None, quantize):
+        raise KestrelError(f"{ckpt_dir} is quantized {cfg.quantization}; it cannot be loaded as "
+                           f"{quantize} (convert the float checkpoint instead)")
     if dtype is not None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -226,4 +241,7 @@ def load_checkpoint(ckpt_dir: str | Path, *, dtype: str | None = None):
     graphdef, state = nnx.split(_abstract_model(cfg))
     params = restore_params(ckpt_dir, nnx.to_pure_dict(state))
     nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state), load_tokenizer(ckpt_dir)
+    model = nnx.merge(graphdef, state)
+    if quantize is not None and cfg.quantization is None:
+        model = quantize_model(model, quantize)
+    return model, load_tokenizer(ckpt_dir)

@@ -95,6 +95,8 @@ class ModelConfig:
         blocks run, increasing, each < L) an exit head reads the hidden state. The head is the
         model's own final norm and (tied) LM head, so exits add no parameters; training adds their
         cross entropy (``RunConfig.early_exit_weight``), serving may stop there when confident.
+      quantization: ``None`` (float weights), ``int8`` (int8 weights, float compute) or
+        ``int8-w8a8`` (int8 weights and activations); see ``model/quantization.py``.
     """
 
     vocab_size: int
@@ -126,6 +128,7 @@ class ModelConfig:
     architecture: str = "kestrel"
     vision: VisionConfig | None = None
     exit_layers: tuple[int, ...] = ()
+    quantization: str | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
@@ -169,6 +172,10 @@ class ModelConfig:
                              f"in 1..{self.num_layers - 1} (an exit after the last layer is the model)")
         if self.vision is not None and not isinstance(self.vision, VisionConfig):
             raise ValueError(f"ModelConfig.vision must be a VisionConfig or None, got {self.vision!r}")
+        if self.quantization is not None:
+            from model.quantization import check_quantization
+
+            check_quantization(self.quantization)
 
     @property
     def scale(self) -> float:

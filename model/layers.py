@@ -14,6 +14,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from model.config import ModelConfig
+from model.quantization import linear, read_weight, take_rows
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -60,32 +61,39 @@ class GatedMLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, f = cfg.hidden_size, cfg.intermediate_size
         self.dtype = DTYPES[cfg.dtype]
+        self.quantize_activations = cfg.quantization == "int8-w8a8"
         self.act = activation_fn(cfg.activation)
         self.gate = param(rngs, (d, f), ("embed", "mlp"), cfg.param_dtype)
         self.up = param(rngs, (d, f), ("embed", "mlp"), cfg.param_dtype)
         self.down = param(rngs, (f, d), ("mlp", "embed"), cfg.param_dtype)
 
     def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
-        x = x.astype(self.dtype)
-        gate = jnp.einsum("BTD,DF->BTF", x, self.gate[...].astype(self.dtype))
-        up = jnp.einsum("BTD,DF->BTF", x, self.up[...].astype(self.dtype))
-        return jnp.einsum("BTF,FD->BTD", self.act(gate) * up, self.down[...].astype(self.dtype))
+        mm = lambda eq, a, w: linear(eq, a, read_weight(w), dtype=self.dtype,  # noqa: E731
+                                     quantize_activations=self.quantize_activations)
+        gate = mm("BTD,DF->BTF", x, self.gate)
+        up = mm("BTD,DF->BTF", x, self.up)
+        return mm("BTF,FD->BTD", self.act(gate) * up, self.down)
 
 
 class Embedding(nnx.Module):
-    """Token embedding table [V, D]; also the output projection when embeddings are tied."""
+    """Token embedding table [V, D]; also the output projection when embeddings are tied.
+
+    Quantized models keep the table in int8 with one scale per row (``model/quantization.py``).
+    """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.table = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
                            cfg.param_dtype)
         self.dtype = DTYPES[cfg.dtype]
+        self.quantize_activations = cfg.quantization == "int8-w8a8"
         # Gemma multiplies by sqrt(D) rounded to the compute dtype, as transformers does.
         # numpy, not jnp: this runs under nnx.eval_shape / jit tracing too.
         self.scale = float(np.asarray(cfg.hidden_size ** 0.5, self.dtype)) if cfg.embed_scale else None
 
     def __call__(self, tokens: Int[Array, "B T"]) -> Float[Array, "B T D"]:
-        x = jnp.take(self.table[...], tokens, axis=0).astype(self.dtype)
+        x = take_rows(read_weight(self.table), tokens, self.dtype)
         return x * jnp.asarray(self.scale, self.dtype) if self.scale is not None else x
 
     def attend(self, x: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
-        return jnp.einsum("BTD,VD->BTV", x, self.table[...].astype(x.dtype))
+        return linear("BTD,VD->BTV", x, read_weight(self.table), dtype=x.dtype,
+                      quantize_activations=self.quantize_activations)

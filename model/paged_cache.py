@@ -34,6 +34,7 @@ from jaxtyping import Array, Float, Int
 from model import kernels
 from model.config import ModelConfig
 from model.kernels.paged import paged_attention
+from model.kv_int8 import create_int8_pages, gather_pages, is_int8_pages, write_int8_pages
 from model.layers import DTYPES
 
 
@@ -63,7 +64,7 @@ class PagedKVCache:
         (a multiple of G; ``None``: every table starts at position 0).
     """
 
-    k: tuple[Float[Array, "K P G H"], ...]
+    k: tuple[Float[Array, "K P G H"], ...]  # or int8 QArrays (model/kv_int8.py)
     v: tuple[Float[Array, "K P G H"], ...]
     page_tables: tuple[Int[Array, "B M"], ...]
     slots: tuple[Int[Array, "B T"], ...]
@@ -81,16 +82,23 @@ class PagedKVCache:
                      layer_groups: tuple[int, ...], dtype: str | None = None):
         """Zeroed page arrays: per layer, k and v of [K, P_g, G, H] with P_g = num_pages[group].
 
+        ``dtype`` ``int8`` gives int8 pages with per-(kv head, page) scales (``model/kv_int8.py``);
+        otherwise a float dtype name, default the model's compute dtype.
+
         Returns:
           (k tuple, v tuple), one entry per layer.
         """
         if len(layer_groups) != cfg.num_layers:
             raise ValueError(f"layer_groups has {len(layer_groups)} entries for {cfg.num_layers} layers")
-        dt = DTYPES[dtype or cfg.dtype]
         shape = lambda g: (cfg.num_kv_heads, num_pages[g], page_size, cfg.head_dim)  # noqa: E731
-        k = tuple(jnp.zeros(shape(g), dt) for g in layer_groups)
-        v = tuple(jnp.zeros(shape(g), dt) for g in layer_groups)
-        return k, v
+        if dtype == "int8":
+            zeros = lambda g: create_int8_pages(shape(g))  # noqa: E731
+        elif (dtype or cfg.dtype) in DTYPES:
+            zeros = lambda g: jnp.zeros(shape(g), DTYPES[dtype or cfg.dtype])  # noqa: E731
+        else:
+            raise ValueError(f"KV page dtype {dtype!r} is not supported; use int8 or one of "
+                             f"{sorted(DTYPES)}")
+        return tuple(zeros(g) for g in layer_groups), tuple(zeros(g) for g in layer_groups)
 
     def attend(self, layer: int, q: Float[Array, "B T N H"], k: Float[Array, "B T K H"],
                v: Float[Array, "B T K H"], *, window: int | None, scale: float | None,
@@ -114,13 +122,13 @@ class PagedKVCache:
             q = jnp.take(q[0], self.unpack, axis=0, mode="fill", fill_value=0)  # [B, T, N, H]
             b, t = q.shape[:2]
         if not packed:  # decode (T = 1) or verification of drafts: the last T positions
-            out = paged_attention(q, k_pages.astype(q.dtype), v_pages.astype(q.dtype), table,
+            as_q = lambda x: x if is_int8_pages(x) else x.astype(q.dtype)  # noqa: E731
+            out = paged_attention(q, as_q(k_pages), as_q(v_pages), table,
                                   jnp.maximum(lengths, 1), window=window, scale=scale,
                                   soft_cap=soft_cap, impl=impl)
         else:
             m = table.shape[1]
-            dense = lambda pages: pages[:, table].reshape(kh, b, m * page, h).transpose(1, 2, 0, 3)  # noqa: E731
-            kd, vd = dense(k_pages).astype(q.dtype), dense(v_pages).astype(q.dtype)  # [B, S, K, H]
+            kd, vd = gather_pages(k_pages, table, q.dtype), gather_pages(v_pages, table, q.dtype)
             s = jnp.arange(m * page, dtype=jnp.int32)[None, :]
             kv_positions = jnp.where(s < lengths[:, None], s + offset[:, None], -1)
             q_positions = self.query_positions if packed else self.positions
@@ -154,6 +162,8 @@ class PagedKVCache:
         slots = jnp.where(slots < 0, p * page, slots)
 
         def write(pages, new):  # new [B, T, K, H] -> pages [K, P, G, H]
+            if is_int8_pages(pages):
+                return write_int8_pages(pages, slots, new.reshape(-1, kh, h))
             flat = pages.reshape(kh, p * page, h)
             new = new.astype(pages.dtype).reshape(-1, kh, h).transpose(1, 0, 2)  # [K, B*T, H]
             return flat.at[:, slots].set(new, mode="drop").reshape(kh, p, page, h)

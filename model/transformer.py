@@ -15,6 +15,7 @@ from model.config import ModelConfig, RopeScaling
 from model.kv_cache import KVCache
 from model.layers import DTYPES, Embedding, GatedMLP, RMSNorm, param
 from model.paged_cache import PagedKVCache
+from model.quantization import linear, quantize_params, read_weight
 from model.rope import inverse_frequencies, rope_tables
 from model.vision import VisionTower, image_span_ids, splice_images, splice_images_by_span
 
@@ -56,6 +57,13 @@ class Transformer(nnx.Module):
             rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg.param_dtype)
         self.vision = None if cfg.vision is None else VisionTower(
             cfg.vision, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        if cfg.quantization is not None:
+            # Weights become int8 QArrays in their Params, so an abstract (eval_shape) model of a
+            # quantized config has the shapes and dtypes a quantized checkpoint restores into.
+            state = nnx.state(self, nnx.Param)
+            nnx.replace_by_pure_dict(state, quantize_params(nnx.to_pure_dict(state),
+                                                            scale_dtype=DTYPES[cfg.dtype]))
+            nnx.update(self, state)
 
     def encode_images(self, pixels: Float[Array, "I S S C"], attn_impl: str = "auto"
                       ) -> Float[Array, "I M D"]:
@@ -258,7 +266,8 @@ class Transformer(nnx.Module):
         if self.lm_head is None:
             logits = self.embed.attend(hidden)
         else:
-            logits = jnp.einsum("BTD,VD->BTV", hidden, self.lm_head[...].astype(hidden.dtype))
+            logits = linear("BTD,VD->BTV", hidden, read_weight(self.lm_head), dtype=hidden.dtype,
+                            quantize_activations=self.config.quantization == "int8-w8a8")
         logits = logits.astype(jnp.float32)
         cap = self.config.final_logit_softcap
         if cap is not None:

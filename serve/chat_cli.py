@@ -64,6 +64,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--early-exit-threshold", type=float, default=None,
                    help="decode with the model's exit heads (config exit_layers): a step stops at an "
                         "exit layer when every row's top probability there exceeds this (0..1); off by default")
+    p.add_argument("--quantize", default=None, metavar="TYPE",
+                   help="quantize a float checkpoint's weights at load: int8 (weight-only) or "
+                        "int8-w8a8 (weights and activations)")
     p.add_argument("--log-level", default="info")
     # Speculative decoding, named after vLLM's speculative_config keys.
     p.add_argument("--speculative", choices=("off", "ngram", "draft"), default="off",
@@ -140,6 +143,7 @@ def plan_pools(args, cfg):
 def build_server(args):
     """The KestrelServer ``serve_main`` runs (split out so tests can build one from arguments)."""
     from model.checkpoint import load_checkpoint, read_config
+    from model.quantization import check_kv_cache_dtype, check_quantization
     from serve.api.auth import load_api_keys
     from serve.api.server import KestrelServer, TlsConfig
     from serve.effort import EffortModel
@@ -158,9 +162,14 @@ def build_server(args):
             raise KestrelError(f"--{flag.replace('_', '-')} must be positive, got {value}")
     if args.early_exit_threshold is not None and not 0.0 <= args.early_exit_threshold <= 1.0:
         raise KestrelError(f"--early-exit-threshold must be in [0, 1], got {args.early_exit_threshold}")
+    check_quantization(args.quantize)
+    check_kv_cache_dtype(args.kv_cache_dtype)
     keys = load_api_keys(args.api_keys_file, args.api_keys_env)
     max_len, num_pages, num_sliding_pages = plan_pools(args, read_config(ckpt))
-    model, tokenizer = load_checkpoint(ckpt)
+    model, tokenizer = load_checkpoint(ckpt, quantize=args.quantize)
+    if args.early_exit_threshold is not None and not model.config.exit_layers:
+        raise KestrelError(f"--early-exit-threshold: the model in {os.fspath(ckpt)!r} has no exit heads "
+                           "(its config.json has no exit_layers)")
     speculative = speculative_config(args)
     try:  # a draft model with another tokenizer is refused here, before anything is served
         effort = EffortModel.load(ckpt)
@@ -170,7 +179,7 @@ def build_server(args):
                         kv_cache_dtype=args.kv_cache_dtype, max_images_per_request=args.max_images,
                         image_limits=ImageLimits(max_bytes=args.max_image_bytes,
                                                  max_pixels=args.max_image_pixels),
-                        speculative=speculative)
+                        speculative=speculative, early_exit_threshold=args.early_exit_threshold)
     except ValueError as e:
         prefix = f"--speculative {args.speculative}: " if speculative is not None else ""
         raise KestrelError(f"{prefix}{e}") from None

@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from model.image_processing import ImageLimits
+from model.quantization import check_kv_cache_dtype
 from model.tokenizer import Tokenizer
 from model.transformer import Transformer
 from serve import events as ev
@@ -211,6 +212,8 @@ class Engine:
       enable_prefix_caching: share full pages across requests with equal prefixes.
       max_stored_responses: bound of the response store (LRU).
       attn_impl: attention implementation for the runner.
+      kv_cache_dtype: ``auto`` (the model's compute dtype) or ``int8`` (int8 pages with one scale
+        per page and kv head, ``model/kv_int8.py``); vLLM's ``--kv-cache-dtype``.
       seed: seeds the engine RNG that seeds requests without a ``seed``.
       vocab: the channel vocabulary (default: built from ``tokenizer``).
       effort: the effort model (budgets per effort, optional probe).
@@ -237,6 +240,7 @@ class Engine:
                  speculative: SpeculativeConfig | None = None,
                  early_exit_threshold: float | None = None):
         cfg = model.config
+        kv_cache_dtype = check_kv_cache_dtype(kv_cache_dtype)  # before any page is allocated
         if max_model_len is not None:
             if isinstance(max_model_len, bool) or not isinstance(max_model_len, int) or max_model_len < 2:
                 raise ValueError(f"max_model_len must be an int >= 2, got {max_model_len!r}")
@@ -255,7 +259,7 @@ class Engine:
                                    clock=clock)
         if max_model_len is not None:
             self._check_pools_hold(max_model_len)
-        self.runner = ModelRunner(model, self.kv, attn_impl=attn_impl, cache_dtype=kv_cache_dtype,
+        self.runner = ModelRunner(model, self.kv, attn_impl=attn_impl, cache_dtype=None if kv_cache_dtype == "auto" else kv_cache_dtype,
                                   early_exit_threshold=early_exit_threshold)
         self.image_limits = image_limits or ImageLimits()
         self.max_images_per_request = max_images_per_request

@@ -32,7 +32,7 @@ from model.config import ModelConfig
 from serve.buckets import batch_rows, length_bucket, min_table_width, pow2, table_bucket
 from serve.kv_pages import pages_held
 
-_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
 GiB = 1 << 30
 
 
@@ -193,7 +193,7 @@ def plan_memory(cfg: ModelConfig, *, context: int, batch: int = 1, max_output: i
     if max_output > context:
         raise ValueError(f"max_output ({max_output}) cannot exceed the context ({context}): the "
                          f"context counts prompt and output tokens together")
-    kv_dtype = kv_cache_dtype or cfg.dtype
+    kv_dtype = cfg.dtype if kv_cache_dtype in (None, "auto") else kv_cache_dtype
     if kv_dtype not in _ITEMSIZE:
         raise ValueError(f"kv_cache_dtype must be one of {sorted(_ITEMSIZE)}, got {kv_dtype!r}")
     if not 0 < utilization <= 1:
@@ -216,6 +216,8 @@ def plan_memory(cfg: ModelConfig, *, context: int, batch: int = 1, max_output: i
             continue
         window = cfg.sliding_window if kind == "sliding" else None
         per_token = 2 * k * h * _ITEMSIZE[kv_dtype]
+        if kv_dtype == "int8":  # one float32 scale per page and KV head, for K and V
+            per_token += -(-2 * k * 4 // G)
         pages = pages_held(stored, window, chunk, G)
         groups.append(GroupPlan(kind, layers, window, per_token, pages, pages * batch,
                                 pages * batch * G * per_token * layers))

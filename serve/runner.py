@@ -250,7 +250,8 @@ class ModelRunner:
       model: the Transformer to serve.
       kv_manager: the scheduler's page manager (its groups size the page arrays).
       attn_impl: attention kernel implementation (``auto``: reference on CPU, Pallas on GPU).
-      cache_dtype: dtype of the K/V pages (default: the model's compute dtype).
+      cache_dtype: dtype of the K/V pages (default: the model's compute dtype); ``int8`` keeps
+        int8 pages with per-(kv head, page) scales (``model/kv_int8.py``).
       min_batch: smallest batch bucket (fewer, larger buckets mean fewer compilations; padding
         rows cost little next to a dispatch).
       min_table_pages: smallest page-table width bucket.
@@ -301,6 +302,19 @@ class ModelRunner:
         # Speculative decoding: proposes drafts for entries with num_lookahead (prompt lookup or a
         # draft model, ``serve.speculative``); None: lookahead entries run as plain decodes.
         self.proposer = None
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of all K/V page arrays (int8 values and their scales when quantized)."""
+        return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((self.k, self.v))))
+
+    def kv_bytes_per_token(self) -> float:
+        """K/V bytes one cached token takes over all layers (page arrays / page slots)."""
+        total = 0.0
+        for layer, g in enumerate(self.layer_groups):
+            layer_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((self.k[layer], self.v[layer])))
+            total += layer_bytes / (self.num_pages[g] * self.page_size)
+        return total
 
     @staticmethod
     def compiled_variants() -> int:

@@ -232,13 +232,13 @@ def generator_policy(generator, tokenizer, *, max_new_tokens: int, batch_size: i
     return policy
 
 
-def eval_engine(model, tokenizer, effort=None, max_num_seqs: int = 32):
+def eval_engine(model, tokenizer, effort=None, max_num_seqs: int = 32, kv_cache_dtype: str = "auto"):
     """A serving engine sized for eval: `max_num_seqs` conversations at the full context each."""
     from serve.engine import Engine
 
     pages = max_num_seqs * -(-model.config.max_position_embeddings // 16)
     return Engine(model, tokenizer, num_pages=pages, page_size=16, max_num_seqs=max_num_seqs,
-                  max_num_batched_tokens=1024, effort=effort)
+                  max_num_batched_tokens=1024, effort=effort, kv_cache_dtype=kv_cache_dtype)
 
 
 def engine_policy(engine, *, max_new_tokens: int, effort: str = "medium", tool_choice: str = "auto") -> Policy:
@@ -422,7 +422,8 @@ def check_takes_images(model, ckpt_dir: str, constrained: bool) -> None:
 
 def run_eval(ckpt_dir: str, suite: str, *, n: int = 100, seed: int = 0, max_new_tokens: int = 512,
              json: bool = False, batch_size: int = 32, max_rounds: int = 8, constrained: bool = False,
-             effort: str = "medium", out: TextIO | None = sys.stdout) -> dict[str, Any]:
+             effort: str = "medium", quantize: str | None = None, kv_cache_dtype: str = "auto",
+             out: TextIO | None = sys.stdout) -> dict[str, Any]:
     """``kestrel eval CKPT --suite stem|tools|summary|vision [--json]``: loads, plays, scores, prints.
 
     Args:
@@ -439,6 +440,8 @@ def run_eval(ckpt_dir: str, suite: str, *, n: int = 100, seed: int = 0, max_new_
       constrained: decode through the serving engine (`engine_policy`): grammar-constrained tool
         calls and reasoning budgets; else plain greedy decoding (`generator_policy`).
       effort: the reasoning effort when `constrained` (low, medium, high; none disables thinking).
+      quantize: quantize the weights at load (``int8``, ``int8-w8a8``), or None.
+      kv_cache_dtype: ``auto`` or ``int8`` KV pages (the engine's paged cache: with `constrained`).
       out: where to print; None prints nothing.
 
     Returns:
@@ -451,10 +454,14 @@ def run_eval(ckpt_dir: str, suite: str, *, n: int = 100, seed: int = 0, max_new_
     from model.checkpoint import load_checkpoint
     from model.generate import Generator
 
+    from model.quantization import check_kv_cache_dtype
+
     if max_new_tokens < 1 or batch_size < 1 or max_rounds < 1:
         raise KestrelError("max_new_tokens, batch_size and max_rounds must be >= 1")
+    if check_kv_cache_dtype(kv_cache_dtype) != "auto" and not constrained:
+        raise KestrelError("--kv-cache-dtype needs --constrained (the engine's paged KV cache)")
     t0 = time.perf_counter()
-    model, tokenizer = load_checkpoint(ckpt_dir)
+    model, tokenizer = load_checkpoint(ckpt_dir, quantize=quantize)
     if tokenizer is None:
         raise KestrelError(f"{ckpt_dir} has no tokenizer; eval needs one")
     if suite == "vision":
@@ -466,7 +473,7 @@ def run_eval(ckpt_dir: str, suite: str, *, n: int = 100, seed: int = 0, max_new_
             effort_model = EffortModel.load(ckpt_dir)
         except ValueError as e:
             raise KestrelError(str(e)) from None
-        engine = eval_engine(model, tokenizer, effort_model, batch_size)
+        engine = eval_engine(model, tokenizer, effort_model, batch_size, kv_cache_dtype)
         policy = engine_policy(engine, max_new_tokens=max_new_tokens, effort=effort)
     else:
         policy = generator_policy(Generator(model), tokenizer, max_new_tokens=max_new_tokens,
@@ -474,6 +481,7 @@ def run_eval(ckpt_dir: str, suite: str, *, n: int = 100, seed: int = 0, max_new_
     result = evaluate(tokenizer, policy, suite, n=n, seed=seed, max_rounds=max_rounds,
                       context_len=model.config.max_position_embeddings)
     result.update(checkpoint=str(ckpt_dir), max_new_tokens=max_new_tokens,
+                  quantization=model.config.quantization, kv_cache_dtype=kv_cache_dtype,
                   decoding=f"engine, effort {effort}" if constrained else "greedy",
                   seconds=round(time.perf_counter() - t0, 2))
     if out is not None:

@@ -11,6 +11,7 @@ import numpy as np
 
 from kestrel.errors import KestrelError
 from model.checkpoint import model_from_params, save_checkpoint
+from model.quantization import check_quantization, quantize_model
 from model.convert.gguf_source import GGUFSource
 from model.convert.hf_config import model_config_from_hf
 from model.convert.hf_vision import read_preprocessor
@@ -45,7 +46,7 @@ def _tokenizer(src: Path, source):
 
 
 def convert_checkpoint(src: str | Path, out: str | Path, *, dtype: str = "float32",
-                       force: bool = False) -> Path:
+                       force: bool = False, quantize: str | None = None) -> Path:
     """Converts a Hugging Face model folder or a ``.gguf`` file into a Kestrel checkpoint.
 
     Args:
@@ -54,15 +55,18 @@ def convert_checkpoint(src: str | Path, out: str | Path, *, dtype: str = "float3
       out: the checkpoint folder to write (config.json, params/, kestrel.json, tokenizer files).
       dtype: ``float32`` or ``bfloat16``, for parameters and compute.
       force: replace an existing ``out``.
+      quantize: write int8 weights (``int8`` or ``int8-w8a8``, see ``model/quantization.py``);
+        ``dtype`` is then the dtype of the scales and of the compute.
 
     Returns:
       The absolute path of the checkpoint.
 
     Raises:
-      KestrelError: the source is missing, unreadable or of an unsupported architecture, a tensor
+      KestrelError: an unsupported ``quantize`` type; the source is missing, unreadable or of an unsupported architecture, a tensor
         is missing or misshapen, or ``out`` exists without ``force``.
     """
     src, out = Path(src), Path(out)
+    check_quantization(quantize)
     if dtype not in DTYPE_CHOICES:
         raise KestrelError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {dtype!r}")
     if out.exists() and not force:
@@ -83,9 +87,11 @@ def convert_checkpoint(src: str | Path, out: str | Path, *, dtype: str = "float3
     flat = params_from_hf(cfg, source.names, source.read, np.dtype(DTYPES[dtype]))
     # pop: hold each tensor once (numpy or device), not twice, while moving it over.
     model = model_from_params(cfg, {k: jnp.asarray(flat.pop(k)) for k in list(flat)})
+    if quantize is not None:
+        model = quantize_model(model, quantize)
     tokenizer = _tokenizer(src, source)
     record = {"path": str(src.absolute()), "format": "gguf" if is_gguf else "safetensors",
-              "architecture": cfg.architecture}
+              "architecture": cfg.architecture, "quantization": quantize}
     path = save_checkpoint(model, out, tokenizer=tokenizer, source=record, force=force)
     log.info("converted %s (%s, %s) to %s", src, cfg.architecture, dtype, path)
     return path

@@ -12,6 +12,7 @@ from safetensors.numpy import save_file
 from model.checkpoint import atomic_output_dir, flatten_params, load_tokenizer, read_config, restore_params
 from model.convert.hf_config import hf_config_from_model
 from model.convert.hf_weights import params_to_hf
+from model.quantization import dequantize_params
 
 # Tokenizer files Tokenizer.save writes (HF-compatible names), copied as they are.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
@@ -62,7 +63,8 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, *, force: bool 
     ids, generation = _token_ids(ckpt)
     hf_config.update(ids)
     with atomic_output_dir(out_dir, force=force) as tmp:
-        params = flatten_params(restore_params(ckpt))
+        # A quantized checkpoint exports its dequantized weights (HF has no int8 layout we match).
+        params = flatten_params(dequantize_params(restore_params(ckpt)))
         tensors = params_to_hf(cfg, {k: np.asarray(v) for k, v in params.items()})
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")

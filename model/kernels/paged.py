@@ -31,6 +31,7 @@ from jaxtyping import Array, Float, Int
 
 from model.kernels.attention import attention_reference, resolve_impl
 from model.kernels.flash import next_pow2, triton_params
+from model.kv_int8 import gather_pages, is_int8_pages
 
 
 def check_paged_inputs(q, k_pages, v_pages, page_table, lengths, window) -> None:
@@ -39,6 +40,11 @@ def check_paged_inputs(q, k_pages, v_pages, page_table, lengths, window) -> None
         raise ValueError(f"q must be [B, T, N, H], got shape {q.shape}")
     if k_pages.ndim != 4:
         raise ValueError(f"k_pages must be [K, P, G, H], got shape {k_pages.shape}")
+    if is_int8_pages(k_pages) != is_int8_pages(v_pages):
+        raise ValueError("k_pages and v_pages must both be int8 (QArray) pages or both float")
+    if is_int8_pages(k_pages) and k_pages.scale.shape != (*k_pages.shape[:2], 1, 1):
+        raise ValueError(f"int8 pages need one scale per (kv head, page), [K, P, 1, 1] = "
+                         f"{(*k_pages.shape[:2], 1, 1)}; got {k_pages.scale.shape}")
     if v_pages.shape != k_pages.shape:
         raise ValueError(f"v_pages shape {v_pages.shape} differs from k_pages shape "
                          f"{k_pages.shape}")
@@ -72,12 +78,12 @@ def check_paged_inputs(q, k_pages, v_pages, page_table, lengths, window) -> None
 
 def paged_attention_reference(q, k_pages, v_pages, page_table, lengths, *, window=None,
                               scale=None, soft_cap=None):
-    """Plain-jnp paged attention: gathers the pages into a dense cache and runs the reference."""
+    """Plain-jnp paged attention: gathers the pages (dequantized when int8) into a dense cache and
+    runs the reference."""
     b, t, n, h = q.shape
     kh, p, g, _ = k_pages.shape
     table = jnp.clip(page_table, 0, p - 1)
-    dense = lambda pages: pages[:, table].reshape(kh, b, -1, h).transpose(1, 2, 0, 3)  # noqa: E731
-    k, v = dense(k_pages), dense(v_pages)  # [B, S, K, H]
+    k, v = gather_pages(k_pages, table, q.dtype), gather_pages(v_pages, table, q.dtype)  # [B, S, K, H]
     s = k.shape[1]
     slots = jnp.arange(s, dtype=jnp.int32)[None, :]
     kv_positions = jnp.where(slots < lengths[:, None], slots, -1)
@@ -86,9 +92,18 @@ def paged_attention_reference(q, k_pages, v_pages, page_table, lengths, *, windo
                                causal=True, window=window, scale=scale, soft_cap=soft_cap)
 
 
-def _decode_kernel(len_ref, table_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, t, groups,
-                   page, pages_per_split, scale, soft_cap, window):
-    """One (sequence, kv head, split): online softmax over the split's pages in the window."""
+def _decode_kernel(len_ref, table_ref, q_ref, k_ref, v_ref, *refs, t, groups, page,
+                   pages_per_split, scale, soft_cap, window, quantized):
+    """One (sequence, kv head, split): online softmax over the split's pages in the window.
+
+    With int8 pages (``quantized``), ``refs`` starts with the per-page K and V scales [P]; a page's
+    int8 tile is cast to q's dtype and its scale multiplies the page's scores (K) and its
+    probability-weighted sum (V), which is exact because the scale is constant over the page.
+    """
+    if quantized:
+        ks_ref, vs_ref, o_ref, m_ref, l_ref = refs
+    else:
+        o_ref, m_ref, l_ref = refs
     length = len_ref[0]
     rows, h = q_ref.shape
     q = q_ref[...]  # [R, H]: row r is token r // groups of query head r % groups
@@ -105,8 +120,12 @@ def _decode_kernel(len_ref, table_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref,
         phys = table_ref[j]
         k = k_ref[phys]  # [G, H]
         v = v_ref[phys]
+        k_scale = v_scale = 1.0
+        if quantized:
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
+            k_scale, v_scale = ks_ref[phys], vs_ref[phys]
         s = jax.lax.dot_general(q, k, dims, precision=precision,
-                                preferred_element_type=jnp.float32) * scale  # [R, G]
+                                preferred_element_type=jnp.float32) * (scale * k_scale)  # [R, G]
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
         k_pos = j * page + jnp.arange(page)[None, :]
@@ -119,7 +138,7 @@ def _decode_kernel(len_ref, table_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref,
         alpha = jnp.exp(m - m_safe)
         p = jnp.exp(s - m_safe[:, None])
         pv = jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                                 precision=precision, preferred_element_type=jnp.float32)
+                                 precision=precision, preferred_element_type=jnp.float32) * v_scale
         return alpha[:, None] * o + pv, m_new, alpha * l + p.sum(axis=-1)
 
     init = (jnp.zeros((rows, h), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
@@ -145,9 +164,19 @@ def _paged_pallas(q, k_pages, v_pages, page_table, lengths, *, window, scale, so
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows_pad - rows), (0, 0)))
     table = jnp.clip(page_table.astype(jnp.int32), 0, p - 1)
     table = jnp.pad(table, ((0, 0), (0, next_pow2(max_pages) - max_pages)))
+    quantized = is_int8_pages(k_pages)
     kernel = functools.partial(_decode_kernel, t=t, groups=groups, page=g,
                                pages_per_split=per_split, scale=scale, soft_cap=soft_cap,
-                               window=window)
+                               window=window, quantized=quantized)
+    page_spec = pl.BlockSpec((None, p, g, h), lambda b_, k_, s_: (k_, 0, 0, 0))
+    operands, specs = [k_pages, v_pages], [page_spec, page_spec]
+    if quantized:
+        # int8 values stream as they are; the per-page scales [K, P] (padded to a power of two
+        # for Triton's block shapes) ride along, one row per kv head.
+        scales = lambda x: jnp.pad(x.scale[:, :, 0, 0], ((0, 0), (0, next_pow2(p) - p)))  # noqa: E731
+        operands = [k_pages.qvalue, v_pages.qvalue, scales(k_pages), scales(v_pages)]
+        scale_spec = pl.BlockSpec((None, next_pow2(p)), lambda b_, k_, s_: (k_, 0))
+        specs = [page_spec, page_spec, scale_spec, scale_spec]
     part = lambda *tail: pl.BlockSpec((None, None, None) + tail,  # noqa: E731
                                       lambda b_, k_, s_: (b_, k_, s_) + (0,) * len(tail))
     o, m, l = pl.pallas_call(
@@ -156,8 +185,7 @@ def _paged_pallas(q, k_pages, v_pages, page_table, lengths, *, window, scale, so
         in_specs=[pl.BlockSpec((None, 1), lambda b_, k_, s_: (b_, 0)),
                   pl.BlockSpec((None, table.shape[1]), lambda b_, k_, s_: (b_, 0)),
                   pl.BlockSpec((None, None, rows_pad, h), lambda b_, k_, s_: (b_, k_, 0, 0)),
-                  pl.BlockSpec((None, p, g, h), lambda b_, k_, s_: (k_, 0, 0, 0)),
-                  pl.BlockSpec((None, p, g, h), lambda b_, k_, s_: (k_, 0, 0, 0))],
+                  *specs],
         out_specs=[part(rows_pad, h), part(rows_pad), part(rows_pad)],
         out_shape=[jax.ShapeDtypeStruct((b, kh, splits, rows_pad, h), jnp.float32),
                    jax.ShapeDtypeStruct((b, kh, splits, rows_pad), jnp.float32),
@@ -165,7 +193,7 @@ def _paged_pallas(q, k_pages, v_pages, page_table, lengths, *, window, scale, so
         interpret=interpret, name="kestrel_paged_decode",
         compiler_params=None if interpret or jax.default_backend() == "tpu" else triton_params(
             num_warps=4, num_stages=2),
-    )(lengths.astype(jnp.int32)[:, None], table, qg, k_pages, v_pages)
+    )(lengths.astype(jnp.int32)[:, None], table, qg, *operands)
     # Merge the splits: rescale each by exp(m_split - m_max); splits that saw nothing have l = 0.
     m_max = m.max(axis=2, keepdims=True)
     w = jnp.exp(m - jnp.where(m_max == -jnp.inf, 0.0, m_max))  # [B, K, splits, R]
@@ -199,7 +227,9 @@ def paged_attention(
 
     Args:
       q: [B, T, N, H] queries at positions lengths - T .. lengths - 1 (causal among themselves).
-      k_pages, v_pages: [K, P, G, H] paged keys and values; N a multiple of K.
+      k_pages, v_pages: [K, P, G, H] paged keys and values; N a multiple of K. Either float
+        arrays or int8 ``qwix.QArray`` pages with [K, P, 1, 1] scales (``model/kv_int8.py``),
+        which both implementations dequantize page by page.
       page_table: [B, max_pages] physical page of each logical page.
       lengths: [B] tokens in each sequence's cache, the T new ones included.
       window: left sliding window W, or None; pages wholly outside it are not read.
