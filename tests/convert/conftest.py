@@ -19,6 +19,12 @@ def tiny_hf_model(family="llama", seed=0, **overrides):
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager",
                                                           dtype=torch.float32)
+    return randomize(model)
+
+
+def randomize(model):
+    """Weights far from their initial values (norm scales and biases moved too), so parity tests
+    exercise every parameter; returns the model in eval mode."""
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim >= 2:

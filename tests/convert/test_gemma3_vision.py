@@ -11,6 +11,7 @@ import torch
 import transformers
 from flax import nnx
 
+from conftest import randomize
 from kestrel.cli import main as kestrel_main
 from kestrel.errors import KestrelError
 from model.checkpoint import load_checkpoint
@@ -32,13 +33,7 @@ def tiny_gemma3_vlm(seed=0):
     torch.manual_seed(seed)
     model = transformers.Gemma3ForConditionalGeneration(config).to(torch.float32)
     model.config._attn_implementation = "eager"
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim >= 2:
-                p.normal_(0.0, 0.2)
-            else:
-                p.add_(torch.randn_like(p) * 0.3)
-    return model.eval()
+    return randomize(model)
 
 
 @pytest.fixture(scope="module")
