@@ -20,15 +20,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from serve.buckets import pow2
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _encode(graphdef, attn_impl, state, pixels):
     return nnx.merge(graphdef, state).encode_images(pixels, attn_impl).astype(jnp.float32)
 
-
-def _pow2(n: int) -> int:
-    return 1 << (max(n, 1) - 1).bit_length()
 
 
 class ImageEmbeddingCache:
@@ -78,7 +76,7 @@ class ImageEmbeddingCache:
         if missing:
             keys = list(missing)
             batch = np.stack([missing[k] for k in keys]).astype(np.float32)
-            padded = np.zeros((_pow2(len(keys)), *batch.shape[1:]), np.float32)
+            padded = np.zeros((pow2(len(keys)), *batch.shape[1:]), np.float32)
             padded[:len(keys)] = batch
             soft = np.asarray(_encode(self.graphdef, self.attn_impl, self.state, jnp.asarray(padded)))
             self.num_encoded += len(keys)
