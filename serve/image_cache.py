@@ -28,7 +28,6 @@ def _encode(graphdef, attn_impl, state, pixels):
     return nnx.merge(graphdef, state).encode_images(pixels, attn_impl).astype(jnp.float32)
 
 
-
 class ImageEmbeddingCache:
     """Soft tokens [M, D] of images by content hash, computed by the model's vision tower.
 
