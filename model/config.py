@@ -95,6 +95,10 @@ class ModelConfig:
         blocks run, increasing, each < L) an exit head reads the hidden state. The head is the
         model's own final norm and (tied) LM head, so exits add no parameters; training adds their
         cross entropy (``RunConfig.early_exit_weight``), serving may stop there when confident.
+      token_shift: the input of each position also carries the previous token's embedding through
+        a learned map (``model/token_shift.py``), so one attention head can copy from the
+        context; callers with a KV cache then pass ``prev_tokens``. Kestrel's own models only (no
+        transformers equivalent).
       quantization: ``None`` (float weights), ``int8`` (int8 weights, float compute) or
         ``int8-w8a8`` (int8 weights and activations); see ``model/quantization.py``.
     """
@@ -128,6 +132,7 @@ class ModelConfig:
     architecture: str = "kestrel"
     vision: VisionConfig | None = None
     exit_layers: tuple[int, ...] = ()
+    token_shift: bool = False
     quantization: str | None = None
 
     def __post_init__(self):
@@ -191,7 +196,8 @@ class ModelConfig:
         norms = d * (4 if self.post_norms else 2) + (2 * h if self.qk_norm else 0)
         layer = attn + 3 * d * f + norms
         vision = 0 if self.vision is None else self.vision.num_params + self.vision.hidden_size * d
-        return self.num_layers * layer + v * d * (1 if self.tie_embeddings else 2) + d + vision
+        shift = d * d if self.token_shift else 0
+        return self.num_layers * layer + v * d * (1 if self.tie_embeddings else 2) + d + vision + shift
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

@@ -18,6 +18,7 @@ from flax import nnx
 from kestrel.errors import KestrelError
 from model.kv_cache import KVCache
 from model.sampling import sample
+from model.token_shift import previous_tokens
 from model.transformer import Transformer
 
 
@@ -71,8 +72,10 @@ def _generate(graphdef, state, prompt, lengths, params, key, *, max_new, cache_l
     positions = jnp.where(jnp.arange(t)[None, :] < lengths[:, None],
                           jnp.arange(t)[None, :], -1).astype(jnp.int32)
     cache = KVCache.create(model.config, b, cache_len)
+    # The token before each input token (token_shift models); unused by the others.
+    prev = previous_tokens(prompt, positions=positions)
     logits, cache = model(prompt, positions=positions, cache=cache, attn_impl=attn_impl,
-                          logits_index=lengths - 1)
+                          logits_index=lengths - 1, prev_tokens=prev)
     temperature, top_k, top_p, min_p, stop_ids = params
 
     def pick(logits, step):
@@ -93,8 +96,10 @@ def _generate(graphdef, state, prompt, lengths, params, key, *, max_new, cache_l
 
     def body(carry):
         step, tok, pos, cache, out, done, out_lp = carry
+        before = jnp.where(step == 1, jnp.take_along_axis(prompt, lengths[:, None] - 1, 1)[:, 0],
+                           out[:, jnp.maximum(step - 2, 0)])
         logits, cache = model(tok[:, None], positions=pos[:, None], cache=cache,
-                              attn_impl=attn_impl)
+                              attn_impl=attn_impl, prev_tokens=before[:, None])
         new, lp = pick(logits, step)
         new = jnp.where(done, 0, new)
         out = out.at[:, step].set(new)

@@ -17,6 +17,7 @@ from model.layers import DTYPES, Embedding, GatedMLP, RMSNorm, param
 from model.paged_cache import PagedKVCache
 from model.quantization import linear, quantize_params, read_weight
 from model.rope import inverse_frequencies, rope_tables
+from model.token_shift import TokenShift, previous_tokens
 from model.vision import VisionTower, image_span_ids, splice_images, splice_images_by_span
 
 
@@ -50,6 +51,7 @@ class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.config = cfg
         self.embed = Embedding(cfg, rngs=rngs)
+        self.token_shift = TokenShift(cfg, rngs=rngs) if cfg.token_shift else None
         self.blocks = nnx.List([Block(cfg, t, rngs=rngs) for t in cfg.layer_types])
         self.final_norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, plus_one=cfg.norm_plus_one,
                                   param_dtype=cfg.param_dtype, rngs=rngs)
@@ -64,6 +66,20 @@ class Transformer(nnx.Module):
             nnx.replace_by_pure_dict(state, quantize_params(nnx.to_pure_dict(state),
                                                             scale_dtype=DTYPES[cfg.dtype]))
             nnx.update(self, state)
+
+    def _shift(self, x, tokens, prev_tokens, positions, segment_ids, cache):
+        """x plus the token shift of each position's previous token (``model/token_shift.py``)."""
+        if prev_tokens is None:
+            if cache is not None:
+                raise ValueError("this model's token_shift needs prev_tokens (the token before each "
+                                 "input token, -1 for none) when it runs with a KV cache")
+            prev_tokens = previous_tokens(tokens, positions=positions, segment_ids=segment_ids)
+        if prev_tokens.shape != tokens.shape:
+            raise ValueError(f"prev_tokens {prev_tokens.shape} must match tokens {tokens.shape}")
+        lookup = jnp.maximum(prev_tokens, 0)
+        if self.config.vision is not None:  # an image placeholder may lie outside the vocabulary
+            lookup = jnp.where(lookup == self.config.vision.image_token_id, 0, lookup)
+        return self.token_shift(x, self.embed(lookup), prev_tokens)
 
     def encode_images(self, pixels: Float[Array, "I S S C"], attn_impl: str = "auto"
                       ) -> Float[Array, "I M D"]:
@@ -92,6 +108,7 @@ class Transformer(nnx.Module):
         span_ids: Int[Array, "B T"] | None = None,
         cache: KVCache | None = None,
         embeddings: Float[Array, "B T D"] | None = None,
+        prev_tokens: Int[Array, "B T"] | None = None,
         images: Float[Array, "I S S C"] | None = None,
         image_embeddings: Float[Array, "I M D"] | None = None,
         attn_impl: str = "auto",
@@ -111,6 +128,9 @@ class Transformer(nnx.Module):
           cache: a KVCache to attend over and extend, a PagedKVCache (serving: positions come
             from it), or None for a self-contained pass.
           embeddings: input embeddings [B, T, D] replacing the token lookup.
+          prev_tokens: with ``cfg.token_shift``, the token before each of ``tokens`` [B, T]
+            (-1: none). Derived from ``tokens`` (and ``segment_ids``) without a cache; with a
+            cache a call's first token has its previous token elsewhere, so it must be given.
           images: preprocessed images [I, S, S, C] for the placeholders in ``tokens``: encoded by
             the vision tower, spliced in (in reading order; with ``span_ids``, span ``s`` takes
             image ``s - 1``, so ids are batch-wide), and each image's span made bidirectional.
@@ -165,6 +185,8 @@ class Transformer(nnx.Module):
             if span_ids is None:
                 span_ids = image_span_ids(tokens, cfg.vision.image_token_id)
         x = self.embed(tokens) if embeddings is None else embeddings.astype(DTYPES[cfg.dtype])
+        if self.token_shift is not None:
+            x = self._shift(x, tokens, prev_tokens, positions, segment_ids, cache)
         ropes = {kind: rope_tables(jnp.maximum(positions, 0), *freqs)
                  for kind, freqs in rope_frequencies(cfg).items()}
 

@@ -143,7 +143,8 @@ class DraftModelProposer:
         for j in range(1, self.k):
             rows = [dataclasses.replace(e, token_ids=(drafts[e.request_id][-1],),
                                         start_position=e.start_position + j, num_lookahead=0,
-                                        sample_offset=j)
+                                        sample_offset=j,
+                                        prev_token_id=drafts[e.request_id][-2] if j > 1 else None)
                     for e in entries if ks[e.request_id] > j]
             if not rows:
                 break

@@ -44,6 +44,7 @@ import numpy as np
 from flax import nnx
 
 from model.paged_cache import PagedKVCache
+from model.token_shift import NO_PREVIOUS
 from model.sampling import filter_logits
 from model.transformer import Transformer
 from serve.image_cache import ImageEmbeddingCache
@@ -141,7 +142,7 @@ def sample_tokens(logits, p: Mapping[str, jax.Array], flags: _Flags):
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5, 6))
 def _step(graphdef, layer_groups, attn_impl, flags, state, k, v, tokens, tables, slots, positions,
           lengths, logits_index, sp, packing=None, images=None, table_offsets=None,
-          exit_threshold=None):
+          exit_threshold=None, prev_tokens=None):
     """One forward pass over paged K/V plus sampling; module-level so that runners of one model
     structure share compilations.
 
@@ -151,6 +152,7 @@ def _step(graphdef, layer_groups, attn_impl, flags, state, k, v, tokens, tables,
     token ``rows[index[j]]`` instead of its embedding where ``index[j] >= 0``.
     ``exit_threshold`` (decode, early exit): a float32 scalar; the step then also returns the
     exit layer taken (int32, 0: none; see ``Transformer.__call__``).
+    ``prev_tokens`` (token-shift models): the token before each of ``tokens``, laid out as they are.
     """
     model = nnx.merge(graphdef, state)
     unpack, pack, query_positions = packing if packing is not None else (None, None, None)
@@ -170,20 +172,32 @@ def _step(graphdef, layer_groups, attn_impl, flags, state, k, v, tokens, tables,
     exit_layer = jnp.int32(0)
     if packing is None and exit_threshold is not None:  # early exit: decode only
         logits, cache, exit_layer = model(tokens, cache=cache, attn_impl=attn_impl,
-                                          exit_threshold=exit_threshold)
+                                          exit_threshold=exit_threshold, prev_tokens=prev_tokens)
         logits = logits[:, 0]
     elif packing is None:
-        logits, cache = model(tokens, cache=cache, attn_impl=attn_impl, logits_index=logits_index)
+        logits, cache = model(tokens, cache=cache, attn_impl=attn_impl, logits_index=logits_index,
+                              prev_tokens=prev_tokens)
         logits = logits[:, 0]
     else:  # logits of each sequence's last token only: [B, D] rows of the packed hidden states
         _, cache, hidden = model(tokens, cache=cache, attn_impl=attn_impl, embeddings=embeddings,
-                                 logits_index=jnp.zeros((1,), jnp.int32), return_hidden=True)
+                                 prev_tokens=prev_tokens, logits_index=jnp.zeros((1,), jnp.int32),
+                                 return_hidden=True)
         last_hidden = hidden[0][logits_index]
         logits = model.logits(last_hidden[None])[0]
     out = sample_tokens(logits, sp, flags)
     if flags.hidden and last_hidden is not None:
         out = (*out, last_hidden.astype(jnp.float32))
     return out, cache.k, cache.v, exit_layer
+
+
+def _tokens_before(e: ScheduledRequest, fed) -> list[int]:
+    """The token before each fed token (token-shift models): the history's token before the
+    first (or ``e.prev_token_id``), then the fed tokens themselves."""
+    first = e.prev_token_id
+    if first is None:
+        p = e.start_position
+        first = e.request.token_slice(p - 1, p)[0] if p > 0 else NO_PREVIOUS
+    return [first, *fed[:-1]]
 
 
 def _overlap(e: ScheduledRequest, span) -> bool:
@@ -197,13 +211,13 @@ def _image_overlaps(e: ScheduledRequest) -> bool:
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5, 6))
 def _verify_step(graphdef, layer_groups, attn_impl, flags, state, k, v, tokens, tables, slots,
-                 positions, lengths, pad, drafts, num_drafts, sp, draft_probs=None):
+                 positions, lengths, pad, drafts, num_drafts, sp, draft_probs=None, prev_tokens=None):
     """One target pass over each row's fed token + drafts (left-padded to [B, T]), then draft
     verification (``serve.rejection.verify_drafts``); ``pad`` [B] is each row's left padding."""
     model = nnx.merge(graphdef, state)
     cache = PagedKVCache(k=k, v=v, page_tables=tables, slots=slots, positions=positions,
                          lengths=lengths, layer_groups=layer_groups)
-    logits, cache = model(tokens, cache=cache, attn_impl=attn_impl)  # [B, T, V]
+    logits, cache = model(tokens, cache=cache, attn_impl=attn_impl, prev_tokens=prev_tokens)  # [B, T, V]
     t = tokens.shape[1]
     idx = jnp.minimum(pad[:, None] + jnp.arange(t)[None, :], t - 1)  # real positions first
     logits = jnp.take_along_axis(logits, idx[..., None], axis=1)
@@ -385,6 +399,7 @@ class ModelRunner:
         with_probs = any(drafts[e.request_id].probs is not None for e in entries)
         vocab = self.config.vocab_size
         probs = np.zeros((b, t - 1, vocab), np.float32) if with_probs else None
+        prev = np.full((b, t), NO_PREVIOUS, np.int32) if self.config.token_shift else None
         for i, e in enumerate(entries):
             d = drafts[e.request_id]
             k = len(d.token_ids)
@@ -395,6 +410,8 @@ class ModelRunner:
             pos = e.start_position + np.arange(len(feed))
             pad[i] = t - len(feed)  # left padding: the kernel's queries are the last T positions
             tokens[i, pad[i]:] = feed
+            if prev is not None:
+                prev[i, pad[i]:] = _tokens_before(e, feed)
             positions[i, pad[i]:] = pos
             lengths[i] = pos[-1] + 1
             draft_ids[i, :k] = d.token_ids
@@ -414,7 +431,7 @@ class ModelRunner:
             jnp.asarray(tokens), tuple(jnp.asarray(x) for x in tables),
             tuple(jnp.asarray(x) for x in slots), jnp.asarray(positions), jnp.asarray(lengths),
             jnp.asarray(pad), jnp.asarray(draft_ids), jnp.asarray(num_drafts), sp,
-            None if probs is None else jnp.asarray(probs))
+            None if probs is None else jnp.asarray(probs), None if prev is None else jnp.asarray(prev))
         self.num_steps += 1
         out_tokens, accepted = np.asarray(out_tokens), np.asarray(accepted)
         return {e.request_id: VerifyOutput(
@@ -440,6 +457,7 @@ class ModelRunner:
         b = batch_rows(n, t, max(widths) * G, cfg.num_heads * t + 2 * cfg.num_kv_heads * cfg.head_dim,
                        self.min_batch)
         tokens = np.zeros((b, t), np.int32)
+        prev = np.full((b, t), NO_PREVIOUS, np.int32) if cfg.token_shift else None
         positions = np.full((b, t), -1, np.int32)
         lengths = np.zeros((b,), np.int32)
         logits_index = np.zeros((b,), np.int32)
@@ -450,6 +468,8 @@ class ModelRunner:
             k = len(e.token_ids)
             pos = e.start_position + np.arange(k)
             tokens[i, :k] = e.token_ids
+            if prev is not None:
+                prev[i, :k] = _tokens_before(e, e.token_ids)
             positions[i, :k] = pos
             lengths[i] = e.start_position + k
             logits_index[i] = k - 1
@@ -477,6 +497,8 @@ class ModelRunner:
                 [x.reshape(*x.shape[:-2], -1)[..., flat],
                  np.full((*x.shape[:-2], n_packed - total), fill, np.int32)], -1)[..., None, :]
             tokens, positions, slots = pack_row(tokens, 0), pack_row(positions, -1), pack_row(slots, -1)
+            if prev is not None:
+                prev = pack_row(prev, NO_PREVIOUS)
         images = None
         if t > 1 and any(_image_overlaps(e) for e in entries):
             index, rows, span_ids = self._image_inputs(entries, b, t)
@@ -490,7 +512,8 @@ class ModelRunner:
             jnp.asarray(tokens), tuple(jnp.asarray(x) for x in tables),
             tuple(jnp.asarray(x) for x in slots), jnp.asarray(positions), jnp.asarray(lengths),
             jnp.asarray(logits_index), sp, packing, images, tuple(jnp.asarray(x) for x in offsets),
-            jnp.float32(self.early_exit_threshold) if early_exit else None)
+            jnp.float32(self.early_exit_threshold) if early_exit else None,
+            None if prev is None else jnp.asarray(prev))
         self.num_steps += 1
         if early_exit:
             layer = int(exit_layer)

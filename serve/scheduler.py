@@ -58,6 +58,9 @@ class ScheduledRequest:
         this many drafts, verifies them and returns the committed tokens.
       sample_offset: the sampled token's index past ``request.num_output_tokens`` (a draft
         model's later steps sample tokens 1, 2, ... ahead; it keys the sampler's RNG).
+      prev_token_id: the token before ``token_ids[0]`` where the request's history does not hold
+        it (a draft model's look-ahead feeds its own drafts); None: read it from the history.
+        Token-shift models (``ModelConfig.token_shift``) take it as input.
     """
 
     request_id: str
@@ -68,6 +71,7 @@ class ScheduledRequest:
     request: Request = dataclasses.field(repr=False, compare=False)
     num_lookahead: int = 0
     sample_offset: int = 0
+    prev_token_id: int | None = None
 
     @property
     def page_table(self) -> tuple[int, ...]:

@@ -236,6 +236,9 @@ def _check_exportable(cfg: ModelConfig, family: str) -> None:
     if cfg.attn_logit_softcap is not None:
         raise KestrelError(f"cannot export to {FAMILIES[family]}: transformers does not apply "
                            "attn_logit_softcap")
+    if cfg.token_shift:
+        raise KestrelError(f"cannot export to {FAMILIES[family]}: token_shift (the previous token "
+                           "mixed into each input) has no transformers equivalent")
     if not gemma:
         for name in ("final_logit_softcap", "query_scale", "rope_local_theta"):
             if getattr(cfg, name) is not None:

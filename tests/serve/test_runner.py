@@ -25,12 +25,12 @@ VOCAB = 360  # the engine tests' tokenizer size, so every test shares one set of
 
 
 @functools.lru_cache(maxsize=None)
-def tiny_model(vocab: int = VOCAB, sliding: bool = True, seed: int = 0):
+def tiny_model(vocab: int = VOCAB, sliding: bool = True, seed: int = 0, token_shift: bool = False):
     """A 2-layer random model whose weights are sharp enough that greedy continuations depend on
     the prompt and the cache (the 0.02 init would repeat one token and hide cache bugs)."""
     cfg = ModelConfig(vocab_size=vocab, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                       head_dim=8, intermediate_size=64, max_position_embeddings=1024,
-                      **(SLIDING if sliding else {}))
+                      token_shift=token_shift, **(SLIDING if sliding else {}))
     model = init_model(cfg, seed)
     params = nnx.state(model, nnx.Param)
     nnx.update(model, jax.tree.map(lambda x: x * 10 if x.ndim > 1 else x, params))
@@ -75,6 +75,20 @@ def test_32_concurrent_greedy_requests_equal_offline_generation_and_each_alone()
     alone, _ = drive(model, [prompts[5]], GREEDY)
     assert alone[0].output_token_ids == expected[5]
     assert sched.kv.pool.num_free == sched.kv.pool.num_pages  # every page came back
+
+
+def test_token_shift_model_takes_each_chunk_and_decodes_previous_token():
+    """Chunked prefill (chunks of 5), batching, preemption and decoding feed a token-shift model
+    the token before each input: outputs equal offline generation, which equals the full forward
+    (tests/model/test_token_shift.py)."""
+    model = tiny_model(token_shift=True)
+    prompts = random_prompts(8, lo=6, hi=30, seed=4)
+    expected = [g.token_ids for g in Generator(model).generate(prompts, GenerationConfig(max_new_tokens=12))]
+    reqs, sched = drive(model, prompts, GREEDY, chunk=5, budget=24)
+    assert [r.output_token_ids for r in reqs] == expected
+    squeezed, _ = drive(model, prompts, GREEDY, num_pages=24, chunk=5, budget=24)
+    assert [r.output_token_ids for r in squeezed] == expected
+    assert sched.kv.pool.num_free == sched.kv.pool.num_pages
 
 
 def test_forced_preemption_changes_no_output():

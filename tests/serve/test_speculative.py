@@ -114,6 +114,21 @@ def test_draft_model_with_the_targets_weights_is_always_accepted_and_exact():
     assert drafted > 0 and accepted == drafted  # identical weights: every draft is the argmax
 
 
+def test_token_shift_target_and_draft_are_exact_under_speculation():
+    """A token-shift model verifies k drafts at once and drafts k ahead of its history: each fed
+    token still gets the token before it."""
+    shift = tiny_model(token_shift=True)
+    prompts = quoting_prompts(3)
+    _, plain = run(raw(prompts), model=shift)
+    engine, spec = run(raw(prompts), model=shift, speculative=ngram())
+    assert_same_streams(plain, spec)
+    assert assert_usage_adds_up(engine, spec)[1] > 0
+    engine, spec = run(raw(prompts), model=shift, speculative=draft(shift))
+    assert_same_streams(plain, spec)
+    drafted, accepted = assert_usage_adds_up(engine, spec)
+    assert drafted > 0 and accepted == drafted
+
+
 def test_poor_draft_model_is_exact_and_switched_off_by_its_acceptance_rate():
     prompts = random_prompts(3, lo=4, hi=30, seed=12)
     params = SamplingParams(max_tokens=60, temperature=0.0)
