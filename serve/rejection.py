@@ -35,14 +35,20 @@ def unpack_mask(words: jax.Array, vocab: int) -> jax.Array:
     return ((words[:, v // 32] >> (v % 32)) & 1).astype(bool)
 
 
-def processed_probs(x: jax.Array, p: Mapping[str, jax.Array]) -> jax.Array:
-    """[B, T, V] masked logits -> the sampling distribution (temperature, top-k/p, min-p) [B, T, V]."""
+def processed_logits(x: jax.Array, p: Mapping[str, jax.Array]) -> jax.Array:
+    """[B, T, V] masked logits -> temperature-scaled logits with top-k/p and min-p applied
+    (-inf outside), exactly what ``serve.runner.sample_tokens`` draws from [B, T, V]."""
     b, t, vocab = x.shape
     rep = lambda a: jnp.repeat(a, t)  # noqa: E731  per-row parameters for every position
     scaled = x / jnp.maximum(p["temperature"], 1e-6)[:, None, None]
     filtered = filter_logits(scaled.reshape(b * t, vocab), top_k=rep(p["top_k"]),
                              top_p=rep(p["top_p"]), min_p=rep(p["min_p"]))
-    return jax.nn.softmax(filtered, axis=-1).reshape(b, t, vocab)
+    return filtered.reshape(b, t, vocab)
+
+
+def processed_probs(x: jax.Array, p: Mapping[str, jax.Array]) -> jax.Array:
+    """[B, T, V] masked logits -> the sampling distribution (temperature, top-k/p, min-p) [B, T, V]."""
+    return jax.nn.softmax(processed_logits(x, p), axis=-1)
 
 
 def verify_drafts(logits, drafts, num_drafts, p: Mapping[str, jax.Array], *, sampling: bool,
@@ -52,7 +58,9 @@ def verify_drafts(logits, drafts, num_drafts, p: Mapping[str, jax.Array], *, sam
     Args:
       logits: [B, T, V] float32 target logits; position j follows the fed token and j drafts.
       drafts: [B, T - 1] int32 draft tokens (entries at or past ``num_drafts`` are ignored).
-      num_drafts: [B] int32 drafts per row (<= T - 1).
+      num_drafts: [B] int32 drafts per row (<= T - 1). A row with none is a plain decode riding
+        along in the pass: it draws its token exactly as ``serve.runner.sample_tokens`` would
+        (same key, same logits), so batching it with drafted rows changes nothing.
       p: per-row sampling arrays as ``serve.runner.sample_tokens`` takes them: temperature, top_k,
         top_p, min_p, seed, out_index [B]; with ``masked`` also mask int32[B, ceil(V/32)] (one
         mask for every position: the engine verifies only where the channel mask stays fixed).
@@ -75,7 +83,8 @@ def verify_drafts(logits, drafts, num_drafts, p: Mapping[str, jax.Array], *, sam
     n_greedy = jnp.cumprod(valid & (drafts == greedy[:, :-1]), axis=1).sum(axis=1).astype(jnp.int32)
     if not sampling:
         return greedy, n_greedy
-    probs = processed_probs(x, p)  # [B, T, V]
+    filtered = processed_logits(x, p)  # [B, T, V]
+    probs = jax.nn.softmax(filtered, axis=-1)
     base = jax.vmap(lambda s, i: jax.vmap(lambda o: jax.random.fold_in(jax.random.key(s), o))(
         i + jnp.arange(t)))(p["seed"], p["out_index"])  # [B, T] keys
     salted = lambda salt: jax.vmap(jax.vmap(lambda k: jax.random.fold_in(k, salt)))(base)  # noqa: E731
@@ -97,6 +106,9 @@ def verify_drafts(logits, drafts, num_drafts, p: Mapping[str, jax.Array], *, sam
     drawn = jax.vmap(jax.vmap(lambda k, r: jax.random.categorical(k, jnp.log(r))))(
         salted(_RESIDUAL_SALT), residual).astype(jnp.int32)  # [B, T]
     correction = jnp.take_along_axis(drawn, n_sampled[:, None], axis=1)  # [B, 1]
+    plain_keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(p["seed"], p["out_index"])
+    plain = jax.vmap(jax.random.categorical)(plain_keys, filtered[:, 0]).astype(jnp.int32)  # [B]
+    correction = jnp.where(num_drafts[:, None] == 0, plain[:, None], correction)
     padded = jnp.concatenate([drafts, jnp.zeros((b, 1), jnp.int32)], axis=1)
     pos = jnp.arange(t)[None, :]
     sampled = jnp.where(pos < n_sampled[:, None], padded, correction)

@@ -361,6 +361,11 @@ class ModelRunner:
         spec = [e for e in lookahead if drafts.get(e.request_id) and drafts[e.request_id].token_ids]
         prefills = [e for e in output.scheduled if is_prefill(e)]
         decodes = [e for e in output.scheduled if not is_prefill(e) and e not in spec]
+        if spec:
+            # Decodes the verification pass can carry ride along as rows without drafts: one
+            # target pass per step instead of a verify pass plus a decode pass of similar cost.
+            riders = [e for e in decodes if self._can_ride(e)]
+            spec, decodes = spec + riders, [e for e in decodes if e not in riders]
         results: dict[str, SampleOutput | VerifyOutput] = {}
         if prefills:
             t = length_bucket(max(len(e.token_ids) for e in prefills))
@@ -374,10 +379,23 @@ class ModelRunner:
                 results[e.request_id] = VerifyOutput((results[e.request_id],), 0)
         return results
 
+    def _can_ride(self, e: ScheduledRequest) -> bool:
+        """Whether a one-token decode can join a verification pass as a row with no drafts
+        (verification samples no penalties or logprobs and takes no early exit)."""
+        sp = e.request.params
+        return (e.samples and self.early_exit_threshold is None and not sp.logprobs
+                and sp.repetition_penalty == 1.0 and sp.frequency_penalty == 0.0
+                and sp.presence_penalty == 0.0)
+
     def _verify(self, entries: list[ScheduledRequest], drafts: Mapping[str, Draft],
-                masks) -> dict[str, VerifyOutput]:
-        """Feeds each entry its token + drafts at once and verifies the drafts (one target pass)."""
+                masks) -> dict[str, SampleOutput | VerifyOutput]:
+        """Feeds each entry its token + drafts at once and verifies the drafts (one target pass).
+
+        Entries without a draft in ``drafts`` are plain decodes riding along (no drafts): a
+        ``SampleOutput`` for those without lookahead slots, a ``VerifyOutput`` for the others.
+        """
         n = len(entries)
+        drafts = {e.request_id: drafts.get(e.request_id) or Draft(()) for e in entries}
         k_max = max(len(drafts[e.request_id].token_ids) for e in entries)
         # Each padding row would cost 1 + k positions: keep the batch bucket's padded positions
         # near a plain decode's (min_batch rows of one token) instead of min_batch rows of 1 + k.
@@ -434,10 +452,11 @@ class ModelRunner:
             None if probs is None else jnp.asarray(probs), None if prev is None else jnp.asarray(prev))
         self.num_steps += 1
         out_tokens, accepted = np.asarray(out_tokens), np.asarray(accepted)
-        return {e.request_id: VerifyOutput(
-                    tuple(SampleOutput(int(x)) for x in out_tokens[i, :accepted[i] + 1]),
-                    int(num_drafts[i]))
-                for i, e in enumerate(entries)}
+        out: dict[str, SampleOutput | VerifyOutput] = {}
+        for i, e in enumerate(entries):
+            samples = tuple(SampleOutput(int(x)) for x in out_tokens[i, :accepted[i] + 1])
+            out[e.request_id] = VerifyOutput(samples, int(num_drafts[i])) if e.num_lookahead else samples[0]
+        return out
 
     def _run(self, entries: list[ScheduledRequest], t: int, masks, *,
              probs: bool = False) -> dict[str, SampleOutput]:

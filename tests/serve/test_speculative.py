@@ -185,6 +185,21 @@ def test_per_request_switch_penalties_and_logprobs_decode_without_drafts():
     assert all(h.usage.rejected_prediction_tokens == 0 for h in hs)
 
 
+def test_plain_decodes_ride_in_the_verification_pass_and_sample_as_without_it():
+    prompts = quoting_prompts(3, seed=9)
+    sampled = SamplingParams(max_tokens=16, temperature=0.9, top_k=20, seed=7)
+    reqs = lambda: [*raw(prompts[:1], GREEDY), *raw(prompts[1:2], GREEDY, speculative=False),  # noqa: E731
+                    *raw(prompts[2:], sampled, speculative=False)]
+    _, plain = run(reqs())
+    engine, spec = run(reqs(), speculative=ngram())
+    assert engine.stats().num_draft_tokens > 0
+    # The seeded sampled request and the greedy one draw exactly as in the plain engine.
+    assert_same_streams(plain, spec)
+    # One target pass per step: the prompts prefill together in step 1, then every step's
+    # drafted and undrafted rows share one verification pass (no second, plain decode pass).
+    assert engine.runner.num_steps == engine.num_steps
+
+
 @pytest.mark.slow
 def test_preemption_under_speculation_changes_nothing():
     prompts = quoting_prompts(8, seed=6)
