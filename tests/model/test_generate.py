@@ -25,11 +25,15 @@ def setup():
     return model, Generator(model)
 
 
-def greedy_by_full_forward(model, prompt, n):
+def greedy_by_full_forward(model, prompt, n, width=32):
+    """Greedy continuation by re-running the whole sequence each step. The sequence is padded on
+    the right to one fixed width: causal attention keeps the padding out of the logits at the last
+    real position, and one call shape compiles once instead of once per length."""
     seq = list(prompt)
+    assert len(seq) + n <= width
     for _ in range(n):
-        logits = forward(model, jnp.array([seq]))
-        seq.append(int(jnp.argmax(logits[0, -1])))
+        logits = forward(model, jnp.array([seq + [0] * (width - len(seq))]))
+        seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
     return seq[len(prompt):]
 
 
