@@ -248,13 +248,21 @@ def main(argv: list[str]) -> dict:
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--smollm2", default=None, help="a converted SmolLM2 folder (default: convert now)")
     ap.add_argument("--nano", default=NANO)
+    ap.add_argument("--models", default="kestrel-nano,SmolLM2-135M-Instruct",
+                    help="comma-separated subset of kestrel-nano,SmolLM2-135M-Instruct")
+    ap.add_argument("--smollm2-schemas", type=int, default=None,
+                    help="fewer schemas for SmolLM2 (its prompts cost far more to prefill)")
     ap.add_argument("--keep-text", action="store_true", help="keep every output's text in the JSON")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
     cases = [make_case(i, args.seed) for i in range(args.schemas)]
+    wanted = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = sorted(set(wanted) - {"kestrel-nano", "SmolLM2-135M-Instruct"})
+    if unknown:
+        raise SystemExit(f"--models: unknown {unknown}; choose among kestrel-nano, SmolLM2-135M-Instruct")
     smollm2 = args.smollm2
-    if smollm2 is None:
+    if smollm2 is None and "SmolLM2-135M-Instruct" in wanted:
         from model.convert import convert_checkpoint
 
         smollm2 = os.path.join(tempfile.mkdtemp(prefix="kestrel_bench_"), "smollm2")
@@ -267,19 +275,22 @@ def main(argv: list[str]) -> dict:
         "models": {},
     }
     for label, ckpt in (("kestrel-nano", args.nano), ("SmolLM2-135M-Instruct", smollm2)):
+        if label not in wanted:
+            continue
+        n = args.smollm2_schemas if label.startswith("SmolLM2") and args.smollm2_schemas else args.schemas
         model, tok = load_checkpoint(ckpt)
         own_tools = renders_tools(tok)
-        pages = len(cases) * -(-(600 + args.max_new_tokens) // 16)
-        engine = Engine(model, tok, num_pages=pages, page_size=16, max_num_seqs=len(cases),
+        pages = n * -(-(1200 + args.max_new_tokens) // 16)
+        engine = Engine(model, tok, num_pages=pages, page_size=16, max_num_seqs=n,
                         max_num_batched_tokens=2048)
         entry: dict[str, Any] = {
-            "checkpoint": ckpt, "template_renders_tools": own_tools,
+            "checkpoint": ckpt, "schemas": n, "template_renders_tools": own_tools,
             "tools_shown_by": "its chat template" if own_tools else "a system message (Kestrel's tools block)",
             "constrained_by": ("tool_choice=required (tool-call grammar)" if own_tools else
                                "response_format = the schema of one call (no <tool_call> token)"),
         }
         for mode, constrained in (("unconstrained", False), ("constrained", True)):
-            rows, timing = run(engine, tok, cases, constrained=constrained, own_tools=own_tools,
+            rows, timing = run(engine, tok, cases[:n], constrained=constrained, own_tools=own_tools,
                                max_new=args.max_new_tokens)
             entry[mode] = {"summary": summarize(rows), **timing}
             entry[mode]["rows"] = rows if args.keep_text else [
@@ -287,9 +298,9 @@ def main(argv: list[str]) -> dict:
             entry[mode]["sample_outputs"] = [r["text"] for r in rows[:3]]
             print(label, mode, json.dumps(entry[mode]["summary"]), flush=True)
         result["models"][label] = entry
-    result["environment"] = environment()
-    if args.out:
-        write_json(args.out, result)
+        result["environment"] = environment()
+        if args.out:  # after each model, so a long run keeps what it finished
+            write_json(args.out, result)
     return result
 
 
