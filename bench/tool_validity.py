@@ -180,11 +180,16 @@ def prompt_ids(tokenizer, case: Example, own_tools: bool) -> list[int]:
 
 
 def score(case: Example, calls: list[Any], ended: bool) -> dict[str, Any]:
+    """One answer's scores; each of parses / names_offered / schema_valid includes the ones
+    before it (a call that does not parse names no offered function), and an answer without a
+    call is invalid: a call was asked for."""
     check = check_tool_calls(case, calls)
     made = bool(calls)
+    parses = made and check["parses"]
+    offered = parses and check["names_offered"]
     return {"made_call": made, "finished": ended, "n_calls": len(calls),
-            "parses": made and check["parses"], "names_offered": made and check["names_offered"],
-            "schema_valid": made and check["schema_valid"], "valid": made and check["valid"],
+            "parses": parses, "names_offered": offered,
+            "schema_valid": offered and check["schema_valid"], "valid": made and check["valid"],
             "choice_match": check["choice_match"], "exact_match": check["exact_match"],
             "errors": check["errors"][:3]}
 

@@ -49,7 +49,8 @@ def test_wrong_calls_and_missing_calls_count_as_invalid():
             score(case, [expected], ended=True)]
     assert [r["valid"] for r in rows] == [False, False, False, False, True]
     assert [r["parses"] for r in rows] == [False, False, True, True, True]
-    assert rows[2]["names_offered"] is False and rows[3]["names_offered"] is True
+    assert [r["names_offered"] for r in rows] == [False, False, False, True, True]
+    assert [r["schema_valid"] for r in rows] == [False, False, False, False, True]
     summary = summarize(rows)
     assert summary["invalid_rate"] == 0.8 and summary["invalid_rate_among_calls"] == 0.75
 
