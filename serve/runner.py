@@ -89,7 +89,7 @@ class StaticGraph:
 
     jit hashes its static arguments at every call, and hashing an NNX ``GraphDef`` walks every
     node of the model: for SmolLM2-135M's 30 layers that measured 20 to 60 ms per call on the
-    shared 2-core CPU, a tenth of a batch-32 decode step. Equal graphs still compare equal, so
+    shared 2-core CPU, up to a tenth of a batch-32 decode step. Equal graphs still compare equal, so
     runners of one model structure share compilations.
     """
 
@@ -509,8 +509,8 @@ class ModelRunner:
         if probs:
             flags = dataclasses.replace(flags, probs=True, hidden=False)
         early_exit = t == 1 and self.early_exit_threshold is not None
-        # Host arrays go to the jitted call as they are: its C++ path transfers them, much faster
-        # than a jnp.asarray each.
+        # Host arrays go to the jitted call as they are (its C++ path transfers them), with no
+        # Python-level jnp.asarray per array.
         outs, self.k, self.v, exit_layer = _step(
             self.graph, self.layer_groups, self.attn_impl, flags, self.state, self.k, self.v,
             tokens, tuple(tables), tuple(slots), positions, lengths, logits_index, sp, packing,
