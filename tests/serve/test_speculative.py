@@ -114,6 +114,7 @@ def test_draft_model_with_the_targets_weights_is_always_accepted_and_exact():
     assert drafted > 0 and accepted == drafted  # identical weights: every draft is the argmax
 
 
+@pytest.mark.slow  # compiles a target and a draft runner of its own; the runner test covers prefill/decode
 def test_token_shift_target_and_draft_are_exact_under_speculation():
     """A token-shift model verifies k drafts at once and drafts k ahead of its history: each fed
     token still gets the token before it."""
