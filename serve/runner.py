@@ -233,11 +233,12 @@ def _image_overlaps(e: ScheduledRequest) -> bool:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5, 6))
-def _verify_step(graphdef, layer_groups, attn_impl, flags, state, k, v, tokens, tables, slots,
+def _verify_step(graph, layer_groups, attn_impl, flags, state, k, v, tokens, tables, slots,
                  positions, lengths, pad, drafts, num_drafts, sp, draft_probs=None, prev_tokens=None):
     """One target pass over each row's fed token + drafts (left-padded to [B, T]), then draft
-    verification (``serve.rejection.verify_drafts``); ``pad`` [B] is each row's left padding."""
-    model = nnx.merge(graphdef, state)
+    verification (``serve.rejection.verify_drafts``); ``pad`` [B] is each row's left padding;
+    ``graph`` is the runner's ``StaticGraph``, hashed once, as in ``_step``."""
+    model = nnx.merge(graph.graphdef, state)
     cache = PagedKVCache(k=k, v=v, page_tables=tables, slots=slots, positions=positions,
                          lengths=lengths, layer_groups=layer_groups)
     logits, cache = model(tokens, cache=cache, attn_impl=attn_impl, prev_tokens=prev_tokens)  # [B, T, V]
@@ -469,7 +470,7 @@ class ModelRunner:
             raise ValueError("speculative verification does not support penalties or logprobs; "
                              "the engine decodes such requests without drafts")
         (out_tokens, accepted), self.k, self.v = _verify_step(
-            self.graphdef, self.layer_groups, self.attn_impl, flags, self.state, self.k, self.v,
+            self.graph, self.layer_groups, self.attn_impl, flags, self.state, self.k, self.v,
             jnp.asarray(tokens), tuple(jnp.asarray(x) for x in tables),
             tuple(jnp.asarray(x) for x in slots), jnp.asarray(positions), jnp.asarray(lengths),
             jnp.asarray(pad), jnp.asarray(draft_ids), jnp.asarray(num_drafts), sp,
