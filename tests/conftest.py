@@ -1,6 +1,7 @@
 """Test environment, set before JAX is imported: CPU with 8 simulated devices, hub offline."""
 
 import os
+import pathlib
 
 if not os.environ.get("KESTREL_TEST_GPU"):
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -10,6 +11,20 @@ if not os.environ.get("KESTREL_TEST_GPU"):
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One thread per worker for torch (the transformers references) and BLAS: the two xdist workers
+# already fill the two cores, and OpenMP threads that spin while the other worker holds a core
+# made the SmolLM2 reference generation ten times slower (141 s against 14 s, measured).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Compilation is most of the suite's time, and the same XLA programs recur across test files (the
+# shared tiny models) and across the xdist workers. A persistent compilation cache compiles each
+# once: a cold cache (a fresh clone) saves the repeats within the run, a warm one (a checkout
+# tested before) most of the compiling. Entries are keyed by the program and the JAX version, so a
+# changed model misses instead of reusing a stale binary. It lives in the checkout's ignored
+# .cache/, bounded in size (least recently used entries go first).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      str(pathlib.Path(__file__).resolve().parents[1] / ".cache" / "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 << 30))
 
 # The files that take longest on the 2-core CPU (measured, longest first). xdist's --dist loadfile
 # queue otherwise runs files with the most tests first, which puts the few-test, long files (the

@@ -43,8 +43,9 @@ def test_packed_segments_equal_separate_rows():
     packed = jnp.array([a + b])
     seg = jnp.array([[1] * len(a) + [2] * len(b)])
     pos = jnp.array([list(range(len(a))) + list(range(len(b)))])
-    logits, _ = model(packed, segment_ids=seg, positions=pos)
-    alone_b, _ = model(jnp.array([b]))
+    forward = nnx.jit(lambda m, tokens, **kw: m(tokens, **kw)[0])  # one compile, not eager per op
+    logits = forward(model, packed, segment_ids=seg, positions=pos)
+    alone_b = forward(model, jnp.array([b]))
     np.testing.assert_allclose(logits[0, len(a):], alone_b[0], atol=1e-4)
 
 
@@ -52,11 +53,13 @@ def test_cached_decoding_equals_the_full_forward_and_the_shift_matters():
     model = sharp_model()
     prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [7, 8], [30, 31, 32, 33]]
     results = Generator(model).generate(prompts, GenerationConfig(max_new_tokens=9))
+    forward = nnx.jit(lambda m, tokens: m(tokens)[0])
     for prompt, result in zip(prompts, results):
-        seq = list(prompt)
-        for _ in range(9):
-            seq.append(int(jnp.argmax(model(jnp.array([seq]))[0][0, -1])))
-        assert result.token_ids == seq[len(prompt):]
+        # One causal forward pass over prompt + output scores every generated position: greedy
+        # decoding was right iff each output token is the argmax after the tokens before it.
+        seq = list(prompt) + result.token_ids
+        logits = forward(model, jnp.array([seq]))[0]
+        assert jnp.argmax(logits[len(prompt) - 1:-1], -1).tolist() == result.token_ids
     # Without the previous token the same weights continue otherwise.
     nnx.update(model.token_shift, jax.tree.map(jnp.zeros_like, nnx.state(model.token_shift, nnx.Param)))
     plain = Generator(model).generate(prompts, GenerationConfig(max_new_tokens=9))

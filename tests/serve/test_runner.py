@@ -114,8 +114,7 @@ def test_seeded_sampling_is_independent_of_batching_and_preemption():
     outs = [r.output_token_ids for r in batched]
     assert [r.output_token_ids for r in preempted] == outs
     assert alone[0].output_token_ids == outs[3]
-    greedy, _ = drive(model, prompts, GREEDY)
-    assert outs != [r.output_token_ids[:10] for r in greedy]  # it did sample, not argmax
+    # Another seed, another continuation: it really sampled (argmax would ignore the seed).
     other, _ = drive(model, prompts[3:4], [dataclasses.replace(params[3], seed=7)])
     assert other[0].output_token_ids != outs[3]
 
