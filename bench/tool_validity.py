@@ -151,12 +151,6 @@ def make_case(index: int, seed: int) -> Example:
 # ----------------------------------------------------------------------------- prompts
 
 
-def renders_tools(tokenizer) -> bool:
-    """Whether the checkpoint's own chat template shows the offered functions to the model."""
-    probe = [{"type": "function", "function": {"name": "probe_fn_xyz", "parameters": {"type": "object"}}}]
-    return "probe_fn_xyz" in tokenizer.render_chat([{"role": "user", "content": "hi"}], tools=probe)
-
-
 def tools_system_message(tools: list[dict]) -> dict[str, str]:
     """The system turn Kestrel's template writes for ``tools``, as a message any template renders."""
     text = ChatTemplate(KESTREL_TEMPLATE).render([{"role": "user", "content": ""}], tools=tools,
@@ -284,7 +278,7 @@ def main(argv: list[str]) -> dict:
             continue
         n = args.smollm2_schemas if label.startswith("SmolLM2") and args.smollm2_schemas else args.schemas
         model, tok = load_checkpoint(ckpt)
-        own_tools = renders_tools(tok)
+        own_tools = tok.chat_template.shows_tools
         pages = n * -(-(1200 + args.max_new_tokens) // 16)
         engine = Engine(model, tok, num_pages=pages, page_size=16, max_num_seqs=n,
                         max_num_batched_tokens=2048)

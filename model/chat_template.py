@@ -12,6 +12,7 @@ authors intended. ``KESTREL_TEMPLATE`` is the default for Kestrel's own models.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from datetime import datetime
 from typing import Any, Mapping
@@ -129,6 +130,23 @@ class ChatTemplate:
             self._template = _environment().from_string(source)
         except jinja2.exceptions.TemplateSyntaxError as e:
             raise KestrelError(f"invalid {name}: line {e.lineno}: {e.message}") from e
+
+    @functools.cached_property
+    def shows_tools(self) -> bool:
+        """Whether the template writes the offered functions into the prompt.
+
+        Some templates (SmolLM2-135M-Instruct's, for one) ignore ``tools``: a model served with
+        them would never see the functions it is offered. Checked once, by rendering a probe
+        function; a template that fails on the probe counts as showing tools, so that the real
+        render reports its own error.
+        """
+        probe = [{"type": "function", "function": {"name": "kestrel_probe_function", "description": "probe",
+                                                   "parameters": {"type": "object", "properties": {}}}}]
+        try:
+            text = self.render([{"role": "user", "content": "hi"}], tools=probe)
+        except (KestrelError, ValueError):
+            return True
+        return "kestrel_probe_function" in text
 
     def render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
                add_generation_prompt: bool = True, **kwargs: Any) -> str:

@@ -452,6 +452,12 @@ class Engine:
         if not new:
             raise ValueError("messages is empty")
         tools = list(tool_schemas) or None
+        template = self.tokenizer.chat_template
+        if tools and template is not None and not template.shows_tools:
+            raise ValueError("this model's chat template does not show tools to the model (it ignores "
+                             "the `tools` list), so it could never see the functions offered; serve a "
+                             "model whose template renders tools, or describe the functions in a system "
+                             "message and send the request without `tools`")
         kw = dict(req.chat_kwargs)
         if prev is None or prev.messages is None:
             text = self.tokenizer.render_chat(new, tools=tools, add_generation_prompt=True, **kw)

@@ -225,3 +225,16 @@ def test_render_rejects_bad_messages():
         ChatTemplate(KESTREL_TEMPLATE).render("hello")
     with pytest.raises(ValueError, match="tools"):
         ChatTemplate(KESTREL_TEMPLATE).render([], tools=["get_weather"])
+
+
+CHATML_WITHOUT_TOOLS = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_shows_tools_tells_templates_that_render_tools_from_those_that_drop_them():
+    assert ChatTemplate(KESTREL_TEMPLATE).shows_tools
+    assert ChatTemplate((TEMPLATES / "qwen3.jinja").read_text()).shows_tools
+    assert not ChatTemplate(CHATML_WITHOUT_TOOLS).shows_tools  # SmolLM2-135M-Instruct's kind
+    # A template that refuses the probe conversation counts as showing tools: the real render
+    # then reports its own error instead of a misleading "ignores tools".
+    assert ChatTemplate("{{ raise_exception('system message first') }}").shows_tools

@@ -3,11 +3,13 @@ requests through the channel machine, conversation turns from the prefix cache, 
 input errors before queueing, the background loop (sync and asyncio), deadlines, the store."""
 
 import asyncio
+import copy
 import functools
 import json
 
 import pytest
 
+from model.chat_template import ChatTemplate
 from model.tokenizer import Tokenizer
 from serve import events as ev
 from serve.engine import Engine, EngineRequest
@@ -134,6 +136,21 @@ def test_bad_input_is_refused_before_anything_is_queued(req, match):
     with pytest.raises(ValueError, match=match):
         engine.submit(req)
     assert not engine.has_work()
+
+
+def test_tools_are_refused_when_the_chat_template_would_drop_them():
+    """A template that ignores ``tools`` (SmolLM2-135M-Instruct's) would hide the functions from
+    the model: a request offering them is refused, the same conversation without them is served."""
+    tok = copy.copy(tiny_tokenizer())
+    tok.chat_template = ChatTemplate(
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    engine = Engine(tiny_model(), tok, num_pages=64, page_size=PAGE, max_num_seqs=4)
+    with pytest.raises(ValueError, match="does not show tools"):
+        engine.submit(chat("weather in Oslo?", tools=[WEATHER], channels=False))
+    assert not engine.has_work()
+    engine.submit(chat("weather in Oslo?", channels=False, params=SamplingParams(max_tokens=2)))
+    assert engine.has_work()
 
 
 def test_non_positive_budget_is_refused_at_construction():
