@@ -152,6 +152,44 @@ class FunctionTool:
         check_schema(params, where=f"function {self.name!r} parameters")
 
 
+# Subschema-holding keywords that ``closed_objects`` descends into.
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_ONE = ("items", "additionalProperties", "not", "if", "then", "else", "contains")
+_OPEN_KEYS = ("additionalProperties", "patternProperties", "unevaluatedProperties")
+
+
+def closed_objects(schema: Any) -> Any:
+    """``schema`` with every object that leaves extra keys unspecified closed to them.
+
+    JSON Schema allows keys a schema does not name unless ``additionalProperties`` says otherwise;
+    a function's arguments are another matter: a key the function does not declare is a bug in
+    the call, and a small model under a grammar that allows any key invents them (measured:
+    kestrel-nano wrote keys such as ``": "`` until it ran out of tokens). So tool calls follow the
+    strict mode of OpenAI's function calling and of xgrammar: an object schema with
+    ``properties`` and no ``additionalProperties`` / ``patternProperties`` /
+    ``unevaluatedProperties`` of its own accepts only its declared keys. Every such call still
+    validates against the original schema; a schema that states ``additionalProperties`` keeps it.
+    """
+    if isinstance(schema, list):
+        return [closed_objects(x) for x in schema]
+    if not isinstance(schema, Mapping):
+        return schema
+    out = dict(schema)
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), Mapping):
+            out[key] = {k: closed_objects(v) for k, v in out[key].items()}
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [closed_objects(v) for v in out[key]]
+    for key in _SUBSCHEMA_ONE:
+        if isinstance(out.get(key), Mapping):
+            out[key] = closed_objects(out[key])
+    if "properties" in out and not any(k in out for k in _OPEN_KEYS):
+        out["additionalProperties"] = False
+    return out
+
+
 def tool_call_schema(tools: Sequence[FunctionTool]) -> dict[str, Any]:
     """JSON schema of one call, ``{"name": <one of tools>, "arguments": <that tool's schema>}``.
 
@@ -162,13 +200,14 @@ def tool_call_schema(tools: Sequence[FunctionTool]) -> dict[str, Any]:
         tools: the functions allowed in the call.
 
     Returns:
-        ``{"anyOf": [one closed object schema per function]}``.
+        ``{"anyOf": [one closed object schema per function]}``, each function's arguments with
+        their objects closed to undeclared keys (:func:`closed_objects`).
     """
     if not tools:
         raise ValueError("a tool call schema needs at least one function")
     return {"anyOf": [{
         "type": "object",
-        "properties": {"name": {"const": t.name}, "arguments": dict(t.parameters)},
+        "properties": {"name": {"const": t.name}, "arguments": closed_objects(t.parameters)},
         "required": ["name", "arguments"],
         "additionalProperties": False,
     } for t in tools]}

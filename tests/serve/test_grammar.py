@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from serve import events as ev
 from serve.channel import ChannelMachine, ChannelSpec, State
-from serve.grammar import (FunctionTool, UnsupportedSchemaError, check_schema, has_bit,
+from serve.grammar import (FunctionTool, UnsupportedSchemaError, check_schema, closed_objects, has_bit,
                            tool_call_grammar, tool_call_schema, unpack_mask)
 from test_channel_vocab import sample_allowed, tiny_vocab
 
@@ -252,3 +252,26 @@ def test_tool_call_schema_accepts_offered_calls_only_and_serves_as_a_response_fo
             jsonschema.validate(bad, schema)
     with pytest.raises(ValueError, match="at least one function"):
         tool_call_schema([])
+
+
+def test_tool_arguments_accept_only_declared_keys_unless_the_schema_opens_them():
+    """Objects in a function's parameters that leave extra keys unspecified are closed (OpenAI
+    strict function calling, xgrammar's strict mode); an explicit ``additionalProperties`` stays."""
+    params = {"type": "object", "properties": {
+        "city": {"type": "string"},
+        "stops": {"type": "array", "items": {"type": "object", "properties": {"at": {"type": "integer"}}}},
+        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+    }}
+    closed = closed_objects(params)
+    assert closed["additionalProperties"] is False
+    assert closed["properties"]["stops"]["items"]["additionalProperties"] is False
+    assert closed["properties"]["labels"] == params["properties"]["labels"]  # opened on purpose
+    assert params.get("additionalProperties") is None  # the caller's schema is not modified
+    call = lambda args: '\n{"name": "trip", "arguments": ' + json.dumps(args) + '}\n'  # noqa: E731
+    ok = call({"city": "Oslo", "stops": [{"at": 3}], "labels": {"any key": "v"}})
+    for bad in (call({"city": "Oslo", "note": "x"}), call({"stops": [{"at": 3, "by": 1}]})):
+        m = V.new_matcher(tool_call_grammar([FunctionTool("trip", params)]))
+        assert m.validate_tokens(V.encode(bad)) < len(V.encode(bad)), bad
+    m = V.new_matcher(tool_call_grammar([FunctionTool("trip", params)]))
+    assert m.validate_tokens(V.encode(ok)) == len(V.encode(ok))
+    jsonschema.validate(json.loads(ok.strip())["arguments"], params)
