@@ -334,6 +334,11 @@ class ModelRunner:
         self.windows = tuple(g.window for g in kv_manager.groups)
         self.k, self.v = PagedKVCache.create_pages(cfg, self.num_pages, self.page_size,
                                                    self.layer_groups, cache_dtype)
+        # Committed to the model's device from the start: jit keys its cache on whether arguments
+        # are committed, and the steps return committed pages, so fresh uncommitted ones made the
+        # first step's shapes compile twice (once more inside bench/serving.py's first timed round).
+        device = next(iter(jax.tree.leaves(self.state)[0].devices()))
+        self.k, self.v = jax.device_put((self.k, self.v), device)
         self.min_batch, self.min_table_pages = min_batch, min_table_pages
         self.num_steps = 0  # jitted calls run
         self.images = None if cfg.vision is None else ImageEmbeddingCache(

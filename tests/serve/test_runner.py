@@ -229,3 +229,32 @@ def test_static_graphs_of_equal_models_are_equal_and_share_a_hash():
     other = StaticGraph(nnx.split(tiny_model(sliding=False))[0])
     assert a == b and hash(a) == hash(b)  # same structure, other weights: one compilation
     assert a != other and a != a.graphdef
+
+
+def test_a_warm_runner_compiles_nothing_when_the_same_steps_come_again():
+    """Every step shape is compiled once: the fresh page arrays are committed like the ones the
+    steps return, or the first step's shapes would compile a second time when they recur."""
+    import serve.runner as runner_module
+
+    # Weights placed on the device, as a loaded checkpoint's are (their arrays are committed).
+    model = nnx.clone(tiny_model())
+    nnx.update(model, jax.device_put(nnx.state(model), jax.devices()[0]))
+    assert jax.tree.leaves(nnx.state(model))[0].committed
+    # No prefix cache: the second pass must schedule exactly the steps of the first.
+    kv = KVCacheManager.for_layers(model.config.layer_types, model.config.sliding_window,
+                                   num_pages=256, page_size=4, enable_prefix_caching=False)
+    runner = ModelRunner(model, kv)
+    prompts = random_prompts(6, seed=9)
+
+    def serve_all():
+        sched = Scheduler(kv, 32, 64, 16)
+        for i, p in enumerate(prompts):
+            sched.add(Request(f"r{i}", p, GREEDY))
+        while sched.has_unfinished():
+            out = sched.schedule()
+            sched.update(out, {k: s.token_id for k, s in runner.execute(out, None).items()})
+
+    serve_all()
+    compiled = runner_module._step._cache_size()
+    serve_all()
+    assert runner_module._step._cache_size() == compiled
