@@ -337,7 +337,8 @@ class ModelRunner:
         # Committed to the model's device from the start: jit keys its cache on whether arguments
         # are committed, and the steps return committed pages, so fresh uncommitted ones made the
         # first step's shapes compile twice (once more inside bench/serving.py's first timed round).
-        device = next(iter(jax.tree.leaves(self.state)[0].devices()))
+        on_device = [x for x in jax.tree.leaves(self.state) if isinstance(x, jax.Array)]
+        device = next(iter(on_device[0].devices())) if on_device else jax.devices()[0]
         self.k, self.v = jax.device_put((self.k, self.v), device)
         self.min_batch, self.min_table_pages = min_batch, min_table_pages
         self.num_steps = 0  # jitted calls run
