@@ -152,40 +152,47 @@ class FunctionTool:
         check_schema(params, where=f"function {self.name!r} parameters")
 
 
-# Subschema-holding keywords that ``closed_objects`` descends into.
-_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas")
-_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
-_SUBSCHEMA_ONE = ("items", "additionalProperties", "not", "if", "then", "else", "contains")
-_OPEN_KEYS = ("additionalProperties", "patternProperties", "unevaluatedProperties")
+# Where ``closed_objects`` descends: positions where a stricter subschema can only make the whole
+# schema stricter (a value's own schema). Not ``oneOf`` (exactly one: a narrower branch can turn an
+# invalid double match valid), ``not``, ``if``/``then``/``else`` (they select, not describe),
+# ``allOf`` or ``$defs`` (their objects may be completed by keys declared elsewhere).
+_VALUE_MAPS = ("properties", "patternProperties")
+_VALUE_LISTS = ("prefixItems",)
+_VALUE_ONE = ("items", "additionalProperties", "contains")
+# An object with one of these may take keys from somewhere else (or says what extra keys may be):
+# it is left as it is.
+_KEEP_OPEN = ("additionalProperties", "patternProperties", "unevaluatedProperties", "allOf", "anyOf",
+              "oneOf", "not", "if", "then", "else", "$ref", "dependentSchemas")
 
 
 def closed_objects(schema: Any) -> Any:
-    """``schema`` with every object that leaves extra keys unspecified closed to them.
+    """``schema`` with every self-contained object closed to keys it does not declare.
 
     JSON Schema allows keys a schema does not name unless ``additionalProperties`` says otherwise;
     a function's arguments are another matter: a key the function does not declare is a bug in
     the call, and a small model under a grammar that allows any key invents them (measured:
     kestrel-nano wrote keys such as ``": "`` until it ran out of tokens). So tool calls follow the
     strict mode of OpenAI's function calling and of xgrammar: an object schema with
-    ``properties`` and no ``additionalProperties`` / ``patternProperties`` /
-    ``unevaluatedProperties`` of its own accepts only its declared keys. Every such call still
-    validates against the original schema; a schema that states ``additionalProperties`` keeps it.
+    ``properties`` accepts only those keys, unless it says otherwise or combines with other
+    subschemas (``allOf``, ``anyOf``, ``$ref``, ...: see ``_KEEP_OPEN``), which may declare more.
+    The result is never looser than ``schema``, so every call it admits validates against the
+    original.
     """
-    if isinstance(schema, list):
-        return [closed_objects(x) for x in schema]
     if not isinstance(schema, Mapping):
         return schema
     out = dict(schema)
-    for key in _SUBSCHEMA_MAPS:
+    for key in _VALUE_MAPS:
         if isinstance(out.get(key), Mapping):
             out[key] = {k: closed_objects(v) for k, v in out[key].items()}
-    for key in _SUBSCHEMA_LISTS:
+    for key in _VALUE_LISTS:
         if isinstance(out.get(key), list):
             out[key] = [closed_objects(v) for v in out[key]]
-    for key in _SUBSCHEMA_ONE:
+    for key in _VALUE_ONE:
         if isinstance(out.get(key), Mapping):
             out[key] = closed_objects(out[key])
-    if "properties" in out and not any(k in out for k in _OPEN_KEYS):
+    if "anyOf" in out and "properties" not in out and isinstance(out["anyOf"], list):
+        out["anyOf"] = [closed_objects(v) for v in out["anyOf"]]  # whole alternatives for the value
+    if "properties" in out and not any(k in schema for k in _KEEP_OPEN):
         out["additionalProperties"] = False
     return out
 

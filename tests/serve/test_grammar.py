@@ -275,3 +275,26 @@ def test_tool_arguments_accept_only_declared_keys_unless_the_schema_opens_them()
     m = V.new_matcher(tool_call_grammar([FunctionTool("trip", params)]))
     assert m.validate_tokens(V.encode(ok)) == len(V.encode(ok))
     jsonschema.validate(json.loads(ok.strip())["arguments"], params)
+
+
+@pytest.mark.parametrize("schema", [
+    {"allOf": [{"type": "object", "properties": {"a": {"type": "integer"}}},
+               {"type": "object", "properties": {"b": {"type": "integer"}}}]},
+    {"type": "object", "properties": {"a": {"type": "integer"}}, "$ref": "#/$defs/more",
+     "$defs": {"more": {"type": "object", "properties": {"b": {"type": "integer"}}}}},
+    {"type": "object", "properties": {"kind": {"type": "string"}},
+     "anyOf": [{"properties": {"a": {"type": "integer"}}}, {"properties": {"b": {"type": "integer"}}}]},
+])
+def test_objects_completed_elsewhere_stay_open(schema):
+    """Keys declared in another subschema (allOf, $ref, a sibling anyOf) stay allowed: closing
+    either part alone would reject every call that uses both."""
+    call = {"a": 1, "b": 2, **({"kind": "x"} if "anyOf" in schema else {})}
+    jsonschema.validate(call, schema)
+    jsonschema.validate(call, closed_objects(schema))
+
+
+def test_one_of_branches_are_not_narrowed():
+    """Narrowing a oneOf branch could make a value that matched two branches (invalid) match one."""
+    schema = {"oneOf": [{"type": "object", "properties": {"a": {"type": "integer"}}},
+                        {"type": "object", "properties": {"b": {"type": "integer"}}}]}
+    assert closed_objects(schema) == schema
