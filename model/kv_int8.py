@@ -71,15 +71,17 @@ def write_int8_pages(pages: qwix.QArray, slots: Int[Array, "N"],
     return qwix.QArray(qvalue=qvalue, scale=scale[..., None, None], qtype=jnp.int8)
 
 
-def gather_pages(pages, table: Int[Array, "B M"], dtype) -> Float[Array, "B S K H"]:
-    """The dense [B, M * G, K, H] view of each row's pages (float or int8, dequantized)."""
+def gather_pages(pages, table: Int[Array, "B M"], dtype, *, kv_major: bool = False):
+    """The dense view of each row's pages (float or int8, dequantized): [B, M * G, K, H], or
+    [K, B, M * G, H] with ``kv_major`` (the order the gather produces, with no transpose)."""
     kh, _, g, h = pages.shape
     b, m = table.shape
     if is_int8_pages(pages):
         values = pages.qvalue[:, table].astype(dtype) * pages.scale[:, table].astype(dtype)
     else:
         values = pages[:, table].astype(dtype)  # [K, B, M, G, H]
-    return values.reshape(kh, b, m * g, h).transpose(1, 2, 0, 3)
+    values = values.reshape(kh, b, m * g, h)
+    return values if kv_major else values.transpose(1, 2, 0, 3)
 
 
 def kv_bytes(pages) -> int:

@@ -20,7 +20,8 @@ hidden by the window mask. ``Transformer.__call__`` recognises this cache and ha
 ``attend``, which scatters the new K/V into the pages and attends over them: decode steps (T = 1) and speculative
 verification steps (T = 1 + drafts, each row's queries its last T positions, left-padded) go
 through the paged decode kernel, packed prefill chunks gather their pages into a dense view for the attention entry
-point (their queries sit at arbitrary, padded positions the paged kernel does not describe).
+point (their queries sit at arbitrary, padded positions the paged kernel does not describe), or on
+a CPU kv-head-major into ``grouped_attention``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from jaxtyping import Array, Float, Int
 
 from model import kernels
 from model.config import ModelConfig
+from model.kernels.grouped import grouped_attention
 from model.kernels.paged import paged_attention
 from model.kv_int8 import create_int8_pages, gather_pages, is_int8_pages, write_int8_pages
 from model.layers import DTYPES
@@ -128,7 +130,10 @@ class PagedKVCache:
                                   soft_cap=soft_cap, impl=impl)
         else:
             m = table.shape[1]
-            kd, vd = gather_pages(k_pages, table, q.dtype), gather_pages(v_pages, table, q.dtype)
+            # On a CPU (impl auto) the pages stay kv-head-major for grouped_attention.
+            grouped = impl == "auto" and kernels.resolve_impl(impl) == "reference"
+            kd = gather_pages(k_pages, table, q.dtype, kv_major=grouped)
+            vd = gather_pages(v_pages, table, q.dtype, kv_major=grouped)
             s = jnp.arange(m * page, dtype=jnp.int32)[None, :]
             kv_positions = jnp.where(s < lengths[:, None], s + offset[:, None], -1)
             q_positions = self.query_positions if packed else self.positions
@@ -139,10 +144,17 @@ class PagedKVCache:
                 at = jnp.where(q_positions < 0, m * page, q_positions - offset[:, None])
                 kv_spans = jnp.zeros((b, m * page), jnp.int32).at[
                     jnp.arange(b)[:, None], at].set(q_spans, mode="drop")
-            out = kernels.attention(q, kd, vd, q_positions=q_positions, kv_positions=kv_positions,
-                                    causal=True, window=window, q_span_ids=q_spans,
-                                    kv_span_ids=kv_spans, scale=scale, soft_cap=soft_cap,
-                                    impl=impl)
+            if grouped:
+                mask = kernels.mask_from_description(
+                    q_positions, kv_positions, causal=True, window=window, q_segment_ids=None,
+                    kv_segment_ids=None, q_span_ids=q_spans, kv_span_ids=kv_spans)
+                out = grouped_attention(q, kd, vd, mask, soft_cap=soft_cap,
+                                        scale=q.shape[-1] ** -0.5 if scale is None else scale)
+            else:
+                out = kernels.attention(q, kd, vd, q_positions=q_positions,
+                                        kv_positions=kv_positions, causal=True, window=window,
+                                        q_span_ids=q_spans, kv_span_ids=kv_spans, scale=scale,
+                                        soft_cap=soft_cap, impl=impl)
         if packed:
             out = out.reshape(b * t, *out.shape[2:])[self.pack][None]  # [1, N, N_h, H]
             assert out.shape[1] == n_q

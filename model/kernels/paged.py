@@ -29,7 +29,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-from model.kernels.attention import attention_reference, resolve_impl
+from model.kernels.attention import attention_reference, mask_from_description, resolve_impl
+from model.kernels.grouped import grouped_attention
 from model.kernels.flash import next_pow2, triton_params
 from model.kv_int8 import gather_pages, is_int8_pages
 
@@ -76,20 +77,41 @@ def check_paged_inputs(q, k_pages, v_pages, page_table, lengths, window) -> None
                          f"cache of P={p} pages")
 
 
+def _decode_positions(page_table, lengths, t: int, s: int):
+    """(query positions [B, T], key positions [B, S]) of a decode / verify step: keys at their
+    slots (-1 past the length), the queries the last T of them."""
+    slots = jnp.arange(s, dtype=jnp.int32)[None, :]
+    kv_positions = jnp.where(slots < lengths[:, None], slots, -1)
+    q_positions = lengths[:, None] - t + jnp.arange(t, dtype=jnp.int32)[None, :]
+    return q_positions, kv_positions
+
+
 def paged_attention_reference(q, k_pages, v_pages, page_table, lengths, *, window=None,
                               scale=None, soft_cap=None):
     """Plain-jnp paged attention: gathers the pages (dequantized when int8) into a dense cache and
     runs the reference."""
-    b, t, n, h = q.shape
-    kh, p, g, _ = k_pages.shape
+    p = k_pages.shape[1]
     table = jnp.clip(page_table, 0, p - 1)
     k, v = gather_pages(k_pages, table, q.dtype), gather_pages(v_pages, table, q.dtype)  # [B, S, K, H]
-    s = k.shape[1]
-    slots = jnp.arange(s, dtype=jnp.int32)[None, :]
-    kv_positions = jnp.where(slots < lengths[:, None], slots, -1)
-    q_positions = lengths[:, None] - t + jnp.arange(t, dtype=jnp.int32)[None, :]
+    q_positions, kv_positions = _decode_positions(table, lengths, q.shape[1], k.shape[1])
     return attention_reference(q, k, v, q_positions=q_positions, kv_positions=kv_positions,
                                causal=True, window=window, scale=scale, soft_cap=soft_cap)
+
+
+def paged_attention_grouped(q, k_pages, v_pages, page_table, lengths, *, window=None,
+                            scale=None, soft_cap=None):
+    """The CPU path: the pages gathered kv-head-major and ``grouped_attention`` (no transposes of
+    the gathered keys and values; see ``model/kernels/grouped.py``)."""
+    p = k_pages.shape[1]
+    table = jnp.clip(page_table, 0, p - 1)
+    k = gather_pages(k_pages, table, q.dtype, kv_major=True)  # [K, B, S, H]
+    v = gather_pages(v_pages, table, q.dtype, kv_major=True)
+    q_positions, kv_positions = _decode_positions(table, lengths, q.shape[1], k.shape[2])
+    mask = mask_from_description(q_positions, kv_positions, causal=True, window=window,
+                                 q_segment_ids=None, kv_segment_ids=None, q_span_ids=None,
+                                 kv_span_ids=None)
+    return grouped_attention(q, k, v, mask, scale=q.shape[-1] ** -0.5 if scale is None else scale,
+                             soft_cap=soft_cap)
 
 
 def _decode_kernel(len_ref, table_ref, q_ref, k_ref, v_ref, *refs, t, groups, page,
@@ -235,7 +257,8 @@ def paged_attention(
       window: left sliding window W, or None; pages wholly outside it are not read.
       scale: logit scale (default 1/sqrt(H)). soft_cap: tanh cap on logits.
       num_splits: key-axis splits per (sequence, kv head) (default: fill the device).
-      impl: ``auto`` | ``pallas`` | ``reference`` (``xla`` and ``cudnn`` mean the reference).
+      impl: ``auto`` | ``pallas`` | ``reference`` (``xla`` and ``cudnn`` mean the reference);
+        ``auto`` is the Pallas kernel on GPU and TPU and ``paged_attention_grouped`` on CPU.
       interpret: force Pallas interpret mode (default: on exactly on CPU).
 
     Returns:
@@ -247,6 +270,9 @@ def paged_attention(
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if impl == "auto" and resolve_impl(impl) != "pallas":  # a CPU
+        return paged_attention_grouped(q, k_pages, v_pages, page_table, lengths, window=window,
+                                       scale=scale, soft_cap=soft_cap)
     if resolve_impl(impl) != "pallas":
         return paged_attention_reference(q, k_pages, v_pages, page_table, lengths,
                                          window=window, scale=scale, soft_cap=soft_cap)

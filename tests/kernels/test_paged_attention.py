@@ -142,3 +142,28 @@ def test_unused_table_entries_are_not_checked():
     got = paged_attention(q, k_pages, v_pages, stale, lengths, impl="pallas")
     want = paged_attention(q, k_pages, v_pages, clean, lengths, impl="pallas")
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("t,window,soft_cap", [(1, None, None), (3, 6, None), (1, 6, 3.0)])
+def test_grouped_cpu_path_matches_reference(t, window, soft_cap):
+    """``auto`` on CPU runs the kv-head-major grouped path; it equals the reference (float
+    pages and int8 pages, decode and verify, window, soft cap)."""
+    from model.kernels.paged import paged_attention_grouped
+    from model.kv_int8 import create_int8_pages, write_int8_pages
+
+    rng = np.random.default_rng(7)
+    lengths = jnp.asarray([t, 17, MAX_PAGES * G], jnp.int32)
+    table = jnp.asarray(rng.permutation(P)[:3 * MAX_PAGES].reshape(3, MAX_PAGES), jnp.int32)
+    q = jnp.asarray(rng.standard_normal((3, t, 4, H), np.float32))
+    float_pages = _pages(11)
+    int8_pages = tuple(write_int8_pages(create_int8_pages((K, P, G, H)), jnp.arange(P * G),
+                                        x.reshape(K, P * G, H).transpose(1, 0, 2)) for x in float_pages)
+    for pages in (float_pages, int8_pages):
+        kw = dict(window=window, soft_cap=soft_cap)
+        got = paged_attention_grouped(q, *pages, table, lengths, **kw)
+        want = paged_attention_reference(q, *pages, table, lengths, **kw)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    if jax.default_backend() == "cpu":
+        auto = paged_attention(q, *float_pages, table, lengths, window=window, soft_cap=soft_cap)
+        np.testing.assert_allclose(auto, paged_attention_grouped(q, *float_pages, table, lengths,
+                                                                 window=window, soft_cap=soft_cap))
