@@ -145,6 +145,11 @@ class RunConfig:
       attention: the attention implementation of the training step (``auto``, ``reference``,
         ``xla``, ``pallas``, ``cudnn``; see ``model/kernels/attention.py``). On XLA:CPU ``xla``
         trains a packed 4 x 1024 batch ~1.8x faster than ``auto`` (the reference).
+      init_from: a Kestrel checkpoint folder (``config.json`` + ``params/``: a converted model or
+        an exported run) whose parameters start the run instead of a random initialisation:
+        fine-tuning. Its architecture must match ``model``; parameters it lacks (exit heads added
+        by ``exit_layers``) keep their initialisation. Ignored when ``--resume`` finds a
+        checkpoint of this run.
       compiler_options: XLA options for the jitted init and step, e.g.
         ``{"xla_backend_optimization_level": 0}``, which compiles CPU smoke runs several times
         faster.
@@ -161,6 +166,7 @@ class RunConfig:
     log_every: int = 1
     peak_flops_per_device: float | None = None
     attention: str = "auto"
+    init_from: str | None = None
     compiler_options: dict | None = None
     mesh: MeshConfig = MeshConfig()
     optimizer: OptimizerConfig = OptimizerConfig()

@@ -232,13 +232,15 @@ def generator_policy(generator, tokenizer, *, max_new_tokens: int, batch_size: i
     return policy
 
 
-def eval_engine(model, tokenizer, effort=None, max_num_seqs: int = 32, kv_cache_dtype: str = "auto"):
+def eval_engine(model, tokenizer, effort=None, max_num_seqs: int = 32, kv_cache_dtype: str = "auto",
+                early_exit: float | None = None):
     """A serving engine sized for eval: `max_num_seqs` conversations at the full context each."""
     from serve.engine import Engine
 
     pages = max_num_seqs * -(-model.config.max_position_embeddings // 16)
     return Engine(model, tokenizer, num_pages=pages, page_size=16, max_num_seqs=max_num_seqs,
-                  max_num_batched_tokens=1024, effort=effort, kv_cache_dtype=kv_cache_dtype)
+                  max_num_batched_tokens=1024, effort=effort, kv_cache_dtype=kv_cache_dtype,
+                  early_exit_threshold=early_exit)
 
 
 def engine_policy(engine, *, max_new_tokens: int, effort: str = "medium", tool_choice: str = "auto") -> Policy:
@@ -423,7 +425,7 @@ def check_takes_images(model, ckpt_dir: str, constrained: bool) -> None:
 def run_eval(ckpt_dir: str, suite: str, *, n: int = 100, seed: int = 0, max_new_tokens: int = 512,
              json: bool = False, batch_size: int = 32, max_rounds: int = 8, constrained: bool = False,
              effort: str = "medium", quantize: str | None = None, kv_cache_dtype: str = "auto",
-             out: TextIO | None = sys.stdout) -> dict[str, Any]:
+             early_exit: float | None = None, out: TextIO | None = sys.stdout) -> dict[str, Any]:
     """``kestrel eval CKPT --suite stem|tools|summary|vision [--json]``: loads, plays, scores, prints.
 
     Args:
@@ -442,6 +444,8 @@ def run_eval(ckpt_dir: str, suite: str, *, n: int = 100, seed: int = 0, max_new_
       effort: the reasoning effort when `constrained` (low, medium, high; none disables thinking).
       quantize: quantize the weights at load (``int8``, ``int8-w8a8``), or None.
       kv_cache_dtype: ``auto`` or ``int8`` KV pages (the engine's paged cache: with `constrained`).
+      early_exit: with `constrained`, decode with early exit at this confidence threshold (a
+        model trained with exit heads); None: every layer.
       out: where to print; None prints nothing.
 
     Returns:
@@ -460,6 +464,8 @@ def run_eval(ckpt_dir: str, suite: str, *, n: int = 100, seed: int = 0, max_new_
         raise KestrelError("max_new_tokens, batch_size and max_rounds must be >= 1")
     if check_kv_cache_dtype(kv_cache_dtype) != "auto" and not constrained:
         raise KestrelError("--kv-cache-dtype needs --constrained (the engine's paged KV cache)")
+    if early_exit is not None and not constrained:
+        raise KestrelError("--early-exit needs --constrained (early exit runs in the serving engine)")
     t0 = time.perf_counter()
     model, tokenizer = load_checkpoint(ckpt_dir, quantize=quantize)
     if tokenizer is None:
@@ -473,7 +479,10 @@ def run_eval(ckpt_dir: str, suite: str, *, n: int = 100, seed: int = 0, max_new_
             effort_model = EffortModel.load(ckpt_dir)
         except ValueError as e:
             raise KestrelError(str(e)) from None
-        engine = eval_engine(model, tokenizer, effort_model, batch_size, kv_cache_dtype)
+        try:
+            engine = eval_engine(model, tokenizer, effort_model, batch_size, kv_cache_dtype, early_exit)
+        except ValueError as e:  # a model without exit heads, a threshold outside [0, 1]
+            raise KestrelError(str(e)) from None
         policy = engine_policy(engine, max_new_tokens=max_new_tokens, effort=effort)
     else:
         policy = generator_policy(Generator(model), tokenizer, max_new_tokens=max_new_tokens,
@@ -483,6 +492,9 @@ def run_eval(ckpt_dir: str, suite: str, *, n: int = 100, seed: int = 0, max_new_
     result.update(checkpoint=str(ckpt_dir), max_new_tokens=max_new_tokens,
                   quantization=model.config.quantization, kv_cache_dtype=kv_cache_dtype,
                   decoding=f"engine, effort {effort}" if constrained else "greedy",
+                  early_exit=early_exit,
+                  # decode steps per exit layer taken (0: every layer ran)
+                  exit_counts=dict(engine.runner.exit_counts) if early_exit is not None else None,
                   seconds=round(time.perf_counter() - t0, 2))
     if out is not None:
         print(jsonlib.dumps(result) if json else format_table(result), file=out)

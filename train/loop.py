@@ -35,7 +35,7 @@ from train.config import RunConfig, apply_overrides, load_config
 from train.image_batch import default_max_images, image_inputs
 from train.loss import training_loss
 from train.optimizer import make_optimizer
-from train.teacher import check_teacher, load_teacher
+from train.teacher import check_teacher, initial_params, load_teacher
 from train.toy_data import ToyBatches
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
@@ -157,7 +157,7 @@ def check_config(cfg: RunConfig, num_devices: int):
 
     Raises:
       KestrelError: a mesh that does not fit the devices, a batch the data axes cannot split,
-        or an unusable teacher.
+        or an unusable teacher or ``init_from`` checkpoint.
     """
     try:
         sizes = cfg.mesh.resolve(num_devices)
@@ -170,6 +170,8 @@ def check_config(cfg: RunConfig, num_devices: int):
             f"(data={sizes[0]} x fsdp={sizes[1]} = {data_shards})")
     if cfg.distill.teacher is not None:
         check_teacher(cfg.distill.teacher, cfg.model)
+    if cfg.init_from is not None:
+        check_teacher(cfg.init_from, cfg.model, role="init_from")
     return sizes
 
 
@@ -196,6 +198,8 @@ def run(config: RunConfig | str | pathlib.Path, workdir: str | pathlib.Path | No
     cfg = apply_overrides(cfg, list(overrides))
     if cfg.distill.teacher is not None:
         check_teacher(cfg.distill.teacher, cfg.model)
+    if cfg.init_from is not None:
+        check_teacher(cfg.init_from, cfg.model, role="init_from")
     distributed.initialize(cfg.distributed)
     devices = list(jax.devices() if devices is None else devices)
     check_config(cfg, len(devices))
@@ -267,6 +271,9 @@ def run(config: RunConfig | str | pathlib.Path, workdir: str | pathlib.Path | No
             report(f"resumed from step {start_step} ({workdir / 'checkpoints'})")
         else:
             params, opt_state = init_params(), None
+            if cfg.init_from is not None:
+                params = initial_params(cfg.init_from, params, student, rules, mesh, cfg.compute_dtype,
+                                        report)
             opt_state = init_opt(params)
             rng = jax.device_put(host_rng(cfg.seed), replicated)
 

@@ -128,6 +128,10 @@ def test_bad_arguments_are_user_errors(tiny_ckpt, tmp_path):
         ev.heldout_examples("stem", 0)
     with pytest.raises(KestrelError, match="not a Kestrel checkpoint"):
         ev.run_eval(str(tmp_path), "stem", n=1, out=None)
+    with pytest.raises(KestrelError, match="--early-exit needs --constrained"):
+        ev.run_eval(str(tiny_ckpt), "stem", n=1, early_exit=0.9, out=None)
+    with pytest.raises(KestrelError, match="no exit_layers"):
+        ev.run_eval(str(tiny_ckpt), "stem", n=1, early_exit=0.9, constrained=True, out=None)
 
 
 def test_engine_policy_constrains_every_call_to_the_offered_schemas(tok, tiny_ckpt):

@@ -68,3 +68,23 @@ def test_kl_loss_mixes_with_cross_entropy():
     log_pt, log_ps = log_softmax(np.asarray(teacher) / 2), log_softmax(np.asarray(student) / 2)
     direct = np.sum(np.exp(log_pt) * (log_pt - log_ps), -1) * 4
     np.testing.assert_allclose(kl, direct, rtol=1e-4, atol=1e-6)
+
+
+def test_init_from_starts_the_run_from_a_checkpoint(tmp_path):
+    # The student starts as the checkpoint (seed 1), so its KL to that same model as teacher is 0
+    # at step 1; from its own initialisation (seed 0) it is not (the test above).
+    cfg = config(tmp_path / "ckpt", weight=1.0)
+    save_teacher(init_model(cfg.student, seed=1), tmp_path / "ckpt")
+    tuned = run(dataclasses.replace(cfg, init_from=str(tmp_path / "ckpt")), tmp_path / "run")
+    assert abs(tuned.losses[1]) < 1e-6
+
+
+def test_init_from_another_architecture_is_refused(tmp_path):
+    cfg = config(tmp_path / "teacher", weight=0.5)
+    save_teacher(init_model(cfg.student, 0), tmp_path / "teacher")
+    wide = cfg.student.replace(intermediate_size=2 * cfg.student.intermediate_size)
+    save_teacher(init_model(wide, 0), tmp_path / "wide")
+    with pytest.raises(KestrelError, match=r"init_from .*wide.*has shape"):
+        run(dataclasses.replace(cfg, init_from=str(tmp_path / "wide")), tmp_path / "run")
+    with pytest.raises(KestrelError, match="init_from .*missing.* does not exist"):
+        run(dataclasses.replace(cfg, init_from=str(tmp_path / "missing")), tmp_path / "run2")
