@@ -73,7 +73,7 @@ class EngineRequest:
       deadline: seconds from submission after which the request finishes with ``deadline``.
       request_id: the id (default: a fresh ``resp_...``); also the stored response id.
       channels: False: raw token generation, no channel machine or mask.
-      cache_salt: isolates prefix-cache sharing (e.g. per tenant).
+      cache_salt: isolates prefix-cache sharing and encoded-image reuse (e.g. per tenant).
       chat_kwargs: extra chat-template variables (e.g. ``enable_thinking``).
       images: encoded images for a ``prompt_token_ids`` prompt, one per image-start token in it.
       strict_max_tokens: the caller chose ``max_tokens``: a prompt plus ``max_tokens`` beyond

@@ -227,6 +227,14 @@ def _overlap(e: ScheduledRequest, span) -> bool:
     return span.offset < e.start_position + len(e.token_ids) and e.start_position < span.offset + span.length
 
 
+def _image_key(request, span) -> str:
+    """The image embedding cache's key: the image's content hash, under the request's
+    ``cache_salt`` when it has one, so that (as with prefix-cache pages) a tenant can neither reuse
+    nor time another tenant's encoded images."""
+    salt = request.cache_salt
+    return span.content_hash if salt is None else f"{span.content_hash}:salt:{salt}"
+
+
 def _image_overlaps(e: ScheduledRequest) -> bool:
     """Whether the entry computes any image placeholder."""
     return any(_overlap(e, span) for span in e.request.mm_spans)
@@ -599,7 +607,7 @@ class ModelRunner:
             r = e.request
             for j, span in enumerate(r.mm_spans):
                 if _overlap(e, span):
-                    wanted.append((span.content_hash, r.mm_inputs[j] if r.mm_inputs else None))
+                    wanted.append((_image_key(r, span), r.mm_inputs[j] if r.mm_inputs else None))
         soft = self.images.get_many(wanted)
         index = np.full((b, t), -1, np.int32)
         span_ids = np.zeros((b, t), np.int32)
@@ -610,7 +618,7 @@ class ModelRunner:
                 lo, hi = max(span.offset, start), min(span.offset + span.length, start + k)
                 if lo >= hi:
                     continue
-                rows.append(soft[span.content_hash][lo - span.offset:hi - span.offset])
+                rows.append(soft[_image_key(e.request, span)][lo - span.offset:hi - span.offset])
                 index[i, lo - start:hi - start] = np.arange(count, count + hi - lo)
                 span_ids[i, lo - start:hi - start] = j + 1
                 count += hi - lo

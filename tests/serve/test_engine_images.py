@@ -200,3 +200,15 @@ def test_a_prefix_hit_ending_inside_an_image_span_continues_it_exactly():
     assert hit == 8 and no_hit == 0
     assert [t for t, _ in cached] == [t for t, _ in fresh]
     np.testing.assert_allclose([lp for _, lp in cached], [lp for _, lp in fresh], atol=1e-5)
+
+
+def test_cache_salt_isolates_encoded_images():
+    """As for prefix pages, requests share an encoded image only under the same ``cache_salt``:
+    another tenant's image costs a fresh encode, so its earlier presence cannot be timed."""
+    engine = make_engine()
+    for salt in ("tenant-a", "tenant-b", "tenant-a", None):
+        engine.submit(EngineRequest(messages=[user("Describe it.", png(6))], channels=False,
+                                    cache_salt=salt, params=greedy(2)))
+        engine.run_until_idle()
+    assert engine.runner.images.num_encoded == 3  # a, b, unsalted; the second a reused its own
+    assert engine.kv.pool.num_used == 0
