@@ -21,6 +21,7 @@ from serve.request import SamplingParams
 import grpc
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MAX_CACHE_SALT = 256
 MAX_METADATA = 16
 MAX_STOP = 4
 
@@ -101,6 +102,7 @@ class Prepared:
       explicit_max_tokens: the client set ``max_output_tokens`` (then a prompt plus it beyond the
         context is an error, not a silent cut).
       speculative: False when the request opted out of speculative decoding.
+      cache_salt: the request's cache salt, or None (the shared unsalted cache).
     """
 
     messages: list[dict[str, Any]]
@@ -120,6 +122,7 @@ class Prepared:
     model: str
     explicit_max_tokens: bool = False
     speculative: bool = True
+    cache_salt: str | None = None
 
 
 def _json(text: str, where: str) -> Any:
@@ -343,10 +346,14 @@ def prepare(req: pb.CreateRequest, *, model: ModelInfo, records: RecordStore, po
     for k, v in req.metadata.items():
         if len(k) > 64 or len(v) > 512:
             raise invalid(f"metadata[{k[:64]!r}]: keys are at most 64 characters, values at most 512")
+    if len(req.cache_salt) > MAX_CACHE_SALT:
+        raise invalid(f"cache_salt has {len(req.cache_salt)} characters; at most {MAX_CACHE_SALT} "
+                      "are allowed")
     return Prepared(messages=messages, tools=tools, builtins=builtins, tool_choice=choice,
                     parallel_tool_calls=req.parallel_tool_calls if req.HasField("parallel_tool_calls") else True,
                     response_format=response_format, effort=effort, reasoning_budget=budget,
                     summary=summary, params=params, stop=stop, previous=previous,
                     store=req.store if req.HasField("store") else True, metadata=dict(req.metadata),
                     model=model.id, explicit_max_tokens=req.HasField("max_output_tokens"),
-                    speculative=req.sampling.speculative if req.sampling.HasField("speculative") else True)
+                    speculative=req.sampling.speculative if req.sampling.HasField("speculative") else True,
+                    cache_salt=req.cache_salt or None)

@@ -116,6 +116,15 @@ def _tool_choice(choice: Any, where: str) -> pb.ToolChoice:
     return pb.ToolChoice(function_name=str(fn.get("name", "")))
 
 
+def _cache_salt(body: dict, req: pb.CreateRequest) -> None:
+    """vLLM's ``cache_salt`` body field (both APIs): a string, or absent / null."""
+    salt = body.get("cache_salt")
+    if salt is not None:
+        if not isinstance(salt, str) or not salt:
+            raise invalid(f"cache_salt must be a non-empty string, got {salt!r}")
+        req.cache_salt = salt
+
+
 def _sampling(body: dict, req: pb.CreateRequest) -> None:
     s = req.sampling
     for name in ("temperature", "top_p", "frequency_penalty", "presence_penalty", "min_p", "repetition_penalty"):
@@ -200,6 +209,7 @@ def chat_request(body: dict) -> tuple[pb.CreateRequest, bool, bool]:
             raise invalid(f"max_completion_tokens must be an integer >= 1, got {limit!r}")
         req.max_output_tokens = limit
     _sampling(body, req)
+    _cache_salt(body, req)
     opts = body.get("stream_options") or {}
     return req, bool(body.get("stream")), bool(_obj(opts, "stream_options").get("include_usage"))
 
@@ -274,6 +284,7 @@ def responses_request(body: dict) -> tuple[pb.CreateRequest, bool]:
     for k, v in (body.get("metadata") or {}).items():
         req.metadata[str(k)] = str(v)
     _sampling(body, req)
+    _cache_salt(body, req)
     return req, bool(body.get("stream"))
 
 

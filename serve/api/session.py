@@ -145,7 +145,7 @@ class ResponseRunner:
         return EngineRequest(tools=prepared.tools, parallel_tool_calls=prepared.parallel_tool_calls,
                              response_format=prepared.response_format, effort=prepared.effort,
                              reasoning_budget=prepared.reasoning_budget,
-                             speculative=prepared.speculative, **kw)
+                             speculative=prepared.speculative, cache_salt=prepared.cache_salt, **kw)
 
     def cancel(self, record: ResponseRecord) -> None:
         record.cancelled = True
