@@ -34,7 +34,7 @@ from jaxtyping import Array, Float, Int
 
 from model import kernels
 from model.config import ModelConfig
-from model.kernels.grouped import grouped_attention
+from model.kernels.grouped import grouped_attention, runs_grouped
 from model.kernels.paged import paged_attention
 from model.kv_int8 import create_int8_pages, gather_pages, is_int8_pages, write_int8_pages
 from model.layers import DTYPES
@@ -131,7 +131,7 @@ class PagedKVCache:
         else:
             m = table.shape[1]
             # On a CPU (impl auto) the pages stay kv-head-major for grouped_attention.
-            grouped = impl == "auto" and kernels.resolve_impl(impl) == "reference"
+            grouped = runs_grouped(impl)
             kd = gather_pages(k_pages, table, q.dtype, kv_major=grouped)
             vd = gather_pages(v_pages, table, q.dtype, kv_major=grouped)
             s = jnp.arange(m * page, dtype=jnp.int32)[None, :]

@@ -23,6 +23,14 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
+from model.kernels.attention import resolve_impl
+
+
+def runs_grouped(impl: str) -> bool:
+    """Whether paged attention takes this path: ``auto`` on a CPU (an explicit ``reference``
+    still runs the oracle)."""
+    return impl == "auto" and resolve_impl(impl) == "reference"
+
 
 # Up to this many query rows per kv head (a decode step's query heads per kv head, times the
 # verified tokens), the scores and the value sum are multiply-reduce loops rather than dots.

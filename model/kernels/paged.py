@@ -30,7 +30,7 @@ from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
 from model.kernels.attention import attention_reference, mask_from_description, resolve_impl
-from model.kernels.grouped import grouped_attention
+from model.kernels.grouped import grouped_attention, runs_grouped
 from model.kernels.flash import next_pow2, triton_params
 from model.kv_int8 import gather_pages, is_int8_pages
 
@@ -77,7 +77,7 @@ def check_paged_inputs(q, k_pages, v_pages, page_table, lengths, window) -> None
                          f"cache of P={p} pages")
 
 
-def _decode_positions(page_table, lengths, t: int, s: int):
+def _decode_positions(lengths, t: int, s: int):
     """(query positions [B, T], key positions [B, S]) of a decode / verify step: keys at their
     slots (-1 past the length), the queries the last T of them."""
     slots = jnp.arange(s, dtype=jnp.int32)[None, :]
@@ -93,7 +93,7 @@ def paged_attention_reference(q, k_pages, v_pages, page_table, lengths, *, windo
     p = k_pages.shape[1]
     table = jnp.clip(page_table, 0, p - 1)
     k, v = gather_pages(k_pages, table, q.dtype), gather_pages(v_pages, table, q.dtype)  # [B, S, K, H]
-    q_positions, kv_positions = _decode_positions(table, lengths, q.shape[1], k.shape[1])
+    q_positions, kv_positions = _decode_positions(lengths, q.shape[1], k.shape[1])
     return attention_reference(q, k, v, q_positions=q_positions, kv_positions=kv_positions,
                                causal=True, window=window, scale=scale, soft_cap=soft_cap)
 
@@ -106,7 +106,7 @@ def paged_attention_grouped(q, k_pages, v_pages, page_table, lengths, *, window=
     table = jnp.clip(page_table, 0, p - 1)
     k = gather_pages(k_pages, table, q.dtype, kv_major=True)  # [K, B, S, H]
     v = gather_pages(v_pages, table, q.dtype, kv_major=True)
-    q_positions, kv_positions = _decode_positions(table, lengths, q.shape[1], k.shape[2])
+    q_positions, kv_positions = _decode_positions(lengths, q.shape[1], k.shape[2])
     mask = mask_from_description(q_positions, kv_positions, causal=True, window=window,
                                  q_segment_ids=None, kv_segment_ids=None, q_span_ids=None,
                                  kv_span_ids=None)
@@ -270,7 +270,7 @@ def paged_attention(
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if impl == "auto" and resolve_impl(impl) != "pallas":  # a CPU
+    if runs_grouped(impl):
         return paged_attention_grouped(q, k_pages, v_pages, page_table, lengths, window=window,
                                        scale=scale, soft_cap=soft_cap)
     if resolve_impl(impl) != "pallas":
