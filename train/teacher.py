@@ -3,7 +3,8 @@
 A Kestrel checkpoint folder holds ``config.json`` (``ModelConfig.to_dict()``) and ``params/`` (an
 orbax checkpoint of ``nnx.to_pure_dict(nnx.state(model, nnx.Param))``), as ``model/convert``
 writes it. The teacher is restored straight onto the training mesh with the student's sharding
-rules, so it is never materialised whole on one device.
+rules, so it is never materialised whole on one device. ``initial_params`` reads a checkpoint
+the same way to start a run from it (``RunConfig.init_from``: fine-tuning).
 """
 
 from __future__ import annotations
