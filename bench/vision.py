@@ -76,7 +76,7 @@ def median_time(fn, runs: int) -> tuple[float, float]:
     return first, statistics.median(times)
 
 
-def encode_times(vision: dict, mm_tokens: int, batch: int, runs: int) -> dict:
+def encode_times(vision: dict, mm_tokens: int, batch: int, runs: int, torch_device: str = "cpu") -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -85,8 +85,10 @@ def encode_times(vision: dict, mm_tokens: int, batch: int, runs: int) -> dict:
 
     with tempfile.TemporaryDirectory() as folder:
         hf, model = build(vision, mm_tokens, folder)
+    hf = hf.to(torch_device)
     size = vision["image_size"]
     nchw = np.random.default_rng(0).normal(size=(batch, 3, size, size)).astype(np.float32)
+    nchw_torch = torch.from_numpy(nchw).to(torch_device)
     pixels = jnp.asarray(nchw.transpose(0, 2, 3, 1))
     encode = nnx.jit(lambda m, x: m.encode_images(x))
 
@@ -95,17 +97,20 @@ def encode_times(vision: dict, mm_tokens: int, batch: int, runs: int) -> dict:
 
     def reference():
         with torch.no_grad():
-            hf.model.get_image_features(torch.from_numpy(nchw))
+            hf.model.get_image_features(nchw_torch)
+        if torch_device != "cpu":
+            torch.cuda.synchronize()
 
     k_first, k_med = median_time(kestrel, runs)
     t_first, t_med = median_time(reference, runs)
     with torch.no_grad():
-        want = hf.model.get_image_features(torch.from_numpy(nchw)).pooler_output.numpy()
+        want = hf.model.get_image_features(nchw_torch).pooler_output.cpu().numpy()
     err = float(np.abs(np.asarray(encode(model, pixels)) - want).max())
     return {"batch": batch, "kestrel_s_per_image": k_med / batch, "transformers_s_per_image": t_med / batch,
             "ratio_kestrel_over_transformers": k_med / t_med, "kestrel_first_call_s": k_first,
             "transformers_first_call_s": t_first, "max_abs_diff": err, "vision_config": vision,
-            "mm_tokens_per_image": mm_tokens}
+            "mm_tokens_per_image": mm_tokens, "transformers_device": torch_device,
+            "kestrel_device": str(jax.devices()[0])}
 
 
 def preprocess_times(runs: int) -> dict:
@@ -134,6 +139,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--gemma-layers", type=int, default=2)
+    parser.add_argument("--gemma-batch", type=int, default=1, help="images per encode call (Gemma 3 size)")
+    parser.add_argument("--torch-device", default="cpu", help="where transformers runs (cpu, cuda)")
+    parser.add_argument("--skip-preprocess", action="store_true")
     parser.add_argument("--out", default="bench/results/vision_cpu.json")
     args = parser.parse_args()
     import torch
@@ -142,18 +150,20 @@ def main() -> None:
                 image_size=32, patch_size=8)
     gemma = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=args.gemma_layers,
                  num_attention_heads=16, image_size=896, patch_size=14)
-    results = {"tiny": encode_times(tiny, 4, 8, args.runs)}
+    results = {"tiny": encode_times(tiny, 4, 8, args.runs, args.torch_device)}
     print("tiny", results["tiny"], flush=True)
-    g = encode_times(gemma, 256, 1, args.runs)
+    g = encode_times(gemma, 256, args.gemma_batch, args.runs, args.torch_device)
     per_layer = 27 / args.gemma_layers
     g["layers_measured"] = args.gemma_layers
     g["kestrel_s_per_image_27_layers_extrapolated"] = g["kestrel_s_per_image"] * per_layer
     g["transformers_s_per_image_27_layers_extrapolated"] = g["transformers_s_per_image"] * per_layer
     results["gemma3_siglip_subset"] = g
     print("gemma3", g, flush=True)
-    results["preprocess"] = preprocess_times(args.runs)
-    print("preprocess", results["preprocess"], flush=True)
-    payload = {"benchmark": "vision encode time per image", "machine_note": "shared 2-core CPU",
+    if not args.skip_preprocess:
+        results["preprocess"] = preprocess_times(args.runs)
+        print("preprocess", results["preprocess"], flush=True)
+    note = "shared 2-core CPU" if args.torch_device == "cpu" else "both on the GPU"
+    payload = {"benchmark": "vision encode time per image", "machine_note": note,
                "torch_threads": torch.get_num_threads(), "environment": environment(), "results": results}
     print(write_json(args.out, payload))
 
