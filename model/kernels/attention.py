@@ -27,6 +27,8 @@ from model.kernels.flash import flash_attention
 from model.kernels.mask import MaskDescription
 from model.kernels.tpu_splash import splash_attention, splash_fits
 
+HIGHEST = jax.lax.Precision.HIGHEST
+
 Impl = Literal["auto", "pallas", "reference", "xla", "cudnn"]
 
 
@@ -71,12 +73,16 @@ def mask_from_description(q_positions, kv_positions, *, causal, window, q_segmen
 def attention_reference(q, k, v, *, q_positions, kv_positions, causal=True, window=None,
                         q_segment_ids=None, kv_segment_ids=None, q_span_ids=None,
                         kv_span_ids=None, scale=None, soft_cap=None, return_lse=False):
-    """Plain-jnp attention in float32; fully masked rows give zeros (and lse = -inf)."""
+    """Plain-jnp attention in float32; fully masked rows give zeros (and lse = -inf).
+
+    The oracle of every kernel test, so its products run at full float32 precision: XLA:GPU's
+    default for a float32 dot is TF32 (~1e-3 error, seen on an H200), the kernels' is IEEE.
+    """
     b, t, n, h = q.shape
     kh = k.shape[2]
     scale = h ** -0.5 if scale is None else scale
     qg = q.astype(jnp.float32).reshape(b, t, kh, n // kh, h)  # [B, T, K, N/K, H]
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k.astype(jnp.float32)) * scale
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k.astype(jnp.float32), precision=HIGHEST) * scale
     if soft_cap is not None:
         logits = soft_cap * jnp.tanh(logits / soft_cap)
     mask = mask_from_description(q_positions, kv_positions, causal=causal, window=window,
@@ -87,7 +93,8 @@ def attention_reference(q, k, v, *, q_positions, kv_positions, causal=True, wind
     m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
     p = jnp.exp(logits - m_safe)
     l = jnp.sum(p, axis=-1, keepdims=True)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", p / jnp.where(l == 0, 1.0, l), v.astype(jnp.float32))
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", p / jnp.where(l == 0, 1.0, l), v.astype(jnp.float32),
+                     precision=HIGHEST)
     out = out.reshape(b, t, n, h).astype(q.dtype)
     if return_lse:
         # [B, K, G, T]
@@ -198,7 +205,19 @@ def attention(
                                     interpret=bool(interpret))
         if not interpret:
             return reference()
+    h = q.shape[-1]
+    if kernel_head_dim(h) != h:
+        # Triton tiles must be powers of two (>= 16 for its dot): zero columns leave q.k and the
+        # softmax unchanged, and the output's extra columns (zero values) are cut off.
+        pad = [(0, 0)] * 3 + [(0, kernel_head_dim(h) - h)]
+        q, k, v = jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad)
     out, lse = flash_attention(q, k, v, mask, scale=scale, soft_cap=soft_cap, block_q=block_q,
                                block_k=block_k,
                                interpret=platform == "cpu" if interpret is None else interpret)
+    out = out[..., :h]
     return (out, lse) if return_lse else out
+
+
+def kernel_head_dim(h: int) -> int:
+    """The head width the Pallas GPU kernels run: h rounded up to a power of two, at least 16."""
+    return max(16, 1 << (h - 1).bit_length())

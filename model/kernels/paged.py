@@ -29,7 +29,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-from model.kernels.attention import attention_reference, mask_from_description, resolve_impl
+from model.kernels.attention import (attention_reference, kernel_head_dim, mask_from_description,
+                                     resolve_impl)
 from model.kernels.grouped import grouped_attention, runs_grouped
 from model.kernels.flash import next_pow2, triton_params
 from model.kv_int8 import gather_pages, is_int8_pages
@@ -273,7 +274,9 @@ def paged_attention(
     if runs_grouped(impl):
         return paged_attention_grouped(q, k_pages, v_pages, page_table, lengths, window=window,
                                        scale=scale, soft_cap=soft_cap)
-    if resolve_impl(impl) != "pallas":
+    if resolve_impl(impl) != "pallas" or kernel_head_dim(q.shape[-1]) != q.shape[-1]:
+        # The kernel's tiles must be powers of two; padding the cache's pages every call would
+        # copy the whole cache, so other head widths take the reference.
         return paged_attention_reference(q, k_pages, v_pages, page_table, lengths,
                                          window=window, scale=scale, soft_cap=soft_cap)
     if num_splits is None:
