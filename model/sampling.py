@@ -15,22 +15,35 @@ def filter_logits(logits: Float[Array, "B V"], *, top_k: Int[Array, "B"], top_p:
                   min_p: Float[Array, "B"]) -> Float[Array, "B V"]:
     """Masks (to -inf) the tokens outside each row's top-k, nucleus and min-p sets.
 
-    top_k <= 0, top_p >= 1 and min_p <= 0 switch the respective filter off.
+    top_k <= 0, top_p >= 1 and min_p <= 0 switch the respective filter off. Each filter keeps
+    the row's best tokens down to a probability cut: top-k the k-th largest probability, the
+    nucleus the largest cut whose kept mass still reaches top_p (so the token crossing the
+    threshold stays), min-p ``min_p * p_max``; together they keep what clears the highest cut
+    (tokens tied with it stay, as in transformers' top-k). The first two cuts are found by
+    bisection on the probability, 40 halvings of [0, p_max] (far below float32's resolution
+    where probabilities matter), each a compare and two sums over the row: no sort, which on
+    XLA:CPU took ~80 ms for a batch of 8 rows of 49,152 logits (two argsorts ~180 ms), as long
+    as SmolLM2's whole decode step; the bisection takes ~8 ms.
     """
-    v = logits.shape[-1]
-    order = jnp.argsort(-logits, axis=-1)  # [B, V], best first
-    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-    rank = jnp.arange(v)[None, :]
-    keep = jnp.where(top_k[:, None] > 0, rank < top_k[:, None], True)
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    # Keep the smallest prefix whose mass reaches top_p (the token crossing the threshold stays).
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep &= mass_before < top_p[:, None]
-    keep &= probs >= min_p[:, None] * probs[:, :1]
-    keep = keep.at[:, 0].set(True)
-    sorted_masked = jnp.where(keep, sorted_logits, -jnp.inf)
-    inverse = jnp.argsort(order, axis=-1)
-    return jnp.take_along_axis(sorted_masked, inverse, axis=-1)
+    probs = jax.nn.softmax(logits, axis=-1)  # [B, V]
+    p_max = jnp.max(probs, axis=-1, keepdims=True)
+    top_k, top_p = top_k[:, None], top_p[:, None]
+    by_k, by_p = top_k > 0, top_p < 1.0
+
+    def halve(_, bounds):
+        # lo always satisfies "cut at or below a filter's own cut" for some active filter
+        # (or for none active: 0 keeps everything); hi never does.
+        lo, hi = bounds
+        mid = (lo + hi) / 2
+        kept = probs >= mid
+        count = jnp.sum(kept, axis=-1, keepdims=True)
+        mass = jnp.sum(jnp.where(kept, probs, 0.0), axis=-1, keepdims=True)
+        ok = (by_k & (count >= top_k)) | (by_p & (mass >= top_p))
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    lo, _ = jax.lax.fori_loop(0, 40, halve, (jnp.zeros_like(p_max), p_max * 2.0))
+    cut = jnp.minimum(jnp.maximum(lo, min_p[:, None] * p_max), p_max)  # the best token always stays
+    return jnp.where(probs >= cut, logits, -jnp.inf)
 
 
 def sample(logits: Float[Array, "B V"], key: Array, *, temperature: Float[Array, "B"],

@@ -77,10 +77,11 @@ class SampleOutput:
 class _Flags:
     """What a batch needs from the sampler; static, so a greedy batch compiles to an argmax."""
 
-    sampling: bool  # some row has temperature > 0 (top-k / top-p / min-p included)
+    sampling: bool  # some row has temperature > 0
     penalties: bool
     masked: bool
     logprobs: bool  # with MAX_TOP_LOGPROBS alternatives
+    filtering: bool = False  # some sampled row has top-k, top-p or min-p on
     hidden: bool = False  # return each row's last hidden state (prefill of a wants_hidden request)
     probs: bool = False  # return each row's sampling distribution [B, V] (a draft model's q)
 
@@ -145,7 +146,8 @@ def sample_tokens(logits, p: Mapping[str, jax.Array], flags: _Flags):
     if flags.sampling:
         temperature = p["temperature"]
         scaled = x / jnp.maximum(temperature, 1e-6)[:, None]
-        scaled = filter_logits(scaled, top_k=p["top_k"], top_p=p["top_p"], min_p=p["min_p"])
+        if flags.filtering:
+            scaled = filter_logits(scaled, top_k=p["top_k"], top_p=p["top_p"], min_p=p["min_p"])
         keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(p["seed"], p["out_index"])
         drawn = jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys, scaled)
         tokens = jnp.where(temperature > 0, drawn.astype(jnp.int32), tokens)
@@ -650,7 +652,9 @@ class ModelRunner:
                           or sp.presence_penalty != 0.0)
             masked |= e.request_id in masks
             logprobs |= sp.logprobs
-        sampling = bool((p["temperature"] > 0).any())
+        sampled = p["temperature"] > 0
+        sampling = bool(sampled.any())
+        filtering = bool((sampled & ((p["top_k"] > 0) | (p["top_p"] < 1.0) | (p["min_p"] > 0))).any())
         if masked:
             mask = np.full((b, words), -1, np.int32)
             for i, e in enumerate(entries):
@@ -667,6 +671,7 @@ class ModelRunner:
                 is_output[i, e.request.num_prompt_tokens:len(ids)] = True
             p["history"], p["history_is_output"] = history, is_output
         hidden = any(e.samples and e.request.wants_hidden and len(e.token_ids) > 1 for e in entries)
-        flags = _Flags(sampling=sampling, penalties=penalties, masked=masked, logprobs=logprobs,
+        flags = _Flags(sampling=sampling, filtering=filtering, penalties=penalties, masked=masked,
+                       logprobs=logprobs,
                        hidden=hidden)
         return p, flags  # host arrays: the jitted call transfers them

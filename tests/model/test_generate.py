@@ -72,6 +72,32 @@ def test_filters_keep_expected_sets():
     assert kept(top_k=jnp.array([0]), top_p=one, min_p=0.2 * one).tolist() == [True, True, True, False]
 
 
+def test_filters_match_a_sorted_reference_on_wide_rows():
+    """Top-k, nucleus and min-p cut where a NumPy sort of each row says, over a 49,152-token
+    vocabulary; switched off, every token stays (float32 cumulative sums reach 1 before the end
+    of such a row, which once dropped its tail)."""
+    rng = np.random.default_rng(3)
+    b, v = 6, 49152
+    logits = (rng.standard_normal((b, v)) * rng.uniform(0.5, 6, (b, 1))).astype(np.float32)
+    top_k = np.array([0, 40, 0, 0, 300, 0])
+    top_p = np.array([0.9, 1.0, 0.5, 1.0, 0.95, 1.0], np.float32)
+    min_p = np.array([0.0, 0.0, 0.0, 0.05, 0.01, 0.0], np.float32)
+    got = np.isfinite(np.asarray(filter_logits(jnp.asarray(logits), top_k=jnp.asarray(top_k),
+                                               top_p=jnp.asarray(top_p), min_p=jnp.asarray(min_p))))
+    for row in range(b):
+        p = np.exp(logits[row].astype(np.float64) - logits[row].max())
+        p /= p.sum()
+        order = np.argsort(-p)
+        n = v if top_k[row] <= 0 else top_k[row]
+        if top_p[row] < 1:
+            n = min(n, int(np.searchsorted(np.cumsum(p[order]), top_p[row])) + 1)
+        n = min(n, int((p >= min_p[row] * p.max()).sum()))
+        want = np.zeros(v, bool)
+        want[order[:max(n, 1)]] = True
+        assert (got[row] == want).all(), f"row {row}: kept {got[row].sum()}, want {want.sum()}"
+    assert got[5].all()
+
+
 def test_score_matches_full_forward(setup):
     model, gen = setup
     ids = [5, 9, 2, 44, 17, 3, 8]
