@@ -29,7 +29,8 @@ import os
 from typing import Any
 
 from model.config import ModelConfig
-from serve.buckets import batch_rows, length_bucket, min_table_width, pow2, table_bucket
+from serve.buckets import (PREFILL_TILE, batch_rows, length_bucket, min_table_width, pow2, table_bucket,
+                           tile_rows, tiles_pay)
 from serve.kv_pages import pages_held
 
 _ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
@@ -161,7 +162,8 @@ def plan_memory(cfg: ModelConfig, *, context: int, batch: int = 1, max_output: i
                 page_size: int = 16, prefill_chunk: int = 512, kv_cache_dtype: str | None = None,
                 materialized_scores: bool | None = None, budget: int | None = None,
                 budget_source: str = "given", utilization: float = 0.9,
-                min_batch: int = 8, min_table_pages: int = 16) -> MemoryPlan:
+                min_batch: int = 8, min_table_pages: int = 16,
+                prefill_tile: int | None = PREFILL_TILE) -> MemoryPlan:
     """Sizes serving ``batch`` sequences of up to ``context`` tokens of model ``cfg``.
 
     Args:
@@ -179,6 +181,7 @@ def plan_memory(cfg: ModelConfig, *, context: int, batch: int = 1, max_output: i
       budget_source: where ``budget`` comes from, for the report.
       utilization: the fraction of ``budget`` the plan may use.
       min_batch: the runner's smallest decode batch bucket.
+      prefill_tile: the runner's query tokens per prefill row (None: a row per sequence).
       min_table_pages: the runner's smallest page-table width bucket.
 
     Raises:
@@ -231,10 +234,16 @@ def plan_memory(cfg: ModelConfig, *, context: int, batch: int = 1, max_output: i
     t = length_bucket(chunk)  # packed tokens of one step
     s = max(keys_seen(g.window, t) for g in groups)
     # A step's chunk budget may be split over m sequences, each a row of bucket(chunk / m) query
-    # slots; the worst split sets the unpacked attention layout [B, T_row].
+    # slots, or cut into query tiles (at most chunk / tile + m of them); the worst split sets the
+    # unpacked attention layout [B, T_row].
     def layout(m: int) -> tuple[int, int]:
         t_m = length_bucket(-(-chunk // m))
-        return batch_rows(m, t_m, s, n * t_m + 2 * k * h, min_batch), t_m
+        rows = batch_rows(m, t_m, s, n * t_m + 2 * k * h, min_batch)
+        if prefill_tile and prefill_tile < t_m:  # the runner's choice for m chunks of chunk / m
+            tiled = tile_rows(m * -(-t_m // prefill_tile), min_batch)
+            if tiles_pay(rows, t_m, tiled, prefill_tile, n, 2 * k * h):
+                return tiled, prefill_tile
+        return rows, t_m
 
     rows, t_row = max((layout(m) for m in range(1, min(batch, chunk) + 1)), key=lambda rt: rt[0] * rt[1])
     prefill = {

@@ -15,6 +15,8 @@ from flax import nnx
 from model.config import ModelConfig
 from model.generate import GenerationConfig, Generator
 from model.transformer import init_model
+from serve import runner as runner_module
+from serve.buckets import PREFILL_TILE
 from serve.kv_pages import KVCacheManager
 from serve.request import Request, SamplingParams
 from serve.runner import ModelRunner, StaticGraph, _Flags, sample_tokens
@@ -43,12 +45,12 @@ def random_prompts(n: int, vocab: int = VOCAB, lo: int = 3, hi: int = 40, seed: 
 
 
 def drive(model, prompts, params, *, num_pages=256, page_size=4, max_num_seqs=32, budget=64, chunk=16,
-          masks=None):
+          masks=None, prefill_tile=PREFILL_TILE):
     """Runs requests to completion through Scheduler + ModelRunner; returns (requests, scheduler)."""
     kv = KVCacheManager.for_layers(model.config.layer_types, model.config.sliding_window,
                                    num_pages=num_pages, page_size=page_size)
     sched = Scheduler(kv, max_num_seqs, budget, chunk)
-    runner = ModelRunner(model, kv)
+    runner = ModelRunner(model, kv, prefill_tile=prefill_tile)
     plist = params if isinstance(params, list) else [params] * len(prompts)
     reqs = [Request(f"r{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, plist))]
     for r in reqs:
@@ -89,6 +91,30 @@ def test_token_shift_model_takes_each_chunk_and_decodes_previous_token():
     squeezed, _ = drive(model, prompts, GREEDY, num_pages=24, chunk=5, budget=24)
     assert [r.output_token_ids for r in squeezed] == expected
     assert sched.kv.pool.num_free == sched.kv.pool.num_pages
+
+
+@pytest.mark.parametrize("token_shift", [False, True])
+def test_prefill_cut_into_query_tiles_equals_offline_generation(token_shift, monkeypatch):
+    """Prefill chunks of up to 16 tokens cut into tiles of 4 queries (a row each, over its
+    sequence's pages; the model slides a window of 8 in one layer): outputs equal offline
+    generation and the untiled runner, with chunking and preemption."""
+    tiles = []  # whether each prefill step ran as tiles
+    pay = runner_module.tiles_pay
+    monkeypatch.setattr(runner_module, "tiles_pay", lambda *a: tiles.append(pay(*a)) or tiles[-1])
+    model = tiny_model(token_shift=token_shift)
+    prompts = random_prompts(12, lo=5, hi=40, seed=7)
+    expected = [g.token_ids for g in Generator(model).generate(prompts, GenerationConfig(max_new_tokens=12))]
+    untiled, _ = drive(model, prompts, GREEDY, prefill_tile=None)
+    assert not tiles
+    reqs, sched = drive(model, prompts, GREEDY, prefill_tile=4)
+    assert any(tiles)  # steps really ran as tiles
+    assert [r.output_token_ids for r in reqs] == [r.output_token_ids for r in untiled] == expected
+    squeezed, small = drive(model, prompts, GREEDY, num_pages=30, prefill_tile=4)
+    assert small.num_preemptions > 0
+    assert [r.output_token_ids for r in squeezed] == expected
+    assert sched.kv.pool.num_free == sched.kv.pool.num_pages
+    with pytest.raises(ValueError, match="prefill_tile must be a power of two"):
+        ModelRunner(model, sched.kv, prefill_tile=6)
 
 
 def test_forced_preemption_changes_no_output():
