@@ -51,7 +51,7 @@ from serve.image_cache import ImageEmbeddingCache
 from serve.buckets import (PREFILL_TILE, batch_rows, length_bucket, min_table_width, pow2, table_bucket,
                            tile_rows, tiles_pay)
 from serve.kv_pages import KVCacheManager
-from serve.rejection import processed_probs, verify_drafts
+from serve.rejection import processed_probs, unpack_mask, verify_drafts
 from serve.request import MAX_TOP_LOGPROBS
 from serve.scheduler import ScheduledRequest, SchedulerOutput
 
@@ -110,12 +110,6 @@ class StaticGraph:
                                  and self.graphdef == other.graphdef)
 
 
-def _unpack_bits(words: jax.Array, vocab: int) -> jax.Array:
-    """int32[B, ceil(V/32)] bitmask -> bool[B, V] (bit t % 32 of word t // 32)."""
-    v = jnp.arange(vocab)
-    return ((words[:, v // 32] >> (v % 32)) & 1).astype(bool)
-
-
 def sample_tokens(logits, p: Mapping[str, jax.Array], flags: _Flags):
     """Penalties, mask and sampling of one token per row.
 
@@ -142,7 +136,7 @@ def sample_tokens(logits, p: Mapping[str, jax.Array], flags: _Flags):
         x = jnp.where(seen, jnp.where(x > 0, x / rp, x * rp), x)
         x = x - p["frequency"][:, None] * counts - p["presence"][:, None] * (counts > 0)
     if flags.masked:
-        x = jnp.where(_unpack_bits(p["mask"], vocab), x, -jnp.inf)
+        x = jnp.where(unpack_mask(p["mask"], vocab), x, -jnp.inf)
     tokens = jnp.argmax(x, axis=-1).astype(jnp.int32)
     if flags.sampling:
         temperature = p["temperature"]
