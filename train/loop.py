@@ -15,6 +15,7 @@ import os
 import pathlib
 import signal
 import sys
+import time
 from typing import Any, Iterator
 
 import jax
@@ -308,9 +309,12 @@ def run(config: RunConfig | str | pathlib.Path, workdir: str | pathlib.Path | No
                                        "supported (the teacher is a text model)")
                 # Text batches keep the text step; image batches (fixed shapes) compile one more.
                 fn = image_step_fn if "pixels" in batch else step_fn
+                started = time.perf_counter()
                 params, opt_state, rng, out = fn(params, opt_state, rng, batch, teacher_params,
                                                  np.int32(step - 1))
                 out = jax.device_get(out)
+                if step == start_step + 1:  # compile time is most of a large model's first step
+                    report(f"step {step} (compilation included) took {time.perf_counter() - started:.1f} s")
                 loss = float(out["loss"])
                 # A finite loss with a non-finite gradient would leave NaN parameters behind.
                 if not math.isfinite(loss) or not math.isfinite(float(out["grad_norm"])):
