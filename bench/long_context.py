@@ -27,6 +27,8 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from serve.buckets import MIN_TABLE_PAGES  # noqa: E402
+
 PAGE_SIZE = 64
 CHUNK = 256
 
@@ -55,7 +57,7 @@ def rss_mib() -> float:
 
 
 def measure(context: int, *, all_global: bool = False, new_tokens: int = 6, seed: int = 0,
-            min_table_pages: int = 16) -> dict:
+            min_table_pages: int = MIN_TABLE_PAGES) -> dict:
     """Prefills ``context`` random tokens through the engine, decodes ``new_tokens``; see the module.
 
     ``min_table_pages`` is the runner's smallest page-table bucket: raising it trades a wider

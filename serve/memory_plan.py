@@ -29,8 +29,8 @@ import os
 from typing import Any
 
 from model.config import ModelConfig
-from serve.buckets import (PREFILL_TILE, batch_rows, length_bucket, min_table_width, pow2, table_bucket,
-                           tile_rows, tiles_pay)
+from serve.buckets import (MIN_TABLE_PAGES, PREFILL_TILE, batch_rows, length_bucket, min_table_width,
+                           pow2, table_bucket, tile_rows, tiles_pay)
 from serve.kv_pages import pages_held
 
 _ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
@@ -162,7 +162,7 @@ def plan_memory(cfg: ModelConfig, *, context: int, batch: int = 1, max_output: i
                 page_size: int = 16, prefill_chunk: int = 512, kv_cache_dtype: str | None = None,
                 materialized_scores: bool | None = None, budget: int | None = None,
                 budget_source: str = "given", utilization: float = 0.9,
-                min_batch: int = 8, min_table_pages: int = 16,
+                min_batch: int = 8, min_table_pages: int = MIN_TABLE_PAGES,
                 prefill_tile: int | None = PREFILL_TILE) -> MemoryPlan:
     """Sizes serving ``batch`` sequences of up to ``context`` tokens of model ``cfg``.
 

@@ -48,8 +48,8 @@ from model.token_shift import NO_PREVIOUS
 from model.sampling import filter_logits
 from model.transformer import Transformer
 from serve.image_cache import ImageEmbeddingCache
-from serve.buckets import (PREFILL_TILE, batch_rows, length_bucket, min_table_width, pow2, table_bucket,
-                           tile_rows, tiles_pay)
+from serve.buckets import (MIN_TABLE_PAGES, PREFILL_TILE, batch_rows, length_bucket, min_table_width,
+                           pow2, table_bucket, tile_rows, tiles_pay)
 from serve.kv_pages import KVCacheManager
 from serve.rejection import processed_probs, unpack_mask, verify_drafts
 from serve.request import MAX_TOP_LOGPROBS
@@ -310,7 +310,7 @@ class ModelRunner:
     """
 
     def __init__(self, model: Transformer, kv_manager: KVCacheManager, *, attn_impl: str = "auto",
-                 cache_dtype: str | None = None, min_batch: int = 8, min_table_pages: int = 16,
+                 cache_dtype: str | None = None, min_batch: int = 8, min_table_pages: int = MIN_TABLE_PAGES,
                  max_cached_images: int = 256, layer_groups: tuple[int, ...] | None = None,
                  early_exit_threshold: float | None = None, prefill_tile: int | None = PREFILL_TILE):
         cfg = model.config
