@@ -9,7 +9,7 @@ from flax import nnx
 from kestrel.errors import KestrelError
 from model import ModelConfig, init_model
 from model.generate import GenerationConfig, Generator
-from model.sampling import filter_logits
+from model.sampling import FAST_K, filter_logits
 
 CFG = ModelConfig(vocab_size=61, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                   head_dim=8, intermediate_size=64, layer_types=("sliding", "global"),
@@ -72,16 +72,24 @@ def test_filters_keep_expected_sets():
     assert kept(top_k=jnp.array([0]), top_p=one, min_p=0.2 * one).tolist() == [True, True, True, False]
 
 
-def test_filters_match_a_sorted_reference_on_wide_rows():
+@pytest.mark.parametrize("peaked", [False, True], ids=["bisection", "best-64"])
+def test_filters_match_a_sorted_reference_on_wide_rows(peaked):
     """Top-k, nucleus and min-p cut where a NumPy sort of each row says, over a 49,152-token
-    vocabulary; switched off, every token stays (float32 cumulative sums reach 1 before the end
-    of such a row, which once dropped its tail)."""
+    vocabulary, whether the cuts are read off the 64 best tokens (peaked rows, as a language
+    model's usually are) or found by bisection (flat rows, top-k 300); switched off, every token
+    stays (float32 cumulative sums reach 1 before the end of such a row, which once dropped its
+    tail)."""
     rng = np.random.default_rng(3)
     b, v = 6, 49152
-    logits = (rng.standard_normal((b, v)) * rng.uniform(0.5, 6, (b, 1))).astype(np.float32)
-    top_k = np.array([0, 40, 0, 0, 300, 0])
+    scale = rng.uniform(8, 12, (b, 1)) if peaked else rng.uniform(0.5, 6, (b, 1))
+    logits = (rng.standard_normal((b, v)) * scale).astype(np.float32)
+    top_k = np.array([0, 40, 0, 0, 64 if peaked else 300, 0])
     top_p = np.array([0.9, 1.0, 0.5, 1.0, 0.95, 1.0], np.float32)
     min_p = np.array([0.0, 0.0, 0.0, 0.05, 0.01, 0.0], np.float32)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    best_mass = np.sort(p / p.sum(1, keepdims=True), 1)[:, -FAST_K:].sum(1)
+    fits = ((top_k > 0) & (top_k <= FAST_K)) | ((top_p < 1) & (best_mass >= top_p)) | ((top_k <= 0) & (top_p >= 1))
+    assert fits.all() == peaked  # which way the cuts are found
     got = np.isfinite(np.asarray(filter_logits(jnp.asarray(logits), top_k=jnp.asarray(top_k),
                                                top_p=jnp.asarray(top_p), min_p=jnp.asarray(min_p))))
     for row in range(b):
