@@ -92,6 +92,9 @@ def model_loop_rate(model, ids: list[int], tokens: int, runs: int) -> dict:
         t2 = time.perf_counter()
         deltas.append((t2 - t1) - (t1 - t0))
     step_s = statistics.median(deltas) / tokens
+    if step_s <= 0:  # the extra tokens took less time than the noise between runs
+        return {"tokens_per_s": None, "step_ms": None, "deltas_s": [round(d, 4) for d in deltas],
+                "note": "too few tokens to time: raise --tokens"}
     return {"tokens_per_s": 1.0 / step_s, "step_ms": step_s * 1e3, "deltas_s": [round(d, 4) for d in deltas]}
 
 
@@ -175,7 +178,9 @@ def main(argv: list[str]) -> dict:
         "roofline_tokens_per_s_datasheet_bw": sheet / step_bytes if sheet else None,
     }
 
-    def fraction(rate: float) -> dict:
+    def fraction(rate: float | None) -> dict:
+        if rate is None:
+            return {}
         return {"fraction_of_roofline_measured_bw": rate * step_bytes / measured,
                 **({"fraction_of_roofline_datasheet_bw": rate * step_bytes / sheet} if sheet else {})}
 

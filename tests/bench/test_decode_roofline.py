@@ -19,7 +19,9 @@ def test_every_part_runs_and_the_roofline_counts_weights_and_kv():
     assert result["step_bytes_batch1"] == result["weight_bytes"] + result["kv_bytes_per_step_batch1"]
     assert result["roofline_tokens_per_s_measured_bw"] == pytest.approx(
         result["measured_copy_bandwidth_bytes_per_s"] / result["step_bytes_batch1"])
-    for part in ("model_loop_batch1", "engine_batch1"):
-        assert 0 < result[part]["fraction_of_roofline_measured_bw"]
+    # The model loop's rate is a difference of two short runs: on a busy CPU it may be untimed.
+    loop = result["model_loop_batch1"]
+    assert loop["tokens_per_s"] is None or loop["fraction_of_roofline_measured_bw"] > 0
+    assert result["engine_batch1"]["fraction_of_roofline_measured_bw"] > 0
     assert result["engine_batch1"]["all_full_length"] and result["engine_batch2"]["all_full_length"]
     assert result["engine_batch2"]["output_tokens"] == 2 * 4
