@@ -43,7 +43,8 @@ def filter_logits(logits: Float[Array, "B V"], *, top_k: Int[Array, "B"], top_p:
     def from_best():
         # Each filter keeps a prefix of the sorted row; the shortest ends inside the k best.
         rank = jnp.arange(k)[None, :]
-        keep = jnp.where(by_k, rank < top_k, True) & jnp.where(by_p, jnp.cumsum(best, -1) - best < top_p, True)
+        mass_before = jnp.cumsum(best, -1) - best
+        keep = jnp.where(by_k, rank < top_k, True) & jnp.where(by_p, mass_before < top_p, True)
         n = jnp.maximum(jnp.sum(keep, -1, keepdims=True), 1)
         cut = jnp.take_along_axis(best, n - 1, axis=-1)
         return jnp.where(by_k | by_p, cut, 0.0)

@@ -310,9 +310,10 @@ class ModelRunner:
     """
 
     def __init__(self, model: Transformer, kv_manager: KVCacheManager, *, attn_impl: str = "auto",
-                 cache_dtype: str | None = None, min_batch: int = 8, min_table_pages: int = MIN_TABLE_PAGES,
-                 max_cached_images: int = 256, layer_groups: tuple[int, ...] | None = None,
-                 early_exit_threshold: float | None = None, prefill_tile: int | None = PREFILL_TILE):
+                 cache_dtype: str | None = None, min_batch: int = 8,
+                 min_table_pages: int = MIN_TABLE_PAGES, max_cached_images: int = 256,
+                 layer_groups: tuple[int, ...] | None = None, early_exit_threshold: float | None = None,
+                 prefill_tile: int | None = PREFILL_TILE):
         cfg = model.config
         if early_exit_threshold is not None:
             if not cfg.exit_layers:
@@ -517,10 +518,10 @@ class ModelRunner:
         b = batch_rows(n, t, max(widths) * G, cfg.num_heads * t + 2 * cfg.num_kv_heads * cfg.head_dim,
                        self.min_batch)  # sampling rows: one per entry
         # The attention grid's rows: (entry, first token in its chunk, tokens). A prefill without
-        # images is cut into query tiles of ``prefill_tile`` tokens, each a row over its entry's
-        # pages: a step of short chunks of different lengths then scores about its real tokens against
-        # the keys, instead of every row padded to the longest chunk (SmolLM2 serving: 24
-        # chunks of 46-130 tokens had filled ~40% of a [32 x 192] grid).
+        # images may be cut into query tiles of ``prefill_tile`` tokens, each a row over its
+        # entry's pages, when that gathers and scores less (``tiles_pay``): chunks of different
+        # lengths then score about their real tokens instead of every row padded to the longest
+        # (SmolLM2 serving: 24 chunks of 46-130 tokens had filled ~40% of a [32 x 192] grid).
         tile = self.prefill_tile
         grid = [(i, 0, len(e.token_ids)) for i, e in enumerate(entries)]
         n_rows = b
