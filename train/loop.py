@@ -100,6 +100,27 @@ def shard_batch(batch: dict, sharding: NamedSharding, batch_size: int, seq_len: 
     return out
 
 
+def gather_rows(x: jax.Array, at: jax.Array) -> jax.Array:
+    """``x[b, at[b, k]]``: [B, T, ...] at positions [B, K] -> [B, K, ...]."""
+    return jnp.take_along_axis(x, at.reshape(at.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def loss_positions(batch: dict, keep: int) -> tuple[jax.Array, dict]:
+    """The first ``keep`` loss-mask positions of each row [B, keep] (padded with position 0),
+    and the targets and loss mask there (0 on the padding), for a loss over those positions only.
+    Rows are gathered on their own, so a batch sharded by rows stays so."""
+    mask = batch["loss_mask"] > 0
+    at = jax.vmap(lambda m: jnp.nonzero(m, size=keep, fill_value=0)[0])(mask)
+    real = jnp.arange(keep)[None, :] < jnp.sum(mask, axis=1, keepdims=True)
+    loss_mask = gather_rows(batch["loss_mask"], at) * real
+    return at, {"targets": gather_rows(batch["targets"], at), "loss_mask": loss_mask}
+
+
+def fits_logit_positions(batch: dict, keep: int | None) -> bool:
+    """Whether every row's loss tokens fit the positions whose logits the step computes."""
+    return keep is None or int(np.max(np.sum(np.asarray(batch["loss_mask"]) > 0, axis=1))) <= keep
+
+
 def make_train_step(graphdef, tx, cfg: RunConfig, teacher_graphdef=None):
     """The un-jitted step.
 
@@ -107,7 +128,11 @@ def make_train_step(graphdef, tx, cfg: RunConfig, teacher_graphdef=None):
     metrics)``; ``step_index`` counts from 0 and only feeds the learning rate reported.
     """
 
-    def forward(gd, params, batch, exits=False):
+    keep = cfg.logit_positions  # None: logits at every position
+
+    def forward(gd, params, batch, exits=False, at=None):
+        """Logits [B, T, V] (with ``at`` [B, K]: at those positions of each row, [B, K, V])
+        and, with ``exits``, the exit heads' logits likewise."""
         model = nnx.merge(gd, params)
         images = {}
         if "pixels" in batch:
@@ -119,23 +144,30 @@ def make_train_step(graphdef, tx, cfg: RunConfig, teacher_graphdef=None):
                           span_ids=batch["image_span_ids"])
         out = model(
             batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"],
-            attn_impl=cfg.attention, return_exits=exits, **images)
-        return out[0] if not exits else (out[0], out[2])  # [B, T, V] float32 (, exit logits)
+            attn_impl=cfg.attention, return_exits=exits, return_hidden=at is not None, **images)
+        if at is None:
+            return out[0] if not exits else (out[0], out[2])  # [B, T, V] float32 (, exit logits)
+        # The full logits go unused, so XLA drops their computation.
+        logits = model.logits(gather_rows(out[2], at))
+        return logits if not exits else (logits, tuple(gather_rows(e, at) for e in out[3]))
 
     train_exits = bool(cfg.early_exit_weight and cfg.model.exit_layers)
 
     schedule = make_optimizer(cfg.optimizer, cfg.steps)[1]
 
     def step(params, opt_state, rng, batch, teacher_params, step_index):
+        at, targets = None, batch
+        if keep is not None:
+            at, targets = loss_positions(batch, keep)
         teacher_logits = None
         if teacher_graphdef is not None:
-            teacher_logits = jax.lax.stop_gradient(forward(teacher_graphdef, teacher_params, batch))
+            teacher_logits = jax.lax.stop_gradient(forward(teacher_graphdef, teacher_params, batch, at=at))
 
         def loss_fn(p):
-            logits, exit_logits = (forward(graphdef, p, batch, exits=True) if train_exits
-                                   else (forward(graphdef, p, batch), ()))
+            logits, exit_logits = (forward(graphdef, p, batch, exits=True, at=at) if train_exits
+                                   else (forward(graphdef, p, batch, at=at), ()))
             return training_loss(
-                logits, batch, z_loss=cfg.z_loss,
+                logits, targets, z_loss=cfg.z_loss,
                 teacher_logits=teacher_logits, distill_weight=cfg.distill.weight,
                 temperature=cfg.distill.temperature, exit_logits=exit_logits,
                 exit_weight=cfg.early_exit_weight)
@@ -244,7 +276,7 @@ def run(config: RunConfig | str | pathlib.Path, workdir: str | pathlib.Path | No
         t_shard = jax.tree.map(lambda a: a.sharding, teacher_params)
 
     with jax.set_mesh(mesh):
-        init_params, init_opt, step_fn, image_step_fn = _jitted(
+        init_params, init_opt, step_fns = _jitted(
             cfg, mesh, graphdef, tx, p_shard, o_shard, b_shard, t_shard, teacher_graphdef)
 
         data = batches if batches is not None else make_batches(cfg)
@@ -290,6 +322,7 @@ def run(config: RunConfig | str | pathlib.Path, workdir: str | pathlib.Path | No
             jsonl_path=workdir / "metrics.jsonl", enabled=is_main)
         kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
         losses: dict[int, float] = {}
+        told_every_logit = False
         step = start_step
         try:
             for step in range(start_step + 1, cfg.steps + 1):
@@ -299,6 +332,12 @@ def run(config: RunConfig | str | pathlib.Path, workdir: str | pathlib.Path | No
                     report(f"the data source ran out after step {step - 1}")
                     step -= 1
                     break
+                every_logit = not fits_logit_positions(raw, cfg.logit_positions)
+                if every_logit and not told_every_logit:
+                    told_every_logit = True
+                    report(f"step {step}: a row holds more loss tokens than the {cfg.logit_positions} "
+                           "positions whose logits the step computes (logits_share x seq_len); such "
+                           "steps compute every position's logits (the same loss, one more compilation)")
                 try:
                     batch = shard_batch(raw, b_shard, cfg.data.batch_size, cfg.data.seq_len,
                                         vision=vision, max_images=max_images)
@@ -308,7 +347,7 @@ def run(config: RunConfig | str | pathlib.Path, workdir: str | pathlib.Path | No
                     raise KestrelError(f"step {step}: distillation of batches with images is not "
                                        "supported (the teacher is a text model)")
                 # Text batches keep the text step; image batches (fixed shapes) compile one more.
-                fn = image_step_fn if "pixels" in batch else step_fn
+                fn = step_fns["pixels" in batch, every_logit]
                 started = time.perf_counter()
                 params, opt_state, rng, out = fn(params, opt_state, rng, batch, teacher_params,
                                                  np.int32(step - 1))
@@ -352,7 +391,8 @@ def _jitted(cfg, mesh, graphdef, tx, p_shard, o_shard, b_shard, t_shard, teacher
     recompiling: jit caches executables per function object.
     """
     key = (repr((cfg.student, cfg.optimizer, cfg.steps, cfg.seed, cfg.z_loss, cfg.early_exit_weight, cfg.distill.weight,
-                 cfg.distill.temperature, cfg.strategy, cfg.attention, cfg.compiler_options)), mesh,
+                 cfg.distill.temperature, cfg.strategy, cfg.attention, cfg.logits_share,
+                 cfg.compiler_options)), mesh,
            repr(teacher_graphdef))
     if key in _JIT_CACHE:
         return _JIT_CACHE[key]
@@ -362,22 +402,28 @@ def _jitted(cfg, mesh, graphdef, tx, p_shard, o_shard, b_shard, t_shard, teacher
         lambda: nnx.to_pure_dict(nnx.state(init_model(student, cfg.seed), nnx.Param)),
         out_shardings=p_shard, compiler_options=cfg.compiler_options)
     init_opt = jax.jit(tx.init, out_shardings=o_shard, compiler_options=cfg.compiler_options)
-    step = make_train_step(graphdef, tx, cfg, teacher_graphdef)
+    cut = make_train_step(graphdef, tx, cfg, teacher_graphdef)
+    # A batch whose rows hold more loss tokens than logits_share allows takes the step that
+    # computes every position's logits.
+    full = cut if cfg.logit_positions is None else make_train_step(
+        graphdef, tx, dataclasses.replace(cfg, logits_share=1.0), teacher_graphdef)
 
-    def jit_step(batch_shardings):
+    def jit_step(step, batch_shardings):
         return jax.jit(
             step, in_shardings=(p_shard, o_shard, replicated, batch_shardings, t_shard, replicated),
             out_shardings=(p_shard, o_shard, replicated, replicated),
             donate_argnums=(0, 1), compiler_options=cfg.compiler_options)
 
-    step_fn = jit_step(b_shard)
     # Batches with images: the [B, T] arrays plus image_span_ids as before, pixels and count
-    # replicated (shard_batch places them so). Traced only when such a batch arrives.
-    image_step_fn = jit_step({**{k: b_shard for k in BATCH_KEYS}, "image_span_ids": b_shard,
-                              "pixels": replicated, "image_count": replicated})
+    # replicated (shard_batch places them so). jit traces each only when such a batch arrives.
+    image_shardings = {**{k: b_shard for k in BATCH_KEYS}, "image_span_ids": b_shard,
+                       "pixels": replicated, "image_count": replicated}
+    steps = {(images, every_logit): jit_step(full if every_logit else cut,
+                                             image_shardings if images else b_shard)
+             for images in (False, True) for every_logit in (False, True)}
     if len(_JIT_CACHE) >= 8:
         _JIT_CACHE.pop(next(iter(_JIT_CACHE)))
-    _JIT_CACHE[key] = (init_params, init_opt, step_fn, image_step_fn)
+    _JIT_CACHE[key] = (init_params, init_opt, steps)
     return _JIT_CACHE[key]
 
 

@@ -93,9 +93,10 @@ def test_image_batches_compile_once(trained):
     cfg, _, _ = trained
     jitted = [v for k, v in loop._JIT_CACHE.items() if repr(cfg.student) in k[0]]
     assert jitted, "the run's jitted functions are cached"
-    _, _, text_step, image_step = jitted[-1]
-    assert image_step._cache_size() == 1  # six batches with different image counts, one program
-    assert text_step._cache_size() == 0   # every batch of this mix carried images
+    _, _, steps = jitted[-1]  # keyed by (images, every position's logits)
+    assert steps[True, False]._cache_size() == 1  # six batches with different image counts, one program
+    assert steps[False, False]._cache_size() == 0  # every batch of this mix carried images
+    assert steps[True, True]._cache_size() == 0  # logits_share 1: no batch needs the other step
 
 
 def _one_image_batch(cfg):
