@@ -19,7 +19,8 @@ from model.rope import apply_rope
 class Attention(nnx.Module):
     """One attention layer; ``sliding`` layers see a left window of ``cfg.sliding_window`` tokens."""
 
-    def __init__(self, cfg: ModelConfig, layer_type: str, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, layer_type: str, *, rngs: nnx.Rngs,
+                 embedding_values: bool = False):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.dtype = DTYPES[cfg.dtype]
         self.quantize_activations = cfg.quantization == "int8-w8a8"
@@ -39,6 +40,8 @@ class Attention(nnx.Module):
         norm = dict(eps=cfg.norm_eps, plus_one=cfg.norm_plus_one, param_dtype=cfg.param_dtype, rngs=rngs)
         self.q_norm = RMSNorm(h, **norm) if cfg.qk_norm else None
         self.k_norm = RMSNorm(h, **norm) if cfg.qk_norm else None
+        # Copy heads (ModelConfig.embedding_value_layers): values from the normed token embedding.
+        self.value_norm = RMSNorm(d, **norm) if embedding_values else None
 
     def _linear(self, equation, x, weight):
         return linear(equation, x, read_weight(weight), dtype=self.dtype,
@@ -57,10 +60,16 @@ class Attention(nnx.Module):
         return linear("BTF,FD->BTD", out.reshape(*out.shape[:2], n * h), w, dtype=self.dtype,
                       quantize_activations=self.quantize_activations)
 
-    def project(self, x: Float[Array, "B T D"], rope: tuple[Array, Array]):
-        """Queries, keys and values of x, normed and rotated: [B,T,N,H], [B,T,K,H], [B,T,K,H]."""
+    def project(self, x: Float[Array, "B T D"], rope: tuple[Array, Array],
+                embeddings: Float[Array, "B T D"] | None = None):
+        """Queries, keys and values of x, normed and rotated: [B,T,N,H], [B,T,K,H], [B,T,K,H].
+        A copy layer's values come from ``embeddings`` (the inputs' token embeddings)."""
         q = self._linear("BTD,DNH->BTNH", x, self.q_proj)
         k = self._linear("BTD,DKH->BTKH", x, self.k_proj)
+        if self.value_norm is not None:
+            if embeddings is None:
+                raise ValueError("a copy layer (embedding_value_layers) needs the token embeddings")
+            x = self.value_norm(embeddings)
         v = self._linear("BTD,DKH->BTKH", x, self.v_proj)
         if self.q_bias is not None:
             q = q + self.q_bias[...].astype(self.dtype)
@@ -86,6 +95,7 @@ class Attention(nnx.Module):
         kv_span_ids: Int[Array, "B S"] | None = None,
         impl: str = "auto",
         attend=None,
+        embeddings: Float[Array, "B T D"] | None = None,
     ):
         """Attends x's queries over x's keys, or over a cache that ``write`` extends with them.
 
@@ -101,11 +111,12 @@ class Attention(nnx.Module):
           attend: a cache that places keys itself (the paged serving cache): ``attend(q, k, v, *,
             window, scale, soft_cap, impl) -> (out [B, T, N, H], updated cache arrays)``; replaces
             ``keys_values``/``write`` and the kernel call.
+          embeddings: the inputs' token embeddings [B, T, D], the values of a copy layer.
 
         Returns:
           ([B, T, D] output, (keys, values) as attended: the updated cache arrays).
         """
-        q, k, v = self.project(x, rope)
+        q, k, v = self.project(x, rope, embeddings)
         if attend is not None:
             out, kv = attend(q, k, v, window=self.window, scale=self.scale, soft_cap=self.soft_cap,
                              impl=impl)

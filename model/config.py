@@ -99,6 +99,12 @@ class ModelConfig:
         a learned map (``model/token_shift.py``), so one attention head can copy from the
         context; callers with a KV cache then pass ``prev_tokens``. Kestrel's own models only (no
         transformers equivalent).
+      embedding_value_layers: layers (0-based) whose attention values are projected from each
+        position's own token embedding (RMS-normed) instead of the residual stream: copy heads.
+        Their queries and keys still read the contextual residual (where to copy from), their
+        values carry only which token sits there (what to copy), so a head's output is the
+        attended token's identity, ready for the tied LM head (the pointer of pointer-generator
+        networks, as an ordinary cached attention layer). Kestrel's own models only.
       quantization: ``None`` (float weights), ``int8`` (int8 weights, float compute) or
         ``int8-w8a8`` (int8 weights and activations); see ``model/quantization.py``.
     """
@@ -133,6 +139,7 @@ class ModelConfig:
     vision: VisionConfig | None = None
     exit_layers: tuple[int, ...] = ()
     token_shift: bool = False
+    embedding_value_layers: tuple[int, ...] = ()
     quantization: str | None = None
 
     def __post_init__(self):
@@ -169,18 +176,22 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name} must be float32, bfloat16 or float16")
         if isinstance(self.vision, dict):
             object.__setattr__(self, "vision", VisionConfig.from_dict(self.vision))
-        object.__setattr__(self, "exit_layers", tuple(self.exit_layers))
-        exits = self.exit_layers
-        if (any(not isinstance(e, int) or not 1 <= e < self.num_layers for e in exits)
-                or list(exits) != sorted(set(exits))):
-            raise ValueError(f"ModelConfig.exit_layers {list(exits)} must be increasing layer counts "
-                             f"in 1..{self.num_layers - 1} (an exit after the last layer is the model)")
+        self._increasing_layers("exit_layers", 1, self.num_layers - 1,
+                                "layer counts", " (an exit after the last layer is the model)")
+        self._increasing_layers("embedding_value_layers", 0, self.num_layers - 1, "layer indices")
         if self.vision is not None and not isinstance(self.vision, VisionConfig):
             raise ValueError(f"ModelConfig.vision must be a VisionConfig or None, got {self.vision!r}")
         if self.quantization is not None:
             from model.quantization import check_quantization
 
             check_quantization(self.quantization)
+
+    def _increasing_layers(self, name: str, lo: int, hi: int, what: str, why: str = "") -> None:
+        """Stores field `name` as a tuple, checked to be increasing ints in lo..hi."""
+        values = tuple(getattr(self, name))
+        object.__setattr__(self, name, values)
+        if any(not isinstance(v, int) or not lo <= v <= hi for v in values) or list(values) != sorted(set(values)):
+            raise ValueError(f"ModelConfig.{name} {list(values)} must be increasing {what} in {lo}..{hi}{why}")
 
     @property
     def scale(self) -> float:
@@ -196,7 +207,7 @@ class ModelConfig:
         norms = d * (4 if self.post_norms else 2) + (2 * h if self.qk_norm else 0)
         layer = attn + 3 * d * f + norms
         vision = 0 if self.vision is None else self.vision.num_params + self.vision.hidden_size * d
-        shift = d * d if self.token_shift else 0
+        shift = (d * d if self.token_shift else 0) + d * len(self.embedding_value_layers)
         return self.num_layers * layer + v * d * (1 if self.tie_embeddings else 2) + d + vision + shift
 
     def replace(self, **changes: Any) -> "ModelConfig":
@@ -206,6 +217,7 @@ class ModelConfig:
         out = dataclasses.asdict(self)
         out["layer_types"] = list(self.layer_types)
         out["exit_layers"] = list(self.exit_layers)
+        out["embedding_value_layers"] = list(self.embedding_value_layers)
         return out
 
     @classmethod

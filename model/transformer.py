@@ -24,11 +24,12 @@ from model.vision import VisionTower, image_span_ids, splice_images, splice_imag
 class Block(nnx.Module):
     """Pre-norm residual block; Gemma adds post-norms on each branch's output."""
 
-    def __init__(self, cfg: ModelConfig, layer_type: str, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, layer_type: str, *, rngs: nnx.Rngs,
+                 embedding_values: bool = False):
         norm = dict(eps=cfg.norm_eps, plus_one=cfg.norm_plus_one, param_dtype=cfg.param_dtype, rngs=rngs)
         self.layer_type = layer_type
         self.attn_norm = RMSNorm(cfg.hidden_size, **norm)
-        self.attn = Attention(cfg, layer_type, rngs=rngs)
+        self.attn = Attention(cfg, layer_type, rngs=rngs, embedding_values=embedding_values)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, **norm) if cfg.post_norms else None
         self.mlp_norm = RMSNorm(cfg.hidden_size, **norm)
         self.mlp = GatedMLP(cfg, rngs=rngs)
@@ -52,7 +53,8 @@ class Transformer(nnx.Module):
         self.config = cfg
         self.embed = Embedding(cfg, rngs=rngs)
         self.token_shift = TokenShift(cfg, rngs=rngs) if cfg.token_shift else None
-        self.blocks = nnx.List([Block(cfg, t, rngs=rngs) for t in cfg.layer_types])
+        self.blocks = nnx.List([Block(cfg, t, rngs=rngs, embedding_values=i in cfg.embedding_value_layers)
+                                for i, t in enumerate(cfg.layer_types)])
         self.final_norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, plus_one=cfg.norm_plus_one,
                                   param_dtype=cfg.param_dtype, rngs=rngs)
         self.lm_head = None if cfg.tie_embeddings else param(
@@ -185,6 +187,7 @@ class Transformer(nnx.Module):
             if span_ids is None:
                 span_ids = image_span_ids(tokens, cfg.vision.image_token_id)
         x = self.embed(tokens) if embeddings is None else embeddings.astype(DTYPES[cfg.dtype])
+        token_embeddings = x  # the values of copy layers (embedding_value_layers)
         if self.token_shift is not None:
             x = self._shift(x, tokens, prev_tokens, positions, segment_ids, cache)
         ropes = {kind: rope_tables(jnp.maximum(positions, 0), *freqs)
@@ -210,7 +213,8 @@ class Transformer(nnx.Module):
                 keys_values=None if cache is None or paged else (cache.k[i], cache.v[i]), write=write,
                 q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
                 q_span_ids=span_ids, kv_span_ids=span_ids, impl=attn_impl,
-                attend=functools.partial(cache.attend, i) if paged else None)
+                attend=functools.partial(cache.attend, i) if paged else None,
+                embeddings=token_embeddings if i in cfg.embedding_value_layers else None)
 
         if exit_threshold is not None:
             if not paged or t != 1 or return_hidden or return_exits:
@@ -219,7 +223,8 @@ class Transformer(nnx.Module):
             if not cfg.exit_layers:
                 raise ValueError("exit_threshold needs a model with exit heads (ModelConfig.exit_layers)")
             real = positions[:, -1] >= 0  # padding rows of the decode batch do not vote
-            logits, kvs, exit_layer = self._decode_from(0, x, block_at, ropes, cache, exit_threshold, real)
+            logits, kvs, exit_layer = self._decode_from(0, x, block_at, ropes, cache, exit_threshold, real,
+                                                        token_embeddings)
             new_cache = cache.with_pages([k for k, _ in kvs], [v for _, v in kvs])
             return logits, new_cache, exit_layer
 
@@ -248,7 +253,7 @@ class Transformer(nnx.Module):
         return out
 
     def _decode_from(self, lo: int, x: Float[Array, "B 1 D"], block_at, ropes, cache: PagedKVCache,
-                     threshold: Float[Array, ""], real):
+                     threshold: Float[Array, ""], real, token_embeddings):
         """Blocks lo.. up to the next exit layer, then either stop there (every real row is
         confident) or go on to the next exit / the end; nested ``lax.cond``s, so a taken exit skips
         the upper layers' compute.
@@ -273,12 +278,13 @@ class Transformer(nnx.Module):
             filled = []
             for i in range(hi, cfg.num_layers):  # CALM: the exit state stands in for the layer input
                 block = self.blocks[i]
-                _, k, v = block.attn.project(block.attn_norm(x), ropes[block.layer_type])
+                _, k, v = block.attn.project(block.attn_norm(x), ropes[block.layer_type],
+                                             token_embeddings if block.attn.value_norm is not None else None)
                 filled.append(cache.store(i, k, v))
             return exit_logits, tuple(filled), jnp.int32(hi)
 
         def go_on(x):
-            return self._decode_from(hi, x, block_at, ropes, cache, threshold, real)
+            return self._decode_from(hi, x, block_at, ropes, cache, threshold, real, token_embeddings)
 
         logits, rest, exit_layer = jax.lax.cond(confident, stop, go_on, x)
         return logits, tuple(kvs) + tuple(rest), exit_layer

@@ -27,12 +27,14 @@ VOCAB = 360  # the engine tests' tokenizer size, so every test shares one set of
 
 
 @functools.lru_cache(maxsize=None)
-def tiny_model(vocab: int = VOCAB, sliding: bool = True, seed: int = 0, token_shift: bool = False):
+def tiny_model(vocab: int = VOCAB, sliding: bool = True, seed: int = 0, token_shift: bool = False,
+               copy_layers: tuple[int, ...] = ()):
     """A 2-layer random model whose weights are sharp enough that greedy continuations depend on
     the prompt and the cache (the 0.02 init would repeat one token and hide cache bugs)."""
     cfg = ModelConfig(vocab_size=vocab, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                       head_dim=8, intermediate_size=64, max_position_embeddings=1024,
-                      token_shift=token_shift, **(SLIDING if sliding else {}))
+                      token_shift=token_shift, embedding_value_layers=copy_layers,
+                      **(SLIDING if sliding else {}))
     model = init_model(cfg, seed)
     params = nnx.state(model, nnx.Param)
     nnx.update(model, jax.tree.map(lambda x: x * 10 if x.ndim > 1 else x, params))
@@ -79,11 +81,13 @@ def test_32_concurrent_greedy_requests_equal_offline_generation_and_each_alone()
     assert sched.kv.pool.num_free == sched.kv.pool.num_pages  # every page came back
 
 
-def test_token_shift_model_takes_each_chunk_and_decodes_previous_token():
+@pytest.mark.parametrize("copy_layers", [(), (1,)])
+def test_token_shift_model_takes_each_chunk_and_decodes_previous_token(copy_layers):
     """Chunked prefill (chunks of 5), batching, preemption and decoding feed a token-shift model
     the token before each input: outputs equal offline generation, which equals the full forward
-    (tests/model/test_token_shift.py)."""
-    model = tiny_model(token_shift=True)
+    (tests/model/test_token_shift.py); likewise with a copy layer (values from the embeddings,
+    tests/model/test_copy_layers.py)."""
+    model = tiny_model(token_shift=True, copy_layers=copy_layers)
     prompts = random_prompts(8, lo=6, hi=30, seed=4)
     expected = [g.token_ids for g in Generator(model).generate(prompts, GenerationConfig(max_new_tokens=12))]
     reqs, sched = drive(model, prompts, GREEDY, chunk=5, budget=24)
