@@ -97,7 +97,7 @@ def cmd_eval(args) -> None:
     run_eval(args.ckpt, args.suite, n=args.n, seed=args.seed, max_new_tokens=args.max_new_tokens,
              json=args.json, batch_size=args.batch_size, max_rounds=args.max_rounds,
              constrained=args.constrained, effort=args.effort, quantize=args.quantize,
-             kv_cache_dtype=args.kv_cache_dtype, early_exit=args.early_exit)
+             kv_cache_dtype=args.kv_cache_dtype, early_exit=args.early_exit, decoder=args.decoder)
 
 
 def read_model_config(path: str):
@@ -249,7 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", default=None, metavar="TYPE",
                    help="quantize the weights at load: int8 or int8-w8a8")
     p.add_argument("--kv-cache-dtype", default="auto", metavar="DTYPE",
-                   help="KV cache pages with --constrained: auto or int8")
+                   help="the engine's KV cache pages: auto or int8")
+    p.add_argument("--decoder", choices=["engine", "generator"], default="engine",
+                   help="plain greedy decoding through the serving engine's raw requests "
+                        "(continuous batching) or the offline generator in fixed batches")
     p.add_argument("--early-exit", type=float, default=None, metavar="THRESHOLD",
                    help="with --constrained: early-exit decoding at this confidence (a model "
                         "trained with exit heads)")

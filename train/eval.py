@@ -274,6 +274,28 @@ def engine_policy(engine, *, max_new_tokens: int, effort: str = "medium", tool_c
     return policy
 
 
+def raw_engine_policy(engine, tokenizer, *, max_new_tokens: int) -> Policy:
+    """Plain greedy decoding through the serving engine: raw requests (``channels=False``: no
+    channel machine, no masks, no budgets), so the model writes what it would with
+    `generator_policy`, batched continuously over the paged cache (no row waits for the longest
+    of its batch, no padding to a shared length)."""
+    from serve.engine import EngineRequest
+    from serve.request import SamplingParams
+
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0,
+                            stop_token_ids=tuple(sorted(tokenizer.stop_ids)))
+
+    def policy(convs: list[Conversation]) -> list[list[int]]:
+        handles = [engine.submit(EngineRequest(
+            prompt_token_ids=c.context, channels=False, store=False, params=params,
+            **({"images": tuple(c.example.images)} if c.example.images else {})))
+            for c in convs]
+        engine.run_until_idle()
+        return [list(h.output_token_ids) for h in handles]
+
+    return policy
+
+
 def oracle_policy(tokenizer) -> Policy:
     """Replays each example's own assistant turns (its trainable segments), turn by turn."""
 
@@ -399,7 +421,7 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def check_takes_images(model, ckpt_dir: str, constrained: bool) -> None:
+def check_takes_images(model, ckpt_dir: str, engine: bool) -> None:
     """Refuses the vision suite unless the model has a vision tower and the decoder can feed images.
 
     Raises:
@@ -413,19 +435,20 @@ def check_takes_images(model, ckpt_dir: str, constrained: bool) -> None:
 
     from serve.engine import EngineRequest
 
-    if constrained:
+    if engine:
         if "images" not in {f.name for f in dataclasses.fields(EngineRequest)}:
             raise KestrelError("the model has a vision tower but this build's serving engine takes no images "
                                "(EngineRequest has no `images`)")
     elif "images" not in inspect.signature(Generator.generate).parameters:
         raise KestrelError("the model has a vision tower but plain greedy decoding (model.generate.Generator) "
-                           "cannot feed it images; pass --constrained to decode through the serving engine")
+                           "cannot feed it images; decode through the serving engine (--decoder engine)")
 
 
 def run_eval(ckpt_dir: str, suite: str, *, n: int = 100, seed: int = 0, max_new_tokens: int = 512,
              json: bool = False, batch_size: int = 32, max_rounds: int = 8, constrained: bool = False,
              effort: str = "medium", quantize: str | None = None, kv_cache_dtype: str = "auto",
-             early_exit: float | None = None, out: TextIO | None = sys.stdout) -> dict[str, Any]:
+             early_exit: float | None = None, decoder: str = "engine",
+             out: TextIO | None = sys.stdout) -> dict[str, Any]:
     """``kestrel eval CKPT --suite stem|tools|summary|vision [--json]``: loads, plays, scores, prints.
 
     Args:
@@ -437,13 +460,15 @@ def run_eval(ckpt_dir: str, suite: str, *, n: int = 100, seed: int = 0, max_new_
       seed: the held-out seed.
       max_new_tokens: the limit of one model turn.
       json: print the result as one JSON object (else a table).
-      batch_size: rows per generation call.
+      batch_size: rows per generation call (the engine: sequences in flight).
       max_rounds: model turns per conversation at most.
-      constrained: decode through the serving engine (`engine_policy`): grammar-constrained tool
-        calls and reasoning budgets; else plain greedy decoding (`generator_policy`).
+      constrained: decode through the serving engine's channel machine (`engine_policy`):
+        grammar-constrained tool calls and reasoning budgets; else plain greedy decoding.
+      decoder: for plain greedy decoding, ``engine`` (raw engine requests, `raw_engine_policy`)
+        or ``generator`` (``model.generate.Generator`` in fixed batches, `generator_policy`).
       effort: the reasoning effort when `constrained` (low, medium, high; none disables thinking).
       quantize: quantize the weights at load (``int8``, ``int8-w8a8``), or None.
-      kv_cache_dtype: ``auto`` or ``int8`` KV pages (the engine's paged cache: with `constrained`).
+      kv_cache_dtype: ``auto`` or ``int8`` KV pages (the engine's paged cache, either decoding).
       early_exit: with `constrained`, decode with early exit at this confidence threshold (a
         model trained with exit heads); None: every layer.
       out: where to print; None prints nothing.
@@ -462,16 +487,20 @@ def run_eval(ckpt_dir: str, suite: str, *, n: int = 100, seed: int = 0, max_new_
 
     if max_new_tokens < 1 or batch_size < 1 or max_rounds < 1:
         raise KestrelError("max_new_tokens, batch_size and max_rounds must be >= 1")
-    if check_kv_cache_dtype(kv_cache_dtype) != "auto" and not constrained:
-        raise KestrelError("--kv-cache-dtype needs --constrained (the engine's paged KV cache)")
+    if check_kv_cache_dtype(kv_cache_dtype) != "auto" and decoder != "engine":
+        raise KestrelError("--kv-cache-dtype needs the engine decoder (its paged KV cache)")
     if early_exit is not None and not constrained:
         raise KestrelError("--early-exit needs --constrained (early exit runs in the serving engine)")
+    if decoder not in ("engine", "generator"):
+        raise KestrelError(f"decoder must be engine or generator, got {decoder!r}")
+    if constrained and decoder != "engine":
+        raise KestrelError("--constrained decodes through the engine; it cannot use --decoder generator")
     t0 = time.perf_counter()
     model, tokenizer = load_checkpoint(ckpt_dir, quantize=quantize)
     if tokenizer is None:
         raise KestrelError(f"{ckpt_dir} has no tokenizer; eval needs one")
     if suite == "vision":
-        check_takes_images(model, ckpt_dir, constrained)
+        check_takes_images(model, ckpt_dir, constrained or decoder == "engine")
     if constrained:
         from serve.effort import EffortModel
 
@@ -484,6 +513,9 @@ def run_eval(ckpt_dir: str, suite: str, *, n: int = 100, seed: int = 0, max_new_
         except ValueError as e:  # a model without exit heads, a threshold outside [0, 1]
             raise KestrelError(str(e)) from None
         policy = engine_policy(engine, max_new_tokens=max_new_tokens, effort=effort)
+    elif decoder == "engine":
+        engine = eval_engine(model, tokenizer, max_num_seqs=batch_size, kv_cache_dtype=kv_cache_dtype)
+        policy = raw_engine_policy(engine, tokenizer, max_new_tokens=max_new_tokens)
     else:
         policy = generator_policy(Generator(model), tokenizer, max_new_tokens=max_new_tokens,
                                   batch_size=batch_size)
@@ -491,7 +523,8 @@ def run_eval(ckpt_dir: str, suite: str, *, n: int = 100, seed: int = 0, max_new_
                       context_len=model.config.max_position_embeddings)
     result.update(checkpoint=str(ckpt_dir), max_new_tokens=max_new_tokens,
                   quantization=model.config.quantization, kv_cache_dtype=kv_cache_dtype,
-                  decoding=f"engine, effort {effort}" if constrained else "greedy",
+                  decoding=(f"engine, effort {effort}" if constrained
+                            else "greedy, engine (raw)" if decoder == "engine" else "greedy, generator"),
                   early_exit=early_exit,
                   # decode steps per exit layer taken (0: every layer ran)
                   exit_counts=dict(engine.runner.exit_counts) if early_exit is not None else None,

@@ -121,6 +121,17 @@ def test_run_eval_on_a_tiny_random_model(tiny_ckpt):
     assert "[no_tools] all" in table and "arithmetic" in table and "level 1" in table
 
 
+def test_engine_and_generator_decode_alike(tiny_ckpt):
+    """Plain greedy decoding through the engine's raw requests equals the offline generator's,
+    turn for turn (tool rounds included)."""
+    by = {d: ev.run_eval(str(tiny_ckpt), "stem", n=3, seed=1, max_new_tokens=12, batch_size=4,
+                         decoder=d, out=None) for d in ("engine", "generator")}
+    assert [r["generated_tokens"] for r in by["engine"]["rows"]] == \
+        [r["generated_tokens"] for r in by["generator"]["rows"]]
+    assert by["engine"]["results"] == by["generator"]["results"]
+    assert by["engine"]["decoding"] == "greedy, engine (raw)"
+
+
 def test_bad_arguments_are_user_errors(tiny_ckpt, tmp_path):
     with pytest.raises(KestrelError, match="suite"):
         ev.heldout_examples("poetry", 3)
@@ -130,6 +141,10 @@ def test_bad_arguments_are_user_errors(tiny_ckpt, tmp_path):
         ev.run_eval(str(tmp_path), "stem", n=1, out=None)
     with pytest.raises(KestrelError, match="--early-exit needs --constrained"):
         ev.run_eval(str(tiny_ckpt), "stem", n=1, early_exit=0.9, out=None)
+    with pytest.raises(KestrelError, match="--kv-cache-dtype needs the engine decoder"):
+        ev.run_eval(str(tiny_ckpt), "stem", n=1, kv_cache_dtype="int8", decoder="generator", out=None)
+    with pytest.raises(KestrelError, match="cannot use --decoder generator"):
+        ev.run_eval(str(tiny_ckpt), "stem", n=1, constrained=True, decoder="generator", out=None)
     with pytest.raises(KestrelError, match="no exit_layers"):
         ev.run_eval(str(tiny_ckpt), "stem", n=1, early_exit=0.9, constrained=True, out=None)
 
@@ -145,7 +160,7 @@ def test_engine_policy_constrains_every_call_to_the_offered_schemas(tok, tiny_ck
     # (A random model may ramble inside a string argument until max_new_tokens: such a turn ends
     # with an unfinished call, which is "length", not a call.)
     policy = ev.engine_policy(engine, max_new_tokens=300, effort="none", tool_choice="required")
-    result = ev.evaluate(tokenizer, policy, "tools", n=6, seed=3, max_rounds=1)
+    result = ev.evaluate(tokenizer, policy, "tools", n=12, seed=3, max_rounds=1)
     called = [r for r in result["rows"] if "calls_valid" in r and r["stop"] != "length"]
     assert len(called) >= 2, result["rows"]
     assert all(r["calls_valid"] for r in called), called

@@ -191,10 +191,10 @@ def test_a_tower_needs_a_decoder_that_feeds_it_images():
     from model.generate import Generator
 
     if "images" not in inspect.signature(Generator.generate).parameters:
-        with pytest.raises(KestrelError, match="--constrained"):
-            ev.check_takes_images(towered, "ck", constrained=False)
+        with pytest.raises(KestrelError, match="--decoder engine"):
+            ev.check_takes_images(towered, "ck", engine=False)
     if "images" in {f.name for f in dataclasses.fields(EngineRequest)}:
-        ev.check_takes_images(towered, "ck", constrained=True)  # the engine splices images itself
+        ev.check_takes_images(towered, "ck", engine=True)  # the engine splices images itself
     else:
         with pytest.raises(KestrelError, match="engine takes no images"):
-            ev.check_takes_images(towered, "ck", constrained=True)
+            ev.check_takes_images(towered, "ck", engine=True)
