@@ -34,7 +34,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import llguidance
-import llguidance.numpy as llnp
 import numpy as np
 
 from serve import events as ev
@@ -645,7 +644,7 @@ def fill_masks(machines: Sequence[ChannelMachine | None], out: np.ndarray) -> np
     if plans:
         if _EXECUTOR is None:
             _EXECUTOR = llguidance.LLExecutor()
-        llnp.fill_next_token_bitmask_par(_EXECUTOR, [(p.matcher, i) for i, _, p in plans], out)
+        plans[0][1].vocab.fill_masks(_EXECUTOR, [(p.matcher, i) for i, _, p in plans], out)
     for i, mach, plan in plans:
         mach._complete_mask(out[i], plan)
     for i, mach in enumerate(machines):

@@ -290,6 +290,9 @@ class ChannelVocab:
         self.eos_ids = tuple(sorted(set(eos_ids) | {self.tag_ids[IM_END]}))
         self.n_words = (self.vocab_size + 31) // 32
         n_tok = ll_tokenizer.vocab_size
+        # llguidance sizes its masks by the tokenizer's ids, which the model's embedding may pad
+        # (kestrel-nano: 8,604 pieces, 8,768 rows): its words are filled, the rest stay 0.
+        self.ll_words = (n_tok + 31) // 32
         self._bytes = [b""] * self.vocab_size
         special = np.zeros(self.vocab_size, bool)
         special[n_tok:] = True  # padding rows of the embedding are never sampled
@@ -375,7 +378,21 @@ class ChannelVocab:
 
     def fill_mask(self, matcher: llguidance.LLMatcher, out: np.ndarray) -> None:
         """Writes the matcher's next-token bitmask into ``out`` (int32[ceil(V/32)]) in place."""
-        llnp.fill_next_token_bitmask(matcher, out.reshape(1, -1))
+        out[self.ll_words:] = 0
+        llnp.fill_next_token_bitmask(matcher, out[:self.ll_words].reshape(1, -1))
+
+    def fill_masks(self, executor: llguidance.LLExecutor, rows: Sequence[tuple[llguidance.LLMatcher, int]],
+                   out: np.ndarray) -> None:
+        """Writes each ``(matcher, row)``'s bitmask into ``out[row]`` (int32[B, ceil(V/32)]), in
+        parallel on llguidance's threads."""
+        if self.ll_words == out.shape[1]:
+            llnp.fill_next_token_bitmask_par(executor, list(rows), out)
+            return
+        narrow = np.zeros((out.shape[0], self.ll_words), np.int32)
+        llnp.fill_next_token_bitmask_par(executor, list(rows), narrow)
+        for _, i in rows:
+            out[i, :self.ll_words] = narrow[i]
+            out[i, self.ll_words:] = 0
 
 
 class _EncodeAdapter:
