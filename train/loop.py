@@ -418,9 +418,11 @@ def _jitted(cfg, mesh, graphdef, tx, p_shard, o_shard, b_shard, t_shard, teacher
     # replicated (shard_batch places them so). jit traces each only when such a batch arrives.
     image_shardings = {**{k: b_shard for k in BATCH_KEYS}, "image_span_ids": b_shard,
                        "pixels": replicated, "image_count": replicated}
-    steps = {(images, every_logit): jit_step(full if every_logit else cut,
-                                             image_shardings if images else b_shard)
-             for images in (False, True) for every_logit in (False, True)}
+    steps = {}
+    for images in (False, True):
+        shardings = image_shardings if images else b_shard
+        steps[images, False] = jit_step(cut, shardings)
+        steps[images, True] = steps[images, False] if full is cut else jit_step(full, shardings)
     if len(_JIT_CACHE) >= 8:
         _JIT_CACHE.pop(next(iter(_JIT_CACHE)))
     _JIT_CACHE[key] = (init_params, init_opt, steps)
