@@ -5,16 +5,17 @@ The tower is sized for the issue's budget of 60 minutes on the shared 2-core CPU
 cut into 28 px patches (an 8 x 8 grid, 64 patches), 3 layers of width 192 (3 heads of 64, MLP
 768), pooled 2 x 2 by Gemma 3's projector to 16 soft tokens per image (1.85M tower and projector
 parameters beside the text model's 6.2M: 8.0M in all). Coarse patches keep the tower's cost per image small beside the
-language model's 4 x 1024 tokens; 16 soft tokens keep the image's share of the sequence small.
+language model's 2 x 1024 tokens per step; 16 soft tokens keep the image's share of the sequence small.
 The vision tasks (``image_text``, ``image_table``, ``image_chart``, ``image_triangle``) weigh 1
 each beside the text tasks of kestrel-nano (about a fifth of the examples); a batch carries at
 most ``data.max_images`` = 16 images (the step is compiled for that many; a batch with more stops
 the run with a clear error). Measured over 40 batches of this mix: 2.0 images per batch on
 average, 6 at most.
 The ``<image>``/``<|image_pad|>`` ids are those of Kestrel's sentencepiece tokenizers (12, 13).
-The steps stay kestrel-nano's 760 (its ~40 minutes plus the tower's share); the full run has not
-been timed yet: a 4-step smoke run (tokenizer of checkpoints/kestrel-nano) took 134 s on the
-shared 2-core CPU, compilation included, its loss falling 9.14 -> 8.14.
+The steps and batch stay kestrel-nano's (2,400 of 2 x 1,024 tokens since 2026-12-01, its ~40
+minutes plus the tower's share); the full run has not been timed yet: a 4-step smoke run of the
+earlier 4 x 1,024 batches (tokenizer of checkpoints/kestrel-nano) took 134 s on the shared 2-core
+CPU, compilation included, its loss falling 9.14 -> 8.14.
 
     python -m train.nano_tokenizer runs/nano/tokenizer --vocab-size 10240 --examples 20000
     kestrel train --config configs/nano_vision.py --workdir runs/nano_vision     # <= 60 min, 2-core CPU
