@@ -292,8 +292,8 @@ class _Printer:
             self.out.write(self._style(RED, f"[failed: {x.error.message}]"))
         self.out.flush()
 
-    def local_result(self, name: str, output: str) -> None:
-        self._enter(f"local{name}{output}", None)
+    def local_result(self, call_id: str, name: str, output: str) -> None:
+        self._enter(f"local{call_id}", None)  # one line per call, even for equal results
         self.out.write(self._style(CYAN, f"[local result] {name}: {output}"))
 
     def end(self, response=None) -> None:
@@ -356,7 +356,7 @@ def chat(args, out: TextIO | None = None):
                 outputs = []
                 for c in calls:
                     result = call_local(functions, c)
-                    printer.local_result(c.name, result)
+                    printer.local_result(c.call_id, c.name, result)
                     outputs.append(pb.InputItem(function_call_output=pb.FunctionCallOutput(
                         call_id=c.call_id, output=result)))
                 follow = pb.CreateRequest(model=args.model, input=outputs, tools=tools,

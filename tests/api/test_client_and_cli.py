@@ -119,3 +119,16 @@ def test_serve_arguments_and_checks(tmp_path):
     assert args.early_exit_threshold is None  # early exit is off by default
     with pytest.raises(KestrelError, match=r"--early-exit-threshold must be in \[0, 1\], got 1.5"):
         build_server(parser.parse_args([str(tmp_path), "--early-exit-threshold", "1.5"]))
+
+
+def test_equal_local_results_of_two_calls_print_on_their_own_lines():
+    import io
+
+    from serve.chat_cli import _Printer
+
+    out = io.StringIO()
+    printer = _Printer(out, color=False)
+    printer.local_result("call_1", "reserve_train_seat", '{"result": "TRA-1"}')
+    printer.local_result("call_2", "reserve_train_seat", '{"result": "TRA-1"}')
+    printer.end()
+    assert out.getvalue().splitlines() == ['[local result] reserve_train_seat: {"result": "TRA-1"}'] * 2
