@@ -57,7 +57,7 @@ def test_cached_decoding_equals_the_full_forward_and_the_copy_layer_matters():
     plain = init_model(CFG.replace(embedding_value_layers=()), 0)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     del params["blocks"][1]["attn"]["value_norm"]
-    nnx.update(plain, nnx.State(params) if hasattr(nnx, "State") else params)
+    nnx.update(plain, nnx.State(params))
     other = Generator(plain).generate(prompts, GenerationConfig(max_new_tokens=9))
     assert [r.token_ids for r in other] != [r.token_ids for r in results]
 
