@@ -13,8 +13,11 @@ Tokens are grouped by
   pattern token shift makes one-head; see ``model/token_shift.py``); ``start`` is the rest,
   where the model must first choose *where* to copy from.
 
-Also per task: token accuracy and the share of examples whose every trainable token is right
-(a lower bound on what greedy decoding can get fully right).
+Also per task: token accuracy, the share of examples whose every trainable token is right (a
+lower bound on what greedy decoding can get fully right), and the share of tool calls (the
+tokens from ``<tool_call>`` through ``</tool_call>``) whose every token is right: the teacher-forced
+form of function-calling exact match, comparable across tokenizers (token accuracy is not: a
+tokenizer with more easy tokens scores higher).
 
     python bench/teacher_forced.py CKPT [--n 110] [--json OUT]
 """
@@ -36,13 +39,19 @@ TASKS = ("arithmetic", "percentages", "word_problems", "linear_equations", "unit
 SEED_BASE = 10_000_000  # held-out seeds far from kestrel eval's (which count from 0)
 
 
-def kind_of(piece: str, target: int, earlier: list[int], prev: int) -> str:
-    """``number|text`` + ``new|induction|start`` for one target token (see the module text)."""
-    kind = "number" if NUMBER.match(piece) else "text"
-    if target not in earlier:
-        return f"{kind}_new"
-    follows = any(earlier[j] == prev and earlier[j + 1] == target for j in range(len(earlier) - 1))
-    return f"{kind}_{'induction' if follows else 'start'}"
+def kinds(pieces: list[str], ids: list[int]) -> list[str]:
+    """``number|text`` + ``new|induction|start`` of each token after the first (see the module text)."""
+    seen, pairs, out = {ids[0]}, set(), []
+    for t in range(1, len(ids)):
+        prev, target = ids[t - 1], ids[t]
+        kind = "number" if NUMBER.match(pieces[t]) else "text"
+        if target not in seen:
+            out.append(f"{kind}_new")
+        else:
+            out.append(f"{kind}_{'induction' if (prev, target) in pairs else 'start'}")
+        seen.add(target)
+        pairs.add((prev, target))
+    return out
 
 
 def measure(ckpt: str, n: int) -> dict:
@@ -66,6 +75,8 @@ def measure(ckpt: str, n: int) -> dict:
     right, total = collections.Counter(), collections.Counter()
     task_right, task_total = collections.Counter(), collections.Counter()
     whole, seen = collections.Counter(), collections.Counter()
+    calls_right, calls = collections.Counter(), collections.Counter()
+    call_open, call_close = tokenizer.token_to_id("<tool_call>"), tokenizer.token_to_id("</tool_call>")
     for i in range(n):
         task = TASKS[i % len(TASKS)]
         ex = generate(task, level=1 + (i // len(TASKS)) % 5, seed=SEED_BASE + i, split="heldout")
@@ -76,13 +87,22 @@ def measure(ckpt: str, n: int) -> dict:
         padded = np.zeros((1, width), np.int32)
         padded[0, :length] = ids[:-1]
         pred = np.asarray(argmax(jnp.asarray(padded)))[0, :length]
-        all_right = True
+        all_right, in_call, call_ok = True, False, True
+        token_kinds = kinds([tokenizer.decode([t]) for t in ids], ids)
         for t in range(length):
             if not enc.trainable[t + 1]:
                 continue
             target = ids[t + 1]
-            kind = kind_of(tokenizer.decode([target]), target, ids[:t + 1], ids[t])
+            kind = token_kinds[t]
             ok = bool(pred[t] == target)
+            if target == call_open:
+                in_call, call_ok = True, True
+            if in_call:
+                call_ok &= ok
+                if target == call_close:
+                    calls_right[task] += call_ok
+                    calls[task] += 1
+                    in_call = False
             right[kind] += ok
             total[kind] += 1
             task_right[task] += ok
@@ -95,7 +115,8 @@ def measure(ckpt: str, n: int) -> dict:
         "accuracy_by_kind": {k: {"right": right[k], "tokens": total[k], "accuracy": right[k] / total[k]}
                              for k in sorted(total)},
         "by_task": {t: {"token_accuracy": task_right[t] / task_total[t],
-                        "examples_all_right": whole[t] / seen[t], "examples": seen[t]}
+                        "examples_all_right": whole[t] / seen[t], "examples": seen[t],
+                        **({"calls_all_right": calls_right[t] / calls[t], "calls": calls[t]} if calls[t] else {})}
                     for t in TASKS if seen[t]},
     }
 
@@ -110,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     for kind, row in result["accuracy_by_kind"].items():
         print(f"{kind:16s} {row['accuracy']:6.1%} of {row['tokens']:,} tokens")
     for task, row in result["by_task"].items():
-        print(f"{task:16s} tokens {row['token_accuracy']:6.1%}   examples all right {row['examples_all_right']:6.1%}")
+        calls = f"   calls all right {row['calls_all_right']:6.1%} of {row['calls']}" if "calls" in row else ""
+        print(f"{task:16s} tokens {row['token_accuracy']:6.1%}   examples all right "
+              f"{row['examples_all_right']:6.1%}{calls}")
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -3,19 +3,20 @@ bundled kestrel-nano scores every kind it meets with counts that add up."""
 
 from pathlib import Path
 
-from bench.teacher_forced import TASKS, kind_of, measure
+from bench.teacher_forced import TASKS, kinds, measure
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_token_kinds():
-    earlier = [5, 7, 9, 7, 11]
-    assert kind_of(" 12", 12, earlier, 9) == "number_new"
-    assert kind_of("345", 7, earlier, 5) == "number_induction"  # 5 was followed by 7 before
-    assert kind_of("$3.5", 7, earlier, 11) == "number_start"  # 7 occurred, never after 11
-    assert kind_of(" the", 9, earlier, 7) == "text_induction"
-    assert kind_of(" the", 11, earlier, 5) == "text_start"
-    assert kind_of("x", 40, earlier, 5) == "text_new"
+    ids = [5, 7, 9, 7, 11, 12, 5, 7, 11, 7, 9, 11, 40]
+    pieces = ["a", "345", " the", "345", " of", " 12", "a", "345", "$3.5", "345", " the", " of", "x"]
+    assert kinds(pieces, ids) == [
+        "number_new", "text_new", "number_start", "text_new", "number_new",  # 7 9 7 11 12
+        "text_start", "number_induction",  # 5 (seen, never after 12); 7 (5 was followed by 7)
+        "number_induction", "number_start",  # 7 was followed by 11 before; 7 never after 11
+        "text_induction", "text_start", "text_new",  # 9 after 7 before; 11 never after 9
+    ]
 
 
 def test_bundled_model_is_scored():
@@ -26,3 +27,7 @@ def test_bundled_model_is_scored():
     assert all(0 <= row["right"] <= row["tokens"] and row["tokens"] > 0 for row in kinds.values())
     assert set(result["by_task"]) == set(TASKS)
     assert all(0 <= row["token_accuracy"] <= 1 for row in result["by_task"].values())
+    calls = {t: row["calls"] for t, row in result["by_task"].items() if "calls" in row}
+    assert {"fc_single", "fc_parallel"} <= set(calls) and "fc_none" not in calls  # STEM calls its tools too
+    assert all(n >= 1 for n in calls.values())
+    assert all(0 <= result["by_task"][t]["calls_all_right"] <= 1 for t in calls)
