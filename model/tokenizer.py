@@ -240,7 +240,7 @@ class Tokenizer:
     @classmethod
     def train_sentencepiece(
         cls, lines: Iterable[str], vocab_size: int, path: str | os.PathLike | None = None, *,
-        number_chunks: bool = False,
+        number_chunks: bool = False, separate_spaces: bool = False,
     ) -> Tokenizer:
         """Trains Kestrel's own tokenizer (BPE, byte fallback, chat tokens as symbols, ChatML template).
 
@@ -250,8 +250,10 @@ class Tokenizer:
           path: a folder to save the result in, or None.
           number_chunks: numbers as three-digit chunks instead of single digits (see
             ``train_sentencepiece_proto``).
+          separate_spaces: every space its own token (see ``train_sentencepiece_proto``).
         """
-        backend = SentencePieceBackend(train_sentencepiece_proto(lines, vocab_size, number_chunks=number_chunks))
+        backend = SentencePieceBackend(train_sentencepiece_proto(lines, vocab_size, number_chunks=number_chunks,
+                                                                 separate_spaces=separate_spaces))
         tok = cls(backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
                   add_bos_token=False, stop_tokens=["<|im_end|>"], chat_template=KESTREL_TEMPLATE,
                   source="trained sentencepiece")

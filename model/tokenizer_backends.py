@@ -226,7 +226,8 @@ class SentencePieceBackend:
 NUMBER_CHUNKS = tuple(f"{n:0{w}d}" for w in (1, 2, 3) for n in range(10 ** w))
 
 
-def train_sentencepiece_proto(lines, vocab_size: int, *, number_chunks: bool = False) -> bytes:
+def train_sentencepiece_proto(lines, vocab_size: int, *, number_chunks: bool = False,
+                              separate_spaces: bool = False) -> bytes:
     """Trains Kestrel's own tokenizer: BPE with byte fallback and the chat tokens as symbols.
 
     Identity normalization and no whitespace folding or dummy prefix, so that decode(encode(text))
@@ -237,6 +238,10 @@ def train_sentencepiece_proto(lines, vocab_size: int, *, number_chunks: bool = F
       vocab_size: the target vocabulary size (an upper bound for a small corpus).
       number_chunks: numbers become three-digit chunks (`NUMBER_CHUNKS` as symbols, matched
         longest first from the left) instead of single digits.
+      separate_spaces: every space is its own token (``"▁"`` as a symbol), so a word is cut into
+        the same pieces after a space as inside an identifier or a JSON string (``" contact"`` ->
+        ``"▁" "contact"``, ``'"contact"'`` -> ``'"' "contact" '"'``): copying a word from prose into
+        a call is then copying tokens, not re-spelling them (~40% more tokens on chat text).
 
     Returns:
       The serialized sentencepiece ``ModelProto``.
@@ -254,7 +259,8 @@ def train_sentencepiece_proto(lines, vocab_size: int, *, number_chunks: bool = F
         hard_vocab_limit=False,
         byte_fallback=True,
         character_coverage=1.0,
-        user_defined_symbols=list(CHAT_SPECIAL_TOKENS) + (list(NUMBER_CHUNKS) if number_chunks else []),
+        user_defined_symbols=(list(CHAT_SPECIAL_TOKENS) + (list(NUMBER_CHUNKS) if number_chunks else [])
+                              + (["\u2581"] if separate_spaces else [])),
         unk_id=0,
         bos_id=1,
         eos_id=2,

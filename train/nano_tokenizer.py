@@ -7,7 +7,9 @@ level, so the vocabulary covers exactly the text the model trains on. The tokeni
 numbers cut into three-digit chunks (``"5285656" -> "528" "565" "6"``, the same wherever the
 number appears: a tiny model learns to copy a few distinctive tokens far sooner than a run of
 single digits, each of which occurs everywhere), and DESIGN.md's chat tokens (``<|im_start|>``, ``<think>``, ``<tool_call>``, ...)
-as single ids, plus the ChatML/Qwen3 chat template.
+as single ids, plus the ChatML/Qwen3 chat template. ``--separate-spaces`` makes every space its
+own token, so a word is the same pieces in a sentence, an identifier and a JSON string (copied,
+not re-spelled, into a call; ~37% more tokens; README's kestrel-nano section has what it did).
 
     python -m train.nano_tokenizer checkpoints/kestrel-nano-tokenizer --vocab-size 32768
 """
@@ -46,7 +48,8 @@ def corpus(n: int, seed: int = 0, *, tools_fraction: float = 0.8) -> Iterator[st
 
 
 def train_nano_tokenizer(out_dir: str | os.PathLike | None = None, *, vocab_size: int = 32768,
-                         n_examples: int = 20_000, seed: int = 0, number_chunks: bool = True) -> Tokenizer:
+                         n_examples: int = 20_000, seed: int = 0, number_chunks: bool = True,
+                         separate_spaces: bool = False) -> Tokenizer:
     """Trains the tokenizer and optionally saves it (``tokenizer.model`` + ``tokenizer_config.json``).
 
     Args:
@@ -56,12 +59,14 @@ def train_nano_tokenizer(out_dir: str | os.PathLike | None = None, *, vocab_size
       n_examples: conversations in the corpus.
       seed: the corpus seed.
       number_chunks: numbers as three-digit chunks (False: single digits).
+      separate_spaces: every space its own token, so words are cut alike in prose and in
+        identifiers (False: sentencepiece's usual ``"▁word"`` pieces).
 
     Returns:
       The trained `Tokenizer`; its ``vocab_size`` is what the model's embedding needs at least.
     """
     return Tokenizer.train_sentencepiece(corpus(n_examples, seed), vocab_size, out_dir,
-                                         number_chunks=number_chunks)
+                                         number_chunks=number_chunks, separate_spaces=separate_spaces)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -72,9 +77,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--number-chunks", action=argparse.BooleanOptionalAction, default=True,
                         help="numbers as three-digit chunks (--no-number-chunks: single digits)")
+    parser.add_argument("--separate-spaces", action=argparse.BooleanOptionalAction, default=False,
+                        help="every space its own token, so a word is the same pieces in prose and identifiers")
     args = parser.parse_args(argv)
     tok = train_nano_tokenizer(args.out, vocab_size=args.vocab_size, n_examples=args.examples, seed=args.seed,
-                               number_chunks=args.number_chunks)
+                               number_chunks=args.number_chunks, separate_spaces=args.separate_spaces)
     print(f"wrote {args.out}: {tok.vocab_size} ids")
 
 

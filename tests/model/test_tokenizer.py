@@ -448,3 +448,21 @@ def test_bad_ids_and_text_are_rejected(kestrel_tok):
         kestrel_tok.encode(b"bytes")
     with pytest.raises(ValueError, match="vocab_size"):
         Tokenizer.train_sentencepiece(["abc"], 100)
+
+
+def test_separate_spaces_cut_a_word_alike_in_prose_identifiers_and_json():
+    lines = ['Please check the contact with contact Ingrid.', '{"name": "check_contact", "arguments": {"contact": "Ingrid"}}',
+             'check the contact -> check_contact with contact = Ingrid'] * 40
+    tok = Tokenizer.train_sentencepiece(lines, 400, separate_spaces=True)
+    word = tok.encode("contact")
+    space = tok.token_to_id("\u2581")
+    assert tok.encode(" contact") == [space] + word
+    assert tok.encode('"contact"')[1:-1] == word
+    ids = tok.encode("check_contact")
+    assert ids[-len(word):] == word and ids[:len(tok.encode("check"))] == tok.encode("check")
+    text = 'a  b\n c {"x": "y z"}'
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.encode("a  b").count(space) == 2
+    # Without the option a word after a space is other pieces ("▁contact").
+    plain = Tokenizer.train_sentencepiece(lines, 400)
+    assert plain.encode(" contact")[-len(plain.encode("contact")):] != plain.encode("contact")
