@@ -9,7 +9,7 @@ import pytest
 from train.synthetic import (
     BUILTIN_TOOLS, SUITES, Example, check_answer, check_tool_calls, generate, mixture, parse_tool_calls,
     render_kestrel)
-from train.synthetic.function_pool import OBJECTS, PARAMS, VERBS
+from train.synthetic.function_pool import OBJECTS, PARAMS, VERBS, invented_word
 
 ALL = {1: 1, 2: 1, 3: 1, 4: 1, 5: 1}
 
@@ -146,6 +146,21 @@ def test_train_and_heldout_function_pools_are_disjoint():
     (train_fns, train_params), (held_fns, held_params) = names("train"), names("heldout")
     assert len(train_fns) > 50 and len(held_fns) > 50
     assert not train_fns & held_fns and not train_params & held_params
+    # Half the train words are invented per function (copy, don't memorise); held-out uses its lists.
+    listed = {f"{v}_{o}" for v in VERBS["train"] for o in OBJECTS["train"]}
+    assert 0.4 < len(train_fns - listed) / len(train_fns) < 0.95
+    assert held_fns <= {f"{v}_{o}" for v in VERBS["heldout"] for o in OBJECTS["heldout"]}
+    assert train_params - {p[0] for p in PARAMS["train"]} and held_params <= {p[0] for p in PARAMS["heldout"]}
+
+
+def test_invented_words_are_pronounceable_and_never_held_out():
+    import random
+
+    rng = random.Random(0)
+    words = [invented_word(rng) for _ in range(3000)]
+    held = {w for pool in (VERBS["heldout"], OBJECTS["heldout"]) for name in pool for w in name.split("_")}
+    assert not set(words) & held and len(set(words)) > 2500
+    assert all(w.isalpha() and w.islower() and 3 <= len(w) <= 24 for w in words)
 
 
 @pytest.mark.parametrize("task", SUITES["tools"])

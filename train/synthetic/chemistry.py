@@ -48,7 +48,9 @@ def molar_mass_expr(formula: str) -> str:
 
 
 def _masses_given(formulas) -> list[str]:
-    els = sorted({el for f in formulas for el, _ in parse_formula(f)}, key=list(ATOMIC_MASS).index)
+    """The atomic masses the formulas need, in the order the formulas name the elements (the order
+    the molar-mass expressions use them in, so the reasoning reads them off in turn)."""
+    els = list(dict.fromkeys(el for f in formulas for el, _ in parse_formula(f)))
     return [f"{el} = {ATOMIC_MASS[el]} g/mol" for el in els]
 
 

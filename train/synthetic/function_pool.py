@@ -5,6 +5,11 @@ from disjoint vocabularies (verbs, objects, parameter names and string values), 
 evaluation calls functions whose names and schemas never appeared in training. Requests name the
 verb, the object and every argument in words, so the call can be copied from the request: this is
 what a tiny model can learn, and what transfers to unseen schemas.
+
+A fixed train vocabulary is memorised, not copied: a model that has seen only a dozen verbs writes
+one of them for an unseen one. So half of the train split's words (verbs, objects, parameter
+names, enum and string values) are invented afresh for each function (`invented_word`:
+pronounceable, never a held-out word); the only way to get those right is to copy them.
 """
 
 import dataclasses
@@ -37,6 +42,34 @@ _NOTES = {
     "train": ("window seat", "ring twice", "no onions", "after lunch", "call first", "gift wrap"),
     "heldout": ("aisle seat", "leave at door", "extra spicy", "before noon", "text first", "fragile"),
 }
+
+
+# The share of train-split words invented afresh instead of drawn from the lists above.
+INVENTED_RATE = 0.5
+# English-like syllables (onset, vowel, coda), broad enough that the tokenizer's pieces for
+# unseen real words ("re" "gist" "er", "Ber" "lin") occur in training as pieces of invented ones.
+_ONSETS = ("", "", "b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "qu", "r", "s", "t", "v", "w",
+           "y", "z", "br", "cr", "dr", "fr", "gr", "pr", "tr", "bl", "cl", "fl", "gl", "pl", "sl", "sc", "sk",
+           "sm", "sn", "sp", "st", "sw", "ch", "sh", "th", "wh")
+_VOWELS = ("a", "e", "i", "o", "u", "a", "e", "i", "o", "y", "ai", "au", "ea", "ee", "ie", "oa", "oo", "ou")
+_CODAS = ("", "", "", "", "b", "c", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "x", "ng", "nd",
+          "nt", "st", "rt", "ck", "ll", "ss", "sh", "ch", "th")
+_HELDOUT_WORDS = frozenset(
+    w for pool in (VERBS["heldout"], OBJECTS["heldout"]) for name in pool for w in name.split("_")
+) | frozenset(w.lower() for pool in (_CITIES, _PEOPLE, _NOTES) for v in pool["heldout"] for w in v.split())
+
+
+def invented_word(rng: random.Random) -> str:
+    """A pronounceable made-up lowercase word of 1 to 3 syllables (``"droskel"``), never a held-out word."""
+    while True:
+        word = "".join(pick(rng, _ONSETS) + pick(rng, _VOWELS) + pick(rng, _CODAS)
+                       for _ in range(pick(rng, (1, 2, 2, 2, 3, 3))))
+        if len(word) >= 3 and word not in _HELDOUT_WORDS:
+            return word
+
+
+def _invented_name(rng: random.Random) -> str:
+    return invented_word(rng).capitalize()
 
 
 def _ticker(rng: random.Random) -> str:
@@ -120,13 +153,45 @@ class Function:
                            "additionalProperties": False}}}
 
 
+def _invented(rng: random.Random, split: str) -> bool:
+    return split == "train" and rng.random() < INVENTED_RATE
+
+
+def _invented_param(rng: random.Random, taken: set[str]) -> Param:
+    """A parameter with an invented name (one or two words) and a random kind."""
+    while True:
+        name = "_".join(invented_word(rng) for _ in range(rng.choice((1, 1, 2))))
+        if name not in taken:
+            break
+    kind = pick(rng, ("string", "string", "enum", "integer", "number", "boolean"))
+    if kind == "string":
+        return Param(name, kind, _invented_name)
+    if kind == "enum":
+        values = []
+        while len(values) < rng.randint(2, 4):
+            if (v := invented_word(rng)) not in values:
+                values.append(v)
+        return Param(name, kind, tuple(values))
+    if kind == "integer":
+        lo = rng.randint(0, 10)
+        return Param(name, kind, (lo, lo + rng.randint(5, 50)))
+    if kind == "number":
+        return Param(name, kind, (10, 900))
+    return Param(name, kind, None)
+
+
 def random_function(rng: random.Random, split: str, n_params: int, *, avoid: set[str] = frozenset()) -> Function:
     """A function whose name is not in `avoid`, with `n_params` parameters (the first required)."""
     while True:
-        verb, obj = pick(rng, VERBS[split]), pick(rng, OBJECTS[split])
+        verb = invented_word(rng) if _invented(rng, split) else pick(rng, VERBS[split])
+        obj = invented_word(rng) if _invented(rng, split) else pick(rng, OBJECTS[split])
         if f"{verb}_{obj}" not in avoid:
             break
-    params = tuple(Param(*p) for p in rng.sample(PARAMS[split], n_params))
+    params = [Param(*p) for p in rng.sample(PARAMS[split], n_params)]
+    for i in range(n_params):
+        if _invented(rng, split):
+            params[i] = _invented_param(rng, {q.name for q in params})
+    params = tuple(params)
     n_req = rng.randint(1, n_params)
     return Function(verb, obj, params, tuple(p.name for p in params[:n_req]))
 
@@ -145,6 +210,8 @@ def random_value(rng: random.Random, p: Param, split: str) -> Any:
         return int(x) if places == 0 else x
     if callable(p.source):
         return p.source(rng)
+    if split == "train" and rng.random() < INVENTED_RATE:  # a name never seen before, to be copied
+        return " ".join(invented_word(rng) for _ in range(2)) if p.source == "notes" else _invented_name(rng)
     return pick(rng, {"cities": _CITIES, "people": _PEOPLE, "notes": _NOTES}[p.source][split])
 
 
