@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from decoding_checks import greedy, greedy_matching_forward
 from kestrel.errors import KestrelError
 from model import ModelConfig, init_model
 from model.convert.hf_config import hf_config_from_model
-from model.generate import GenerationConfig, Generator
 from model.kv_cache import KVCache
 from model.token_shift import NO_PREVIOUS, previous_tokens
 
@@ -51,19 +51,10 @@ def test_packed_segments_equal_separate_rows():
 
 def test_cached_decoding_equals_the_full_forward_and_the_shift_matters():
     model = sharp_model()
-    prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [7, 8], [30, 31, 32, 33]]
-    results = Generator(model).generate(prompts, GenerationConfig(max_new_tokens=9))
-    forward = nnx.jit(lambda m, tokens: m(tokens)[0])
-    for prompt, result in zip(prompts, results):
-        # One causal forward pass over prompt + output scores every generated position: greedy
-        # decoding was right iff each output token is the argmax after the tokens before it.
-        seq = list(prompt) + result.token_ids
-        logits = forward(model, jnp.array([seq]))[0]
-        assert jnp.argmax(logits[len(prompt) - 1:-1], -1).tolist() == result.token_ids
+    outputs = greedy_matching_forward(model)
     # Without the previous token the same weights continue otherwise.
     nnx.update(model.token_shift, jax.tree.map(jnp.zeros_like, nnx.state(model.token_shift, nnx.Param)))
-    plain = Generator(model).generate(prompts, GenerationConfig(max_new_tokens=9))
-    assert [r.token_ids for r in plain] != [r.token_ids for r in results]
+    assert greedy(model) != outputs
 
 
 def test_a_cache_needs_prev_tokens():
