@@ -10,7 +10,9 @@ Both live in the checkpoint's ``effort.json`` (written by ``train/effort_calibra
 ``auto`` is a linear probe on the prompt's last hidden state (the final norm's output at the last
 prompt token, which the engine's prefill computes anyway): it predicts ``log(1 + reasoning
 tokens)`` that the model spends on that turn at high effort, and the budget is that prediction
-times ``margin`` plus ``slack``, clipped to ``[min_budget, max_budget]``. A tool round is a new
+times ``margin`` plus ``slack``, clipped to ``[min_budget, max_budget]``. A turn cut short usually
+loses its answer, so calibration sets ``margin`` to cover the need of 95% of turns, measured out
+of fold (``train.effort_calibration.coverage_margin``). A tool round is a new
 engine request, so every round gets its own prediction from its own prompt.
 """
 

@@ -101,6 +101,30 @@ def play(model, tokenizer, effort_model: EffortModel, effort: str, suites: dict[
     return out
 
 
+SLACK = 8  # tokens added to every auto budget
+
+
+def coverage_margin(hidden: np.ndarray, spent: np.ndarray, *, cover: float = 0.95, folds: int = 5) -> float:
+    """The factor on the probe's prediction that covers the need of a share `cover` of turns.
+
+    A turn whose reasoning is cut short usually loses its answer, so ``auto`` must budget above the
+    predicted need, not at it. The ratio need / prediction is measured out of fold (each turn
+    predicted by a probe fitted without it) and its `cover` quantile taken, at least 1.
+    """
+    n = len(spent)
+    if n < 2 * folds:
+        return 1.5
+    order = np.random.default_rng(1).permutation(n)
+    ratios = np.empty(n)
+    for k in range(folds):
+        held = order[k::folds]
+        fit = np.setdiff1d(order, held)
+        probe = fit_probe(hidden[fit], spent[fit])
+        pred = np.array([max(probe.predict_tokens(h), 1.0) for h in hidden[held]])
+        ratios[held] = np.maximum(spent[held] - SLACK, 0.0) / pred
+    return float(max(1.0, np.quantile(ratios, cover)))
+
+
 def calibrate(ckpt: str, *, n: int = 100, eval_n: int = 100, max_new_tokens: int = 512,
               out: str | None = None) -> dict:
     from model.checkpoint import load_checkpoint
@@ -131,18 +155,22 @@ def calibrate(ckpt: str, *, n: int = 100, eval_n: int = 100, max_new_tokens: int
     perm = np.random.default_rng(0).permutation(len(spent))
     cut = int(0.8 * len(perm))
     fit, test = perm[:cut], perm[cut:]
-    probe_kw = dict(margin=1.25, slack=8, min_budget=16, max_budget=budgets["high"])
+    # The margin comes from the fitting turns alone, so the held-back coverage is an honest check.
+    probe_kw = dict(margin=coverage_margin(hidden[fit], spent[fit]), slack=SLACK, min_budget=16,
+                    max_budget=budgets["high"])
     trial = fit_probe(hidden[fit], spent[fit], **probe_kw)
     pred = np.array([trial.predict_tokens(h) for h in hidden[test]])
     mae = float(np.mean(np.abs(pred - spent[test])))
     corr = float(np.corrcoef(pred, spent[test])[0, 1]) if len(test) > 2 and spent[test].std() > 0 else None
     covered = float(np.mean([trial.budget(h) >= s for h, s in zip(hidden[test], spent[test])]))
+    probe_kw["margin"] = coverage_margin(hidden, spent)
     probe = fit_probe(hidden, spent, **probe_kw)
     calibration = {"turns": len(spent), "problems": 2 * n, "seed": 1,
                    "reasoning_tokens_per_turn": {"mean": float(spent.mean()), "p50": float(np.percentile(spent, 50)),
                                                  "p90": float(np.percentile(spent, 90)), "max": float(spent.max())},
                    "probe_heldout": {"turns": len(test), "mae_tokens": mae, "correlation": corr,
-                                     "budget_covers_need": covered}}
+                                     "margin": trial.margin, "budget_covers_need": covered},
+                   "margin": probe.margin}
     model_effort = EffortModel(budgets, probe)
     path = model_effort.save(ckpt, calibration)
     print(f"wrote {path}: budgets {budgets}; probe on held-back turns: MAE {mae:.1f} tokens, "

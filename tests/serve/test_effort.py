@@ -67,3 +67,17 @@ def test_auto_budget_comes_from_the_probe_after_prefill():
     assert _run(engine, "high").reasoning_budget is None
     plain = make_engine(effort=EffortModel({"low": 5, "medium": 7, "high": 50}))
     assert _run(plain, "auto").reasoning_budget is None
+
+
+def test_coverage_margin_budgets_above_the_need_of_most_turns():
+    from train.effort_calibration import SLACK, coverage_margin
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 6))
+    need = np.exp(3.5 + x @ np.array([0.4, -0.3, 0.2, 0, 0, 0]) + rng.normal(0, 0.3, 400))  # noisy need
+    margin = coverage_margin(x[:300], need[:300], cover=0.9)
+    assert 1.2 < margin < 3  # above the prediction by about the noise's 90th percentile (e^(0.3 x 1.28))
+    probe = fit_probe(x[:300], need[:300], margin=margin, slack=SLACK, min_budget=1, max_budget=100_000)
+    covered = np.mean([probe.budget(h) >= s for h, s in zip(x[300:], need[300:])])
+    assert 0.8 <= covered <= 0.98  # on turns it never saw, about the share asked for
+    assert coverage_margin(x[:5], need[:5]) == 1.5  # too few turns to measure: a fixed margin
