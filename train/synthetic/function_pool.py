@@ -167,8 +167,8 @@ def _invented_param(rng: random.Random, taken: set[str]) -> Param:
     if kind == "string":
         return Param(name, kind, _invented_name)
     if kind == "enum":
-        values = []
-        while len(values) < rng.randint(2, 4):
+        values, n = [], rng.randint(2, 4)
+        while len(values) < n:
             if (v := invented_word(rng)) not in values:
                 values.append(v)
         return Param(name, kind, tuple(values))
@@ -210,7 +210,7 @@ def random_value(rng: random.Random, p: Param, split: str) -> Any:
         return int(x) if places == 0 else x
     if callable(p.source):
         return p.source(rng)
-    if split == "train" and rng.random() < INVENTED_RATE:  # a name never seen before, to be copied
+    if _invented(rng, split):  # a name never seen before, to be copied
         return " ".join(invented_word(rng) for _ in range(2)) if p.source == "notes" else _invented_name(rng)
     return pick(rng, {"cities": _CITIES, "people": _PEOPLE, "notes": _NOTES}[p.source][split])
 
