@@ -54,6 +54,24 @@ def kinds(pieces: list[str], ids: list[int]) -> list[str]:
     return out
 
 
+def calls_right(ids: list[int], trainable, pred, call_open: int, call_close: int) -> list[bool]:
+    """For each trainable tool call (``<tool_call>`` .. ``</tool_call>`` as targets), whether every
+    one of its tokens was predicted: ``pred[t]`` is the prediction for ``ids[t + 1]``."""
+    out, in_call, ok = [], False, True
+    for t in range(len(ids) - 1):
+        if not trainable[t + 1]:
+            continue
+        target = ids[t + 1]
+        if target == call_open:
+            in_call, ok = True, True
+        if in_call:
+            ok &= bool(pred[t] == target)
+            if target == call_close:
+                out.append(ok)
+                in_call = False
+    return out
+
+
 def measure(ckpt: str, n: int) -> dict:
     import jax
     import jax.numpy as jnp
@@ -75,7 +93,7 @@ def measure(ckpt: str, n: int) -> dict:
     right, total = collections.Counter(), collections.Counter()
     task_right, task_total = collections.Counter(), collections.Counter()
     whole, seen = collections.Counter(), collections.Counter()
-    calls_right, calls = collections.Counter(), collections.Counter()
+    calls_ok, calls = collections.Counter(), collections.Counter()
     call_open, call_close = tokenizer.token_to_id("<tool_call>"), tokenizer.token_to_id("</tool_call>")
     for i in range(n):
         task = TASKS[i % len(TASKS)]
@@ -87,7 +105,7 @@ def measure(ckpt: str, n: int) -> dict:
         padded = np.zeros((1, width), np.int32)
         padded[0, :length] = ids[:-1]
         pred = np.asarray(argmax(jnp.asarray(padded)))[0, :length]
-        all_right, in_call, call_ok = True, False, True
+        all_right = True
         token_kinds = kinds([tokenizer.decode([t]) for t in ids], ids)
         for t in range(length):
             if not enc.trainable[t + 1]:
@@ -95,20 +113,15 @@ def measure(ckpt: str, n: int) -> dict:
             target = ids[t + 1]
             kind = token_kinds[t]
             ok = bool(pred[t] == target)
-            if target == call_open:
-                in_call, call_ok = True, True
-            if in_call:
-                call_ok &= ok
-                if target == call_close:
-                    calls_right[task] += call_ok
-                    calls[task] += 1
-                    in_call = False
             right[kind] += ok
             total[kind] += 1
             task_right[task] += ok
             task_total[task] += 1
             all_right &= ok
         whole[task] += all_right
+        call_results = calls_right(ids, enc.trainable, pred, call_open, call_close)
+        calls_ok[task] += sum(call_results)
+        calls[task] += len(call_results)
         seen[task] += 1
     return {
         "checkpoint": ckpt, "examples": n,
@@ -116,7 +129,7 @@ def measure(ckpt: str, n: int) -> dict:
                              for k in sorted(total)},
         "by_task": {t: {"token_accuracy": task_right[t] / task_total[t],
                         "examples_all_right": whole[t] / seen[t], "examples": seen[t],
-                        **({"calls_all_right": calls_right[t] / calls[t], "calls": calls[t]} if calls[t] else {})}
+                        **({"calls_all_right": calls_ok[t] / calls[t], "calls": calls[t]} if calls[t] else {})}
                     for t in TASKS if seen[t]},
     }
 

@@ -3,7 +3,7 @@ bundled kestrel-nano scores every kind it meets with counts that add up."""
 
 from pathlib import Path
 
-from bench.teacher_forced import TASKS, kinds, measure
+from bench.teacher_forced import TASKS, calls_right, kinds, measure
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -17,6 +17,21 @@ def test_token_kinds():
         "number_induction", "number_start",  # 7 was followed by 11 before; 7 never after 11
         "text_induction", "text_start", "text_new",  # 9 after 7 before; 11 never after 9
     ]
+
+
+def test_a_call_counts_only_when_every_token_of_it_is_right():
+    o, c = 90, 91  # <tool_call>, </tool_call>
+    ids = [1, o, 5, 6, c, 2, o, 7, c, 3, o, 8]  # two whole calls, then one cut off
+    trainable = [False] + [True] * (len(ids) - 1)
+    exact = ids[1:]  # the prediction at t is ids[t + 1]
+    assert calls_right(ids, trainable, exact, o, c) == [True, True]
+    wrong = list(exact)
+    wrong[6] = 0  # the 7 inside the second call
+    assert calls_right(ids, trainable, wrong, o, c) == [True, False]
+    wrong[2] = 0  # and the 5 inside the first
+    assert calls_right(ids, trainable, wrong, o, c) == [False, False]
+    prompt_call = [False] * 6 + [True] * (len(ids) - 6)  # the first call is prompt text: not scored
+    assert calls_right(ids, prompt_call, exact, o, c) == [True]
 
 
 def test_bundled_model_is_scored():
