@@ -103,8 +103,12 @@ class ModelConfig:
         position's own token embedding (RMS-normed) instead of the residual stream: copy heads.
         Their queries and keys still read the contextual residual (where to copy from), their
         values carry only which token sits there (what to copy), so a head's output is the
-        attended token's identity, ready for the tied LM head (the pointer of pointer-generator
-        networks, as an ordinary cached attention layer). Kestrel's own models only.
+        attended token's identity, ready for the tied LM head (a copy head as an ordinary cached
+        attention layer; ``pointer_dim`` writes the copied token directly). Kestrel's own
+        models only.
+      pointer_dim: width of the pointer's queries and keys (``model/pointer.py``): the output
+        distribution mixed with a copy distribution over the context's tokens, through a learned
+        gate. 0 (default): no pointer. Kestrel's own models only.
       quantization: ``None`` (float weights), ``int8`` (int8 weights, float compute) or
         ``int8-w8a8`` (int8 weights and activations); see ``model/quantization.py``.
     """
@@ -140,6 +144,7 @@ class ModelConfig:
     exit_layers: tuple[int, ...] = ()
     token_shift: bool = False
     embedding_value_layers: tuple[int, ...] = ()
+    pointer_dim: int = 0
     quantization: str | None = None
 
     def __post_init__(self):
@@ -178,6 +183,9 @@ class ModelConfig:
             object.__setattr__(self, "vision", VisionConfig.from_dict(self.vision))
         self._increasing_layers("exit_layers", 1, self.num_layers - 1,
                                 "layer counts", " (an exit after the last layer is the model)")
+        if not isinstance(self.pointer_dim, int) or self.pointer_dim < 0:
+            raise ValueError(f"ModelConfig.pointer_dim must be an integer >= 0 (0: no pointer), "
+                             f"got {self.pointer_dim!r}")
         self._increasing_layers("embedding_value_layers", 0, self.num_layers - 1, "layer indices")
         if self.vision is not None and not isinstance(self.vision, VisionConfig):
             raise ValueError(f"ModelConfig.vision must be a VisionConfig or None, got {self.vision!r}")
@@ -208,7 +216,9 @@ class ModelConfig:
         layer = attn + 3 * d * f + norms
         vision = 0 if self.vision is None else self.vision.num_params + self.vision.hidden_size * d
         shift = (d * d if self.token_shift else 0) + d * len(self.embedding_value_layers)
-        return self.num_layers * layer + v * d * (1 if self.tie_embeddings else 2) + d + vision + shift
+        pointer = 2 * d * self.pointer_dim + d + 1 if self.pointer_dim else 0
+        return (self.num_layers * layer + v * d * (1 if self.tie_embeddings else 2) + d + vision
+                + shift + pointer)
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

@@ -20,21 +20,29 @@ from model.layers import DTYPES
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Keys and values per layer [B, S, K, H], slot positions [B, S] and fill counts [B]."""
+    """Keys and values per layer [B, S, K, H], slot positions [B, S] and fill counts [B]; with a
+    pointer (``ModelConfig.pointer_dim``), also each slot's pointer key [B, S, P] and token id
+    [B, S] (``model/pointer.py``)."""
 
     k: tuple[Float[Array, "B S K H"], ...]
     v: tuple[Float[Array, "B S K H"], ...]
     positions: Int[Array, "B S"]
     lengths: Int[Array, "B"]
+    pointer_keys: Float[Array, "B S P"] | None = None
+    token_ids: Int[Array, "B S"] | None = None
 
     @classmethod
     def create(cls, cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> "KVCache":
         shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
         dt = DTYPES[dtype or cfg.dtype]
         zeros = tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers))
+        pointer = {}
+        if cfg.pointer_dim:
+            pointer = dict(pointer_keys=jnp.zeros((batch, max_len, cfg.pointer_dim), jnp.float32),
+                           token_ids=jnp.full((batch, max_len), -1, jnp.int32))
         return cls(k=zeros, v=tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers)),
                    positions=jnp.full((batch, max_len), -1, jnp.int32),
-                   lengths=jnp.zeros((batch,), jnp.int32))
+                   lengths=jnp.zeros((batch,), jnp.int32), **pointer)
 
     @property
     def max_len(self) -> int:
@@ -44,8 +52,8 @@ class KVCache:
         """Slot indices the next t tokens of each row are written to."""
         return self.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
 
-    def write(self, slots: Int[Array, "B T"], values: Float[Array, "B S K H"],
-              new: Float[Array, "B T K H"]) -> Float[Array, "B S K H"]:
+    def write(self, slots: Int[Array, "B T"], values: Float[Array, "B S ..."],
+              new: Float[Array, "B T ..."]) -> Float[Array, "B S ..."]:
         rows = jnp.arange(new.shape[0])[:, None]
         return values.at[rows, slots].set(new.astype(values.dtype), mode="drop")
 

@@ -22,6 +22,11 @@ verification steps (T = 1 + drafts, each row's queries its last T positions, lef
 through the paged decode kernel, packed prefill chunks gather their pages into a dense view for the attention entry
 point (their queries sit at arbitrary, padded positions the paged kernel does not describe), or on
 a CPU kv-head-major into ``grouped_attention``.
+
+A model with a pointer (``model/pointer.py``) keeps one more entry after its layers' in ``k`` and
+``v``: each slot's pointer key ``[1, P, G, P_dim]`` (float32) and the token id there
+``[1, P, G, 1]`` (int32), in the pages of group 0 (the global group when there is one, see
+``serve/kv_pages.py``), so they follow the sequence's pages, prefix-cache hits included.
 """
 
 from __future__ import annotations
@@ -38,6 +43,11 @@ from model.kernels.grouped import grouped_attention, runs_grouped
 from model.kernels.paged import paged_attention
 from model.kv_int8 import create_int8_pages, gather_pages, is_int8_pages, write_int8_pages
 from model.layers import DTYPES
+from model.pointer import allowed_positions
+
+# The page group that holds a pointer's keys and token ids: group 0, the global layers' pages
+# when the model has any (a sliding-only model's pointer sees its window).
+POINTER_GROUP = 0
 
 
 @jax.tree_util.register_dataclass
@@ -46,7 +56,8 @@ class PagedKVCache:
     """Page arrays of every layer plus one step's page tables, slots and positions.
 
     Attributes:
-      k, v: per layer, [K, P_g, G, H] pages (P_g: pages of the layer's group).
+      k, v: per layer, [K, P_g, G, H] pages (P_g: pages of the layer's group); with a pointer,
+        then its keys (in ``k``) and token ids (in ``v``) as one more entry.
       page_tables: per group, [B, M] physical page of each logical page (-1: released).
       slots: per group, [B, T] flat slot ``page * G + offset`` of each new token (-1: padding).
       positions: [B, T] positions of the new tokens (-1: padding).
@@ -88,7 +99,7 @@ class PagedKVCache:
         otherwise a float dtype name, default the model's compute dtype.
 
         Returns:
-          (k tuple, v tuple), one entry per layer.
+          (k tuple, v tuple), one entry per layer, then the pointer's when the model has one.
         """
         if len(layer_groups) != cfg.num_layers:
             raise ValueError(f"layer_groups has {len(layer_groups)} entries for {cfg.num_layers} layers")
@@ -100,7 +111,11 @@ class PagedKVCache:
         else:
             raise ValueError(f"KV page dtype {dtype!r} is not supported; use int8 or one of "
                              f"{sorted(DTYPES)}")
-        return tuple(zeros(g) for g in layer_groups), tuple(zeros(g) for g in layer_groups)
+        k, v = tuple(zeros(g) for g in layer_groups), tuple(zeros(g) for g in layer_groups)
+        if cfg.pointer_dim:
+            k += (jnp.zeros((1, num_pages[POINTER_GROUP], page_size, cfg.pointer_dim), jnp.float32),)
+            v += (jnp.full((1, num_pages[POINTER_GROUP], page_size, 1), -1, jnp.int32),)
+        return k, v
 
     def attend(self, layer: int, q: Float[Array, "B T N H"], k: Float[Array, "B T K H"],
                v: Float[Array, "B T K H"], *, window: int | None, scale: float | None,
@@ -166,7 +181,7 @@ class PagedKVCache:
         Returns:
           (k pages, v pages) updated.
         """
-        g = self.layer_groups[layer]
+        g = self.layer_groups[layer] if layer < len(self.layer_groups) else POINTER_GROUP
         k_pages, v_pages = self.k[layer], self.v[layer]
         kh, p, page, h = k_pages.shape
         # Out-of-range slots are dropped by the scatter; -1 would wrap around to the last slot.
@@ -176,11 +191,47 @@ class PagedKVCache:
         def write(pages, new):  # new [B, T, K, H] -> pages [K, P, G, H]
             if is_int8_pages(pages):
                 return write_int8_pages(pages, slots, new.reshape(-1, kh, h))
-            flat = pages.reshape(kh, p * page, h)
-            new = new.astype(pages.dtype).reshape(-1, kh, h).transpose(1, 0, 2)  # [K, B*T, H]
-            return flat.at[:, slots].set(new, mode="drop").reshape(kh, p, page, h)
+            width = pages.shape[-1]  # a pointer's token ids: 1, beside its keys
+            flat = pages.reshape(kh, p * page, width)
+            new = new.astype(pages.dtype).reshape(-1, kh, width).transpose(1, 0, 2)  # [K, B*T, H]
+            return flat.at[:, slots].set(new, mode="drop").reshape(kh, p, page, width)
 
         return write(k_pages, k), write(v_pages, v)
+
+    def pointer_context(self, keys: Float[Array, "B T P"], token_ids: Int[Array, "B T"],
+                        query_index: Int[Array, "B K"] | None):
+        """Stores the new tokens' pointer keys and ids, then gathers each query's context.
+
+        Args:
+          keys, token_ids: of the step's new tokens, in its layout ([B, T], or [1, N] packed).
+          query_index: the queries, indices into that layout's rows ([B, K]), or None: all.
+
+        Returns:
+          ((pointer key pages, token id pages) updated, (keys [R, S, P], token ids [R, S],
+          allowed [R, Q, S])): one context per row of the step (R = B, Q queries each) or, packed,
+          one per query (R = queries, Q = 1); ``S`` spans the row's page table.
+        """
+        layer = len(self.k) - 1
+        key_pages, id_pages = self.store(layer, keys[:, :, None, :], token_ids[:, :, None, None])
+        table = jnp.maximum(self.page_tables[POINTER_GROUP], 0)  # [B, M]
+        offset = (jnp.zeros_like(self.lengths) if self.table_offsets is None
+                  else self.table_offsets[POINTER_GROUP])
+        lengths = self.lengths
+        if query_index is None:
+            query_index = jnp.broadcast_to(jnp.arange(keys.shape[1])[None, :], keys.shape[:2])
+        q_positions = jnp.take_along_axis(self.positions, query_index, axis=1)
+        if self.unpack is not None:  # packed: each query's own row of page tables
+            row = self.pack[query_index[0]] // self.unpack.shape[1]  # [Q]
+            table, offset, lengths = table[row], offset[row], lengths[row]
+            q_positions = q_positions.reshape(-1, 1)
+        _, _, page, dim = key_pages.shape
+        r, m = table.shape
+        context_keys = key_pages[0][table].reshape(r, m * page, dim)
+        context_ids = id_pages[0, :, :, 0][table].reshape(r, m * page)
+        s = jnp.arange(m * page, dtype=jnp.int32)[None, :]
+        kv_positions = jnp.where(s < (lengths - offset)[:, None], s + offset[:, None], -1)
+        allowed = allowed_positions(q_positions, kv_positions)
+        return (key_pages, id_pages), (context_keys, context_ids, allowed)
 
     def with_pages(self, k: tuple, v: tuple) -> "PagedKVCache":
         """The same step with the updated page arrays of every layer."""

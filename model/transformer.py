@@ -15,6 +15,7 @@ from model.config import ModelConfig, RopeScaling
 from model.kv_cache import KVCache
 from model.layers import DTYPES, Embedding, GatedMLP, RMSNorm, param
 from model.paged_cache import PagedKVCache
+from model.pointer import Pointer, allowed_positions
 from model.quantization import linear, quantize_params, read_weight
 from model.rope import inverse_frequencies, rope_tables
 from model.token_shift import TokenShift, previous_tokens
@@ -57,6 +58,7 @@ class Transformer(nnx.Module):
                                 for i, t in enumerate(cfg.layer_types)])
         self.final_norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, plus_one=cfg.norm_plus_one,
                                   param_dtype=cfg.param_dtype, rngs=rngs)
+        self.pointer = Pointer(cfg, rngs=rngs) if cfg.pointer_dim else None
         self.lm_head = None if cfg.tie_embeddings else param(
             rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg.param_dtype)
         self.vision = None if cfg.vision is None else VisionTower(
@@ -140,8 +142,9 @@ class Transformer(nnx.Module):
             used as ``images`` is.
           attn_impl: attention kernel implementation.
           return_hidden: also return the final hidden states [B, T, D].
-          logits_index: compute logits only at this index of each row ([B, 1, V] out), which
-            saves the [T, V] projection when only the next token matters (prefill).
+          logits_index: compute logits only at this index of each row ([B] -> [B, 1, V] out), or
+            at these indices ([B, K] -> [B, K, V]), which saves the [T, V] projection when only
+            some positions matter (prefill: the next token; training: the loss positions).
           return_exits: also return the exit heads' logits, a tuple of [B, T, V] (one per
             ``cfg.exit_layers``), for training them.
           exit_threshold: early-exit decoding (paged cache, T = 1): at each exit layer, if the
@@ -217,6 +220,9 @@ class Transformer(nnx.Module):
                 embeddings=token_embeddings if i in cfg.embedding_value_layers else None)
 
         if exit_threshold is not None:
+            if self.pointer is not None:
+                raise ValueError("early exit is not supported with a pointer (ModelConfig.pointer_dim): "
+                                 "the pointer's keys are read from the last layer's hidden states")
             if not paged or t != 1 or return_hidden or return_exits:
                 raise ValueError("exit_threshold is for decoding one token per row over a paged "
                                  "cache, without return_hidden / return_exits")
@@ -236,15 +242,18 @@ class Transformer(nnx.Module):
             if return_exits and i + 1 in cfg.exit_layers:
                 exit_logits.append(self.logits(self.final_norm(x)))
         hidden = self.final_norm(x)
-        if logits_index is None:
-            logits = self.logits(hidden)
-        else:
-            logits = self.logits(jnp.take_along_axis(hidden, logits_index[:, None, None], axis=1))
+        rows = None if logits_index is None else (
+            logits_index[:, None] if logits_index.ndim == 1 else logits_index)  # [B, K]
+        hidden_out = hidden if rows is None else jnp.take_along_axis(hidden, rows[..., None], axis=1)
+        logits = self.logits(hidden_out)
         new_cache = None
-        if paged:
-            new_cache = cache.with_pages(new_k, new_v)
+        if paged:  # a pointer's pages (after the layers') are updated by _point
+            new_cache = cache.with_pages(new_k + list(cache.k[len(new_k):]), new_v + list(cache.v[len(new_v):]))
         elif cache is not None:
             new_cache = dataclasses.replace(advanced, k=tuple(new_k), v=tuple(new_v))
+        if self.pointer is not None:
+            logits, new_cache = self._point(logits, hidden, hidden_out, rows, tokens, positions,
+                                            segment_ids, new_cache, None if paged or cache is None else slots)
         out = (logits, new_cache)
         if return_hidden:
             out += (hidden,)
@@ -288,6 +297,38 @@ class Transformer(nnx.Module):
 
         logits, rest, exit_layer = jax.lax.cond(confident, stop, go_on, x)
         return logits, tuple(kvs) + tuple(rest), exit_layer
+
+    def _copyable(self, tokens: Int[Array, "B T"]) -> Int[Array, "B T"]:
+        """The token ids the pointer may copy: image placeholders become -1 (never copied)."""
+        if self.config.vision is None:
+            return tokens
+        return jnp.where(tokens == self.config.vision.image_token_id, -1, tokens)
+
+    def _point(self, logits, hidden, hidden_out, rows, tokens, positions, segment_ids, cache, slots):
+        """Mixes the pointer's copy distribution into ``logits`` (at ``rows`` of the step, or every
+        position), over the context this pass sees: its own tokens, or the cache's once the new
+        tokens' pointer keys and ids are written into it (``slots``: a dense cache's).
+
+        Returns:
+          (log-probabilities shaped as ``logits``, the cache with the pointer's entries updated).
+        """
+        keys, ids = self.pointer.keys(hidden), self._copyable(tokens)
+        if isinstance(cache, PagedKVCache):
+            (key_pages, id_pages), (keys, ids, allowed) = cache.pointer_context(keys, ids, rows)
+            cache = cache.with_pages(cache.k[:-1] + (key_pages,), cache.v[:-1] + (id_pages,))
+            r = keys.shape[0]  # per-sequence contexts: the step's rows, or one per packed query
+            out = self.pointer.mix(logits.reshape(r, -1, logits.shape[-1]),
+                                   hidden_out.reshape(r, -1, hidden_out.shape[-1]), keys, ids, allowed)
+            return out.reshape(logits.shape), cache
+        pick = (lambda a: a) if rows is None else (lambda a: jnp.take_along_axis(a, rows, axis=1))  # noqa: E731
+        if cache is None:
+            allowed = allowed_positions(pick(positions), positions, None if segment_ids is None else
+                                        pick(segment_ids), segment_ids)
+            return self.pointer.mix(logits, hidden_out, keys, ids, allowed), None
+        cache = dataclasses.replace(cache, pointer_keys=cache.write(slots, cache.pointer_keys, keys),
+                                    token_ids=cache.write(slots, cache.token_ids, ids))
+        allowed = allowed_positions(pick(positions), cache.positions)
+        return self.pointer.mix(logits, hidden_out, cache.pointer_keys, cache.token_ids, allowed), cache
 
     def logits(self, hidden: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
         """Output logits in float32, soft-capped when the config says so."""

@@ -51,7 +51,8 @@ class GroupPlan:
     """The KV cache of one page group (all layers of one attention span).
 
     Attributes:
-      kind: ``global`` or ``sliding``.
+      kind: ``global`` or ``sliding``, or ``pointer`` (a pointer's keys and token ids, kept in
+        the first group's pages, ``model/pointer.py``).
       num_layers: layers in the group.
       window: W of a sliding group, else None.
       bytes_per_token_per_layer: ``2 K H`` x the cache dtype's size.
@@ -224,6 +225,12 @@ def plan_memory(cfg: ModelConfig, *, context: int, batch: int = 1, max_output: i
         pages = pages_held(stored, window, chunk, G)
         groups.append(GroupPlan(kind, layers, window, per_token, pages, pages * batch,
                                 pages * batch * G * per_token * layers))
+
+    if cfg.pointer_dim:  # its keys (float32) and token ids (int32), in the first group's pages
+        first = groups[0]
+        per_token = cfg.pointer_dim * 4 + 4
+        groups.append(GroupPlan("pointer", 1, first.window, per_token, first.pages_per_sequence,
+                                first.num_pages, first.num_pages * G * per_token))
 
     def keys_seen(window: int | None, t: int) -> int:
         """Keys one row's gather spans: its table's width bucket, in tokens."""

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model.paged_cache import PagedKVCache
+from model.paged_cache import POINTER_GROUP, PagedKVCache
 from model.token_shift import NO_PREVIOUS
 from model.sampling import filter_logits
 from model.transformer import Transformer
@@ -198,12 +198,12 @@ def _step(graph, layer_groups, attn_impl, flags, state, k, v, tokens, tables, sl
         logits, cache = model(tokens, cache=cache, attn_impl=attn_impl, logits_index=logits_index,
                               prev_tokens=prev_tokens)
         logits = logits[:, 0]
-    else:  # logits of each sequence's last token only: [B, D] rows of the packed hidden states
-        _, cache, hidden = model(tokens, cache=cache, attn_impl=attn_impl, embeddings=embeddings,
-                                 prev_tokens=prev_tokens, logits_index=jnp.zeros((1,), jnp.int32),
-                                 return_hidden=True)
+    else:  # logits of each sequence's last token only: [B] indices into the packed row
+        logits, cache, hidden = model(tokens, cache=cache, attn_impl=attn_impl, embeddings=embeddings,
+                                      prev_tokens=prev_tokens, logits_index=logits_index[None],
+                                      return_hidden=True)
         last_hidden = hidden[0][logits_index]
-        logits = model.logits(last_hidden[None])[0]
+        logits = logits[0]
     out = sample_tokens(logits, sp, flags)
     if flags.hidden and last_hidden is not None:
         out = (*out, last_hidden.astype(jnp.float32))
@@ -319,6 +319,9 @@ class ModelRunner:
             if not cfg.exit_layers:
                 raise ValueError("early exit needs a model trained with exit heads; this model's "
                                  "config has no exit_layers")
+            if cfg.pointer_dim:
+                raise ValueError("early exit is not supported with a pointer (ModelConfig.pointer_dim): "
+                                 "the pointer reads the last layer's hidden states")
             if not 0.0 <= early_exit_threshold <= 1.0:
                 raise ValueError(f"early_exit_threshold must be in [0, 1], got {early_exit_threshold}")
         self.early_exit_threshold = early_exit_threshold
@@ -365,9 +368,10 @@ class ModelRunner:
         return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((self.k, self.v))))
 
     def kv_bytes_per_token(self) -> float:
-        """K/V bytes one cached token takes over all layers (page arrays / page slots)."""
+        """K/V bytes one cached token takes over all layers and a pointer (page arrays / page slots)."""
         total = 0.0
-        for layer, g in enumerate(self.layer_groups):
+        pointer = (POINTER_GROUP,) if len(self.k) > len(self.layer_groups) else ()
+        for layer, g in enumerate(self.layer_groups + pointer):
             layer_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((self.k[layer], self.v[layer])))
             total += layer_bytes / (self.num_pages[g] * self.page_size)
         return total

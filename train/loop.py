@@ -142,14 +142,13 @@ def make_train_step(graphdef, tx, cfg: RunConfig, teacher_graphdef=None):
             real = jnp.arange(soft.shape[0]) < batch["image_count"]
             images = dict(image_embeddings=jnp.where(real[:, None, None], soft, 0),
                           span_ids=batch["image_span_ids"])
+        # With ``at`` the model projects (and points) only at those positions.
         out = model(
             batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"],
-            attn_impl=cfg.attention, return_exits=exits, return_hidden=at is not None, **images)
-        if at is None:
-            return out[0] if not exits else (out[0], out[2])  # [B, T, V] float32 (, exit logits)
-        # The full logits go unused, so XLA drops their computation.
-        logits = model.logits(gather_rows(out[2], at))
-        return logits if not exits else (logits, tuple(gather_rows(e, at) for e in out[3]))
+            attn_impl=cfg.attention, return_exits=exits, logits_index=at, **images)
+        if not exits:
+            return out[0]  # [B, T or K, V] float32
+        return out[0], (out[2] if at is None else tuple(gather_rows(e, at) for e in out[2]))
 
     train_exits = bool(cfg.early_exit_weight and cfg.model.exit_layers)
 

@@ -242,6 +242,9 @@ def _check_exportable(cfg: ModelConfig, family: str) -> None:
     if cfg.embedding_value_layers:
         raise KestrelError(f"cannot export to {FAMILIES[family]}: embedding_value_layers (attention "
                            "values read from the token embeddings) has no transformers equivalent")
+    if cfg.pointer_dim:
+        raise KestrelError(f"cannot export to {FAMILIES[family]}: pointer_dim (a copy distribution "
+                           "over the context mixed into the output) has no transformers equivalent")
     if not gemma:
         for name in ("final_logit_softcap", "query_scale", "rope_local_theta"):
             if getattr(cfg, name) is not None:

@@ -8,7 +8,7 @@ import pytest
 from kestrel.cli import main
 from model.config import ModelConfig
 from serve.kv_pages import KVCacheManager
-from serve.memory_plan import GiB, max_batch, max_context, plan_memory, verdict
+from serve.memory_plan import GiB, describe, max_batch, max_context, plan_memory, verdict
 
 # Gemma 3's pattern, 5 sliding : 1 global, at a tiny width.
 CFG = ModelConfig(vocab_size=256, hidden_size=64, num_layers=6, num_heads=2, num_kv_heads=1, head_dim=32,
@@ -33,6 +33,16 @@ def test_kv_bytes_and_pages_follow_the_engine_page_arithmetic():
     half = plan_memory(CFG, context=200_000, batch=3, page_size=16, prefill_chunk=256,
                        kv_cache_dtype="bfloat16")
     assert half.kv_cache * 2 == plan.kv_cache
+
+
+def test_a_pointer_adds_its_keys_and_token_ids_in_the_first_groups_pages():
+    kw = dict(context=200_000, batch=3, page_size=16, prefill_chunk=256, budget=None)
+    plan = plan_memory(CFG.replace(pointer_dim=16), **kw)
+    glob, _, pointer = plan.groups
+    assert (pointer.kind, pointer.num_pages, pointer.window) == ("pointer", glob.num_pages, None)
+    assert pointer.bytes == glob.num_pages * 16 * (16 * 4 + 4)  # float32 keys, int32 token ids
+    assert plan.kv_cache == plan_memory(CFG, **kw).kv_cache + pointer.bytes
+    assert "KV cache, pointer" in describe(plan, CFG.replace(pointer_dim=16))
 
 
 def test_sliding_layers_memory_stays_flat_while_global_grows():

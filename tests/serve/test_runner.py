@@ -28,16 +28,19 @@ VOCAB = 360  # the engine tests' tokenizer size, so every test shares one set of
 
 @functools.lru_cache(maxsize=None)
 def tiny_model(vocab: int = VOCAB, sliding: bool = True, seed: int = 0, token_shift: bool = False,
-               copy_layers: tuple[int, ...] = ()):
+               copy_layers: tuple[int, ...] = (), pointer_dim: int = 0):
     """A 2-layer random model whose weights are sharp enough that greedy continuations depend on
-    the prompt and the cache (the 0.02 init would repeat one token and hide cache bugs)."""
+    the prompt and the cache (the 0.02 init would repeat one token and hide cache bugs); a
+    pointer's gate half open."""
     cfg = ModelConfig(vocab_size=vocab, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                       head_dim=8, intermediate_size=64, max_position_embeddings=1024,
                       token_shift=token_shift, embedding_value_layers=copy_layers,
-                      **(SLIDING if sliding else {}))
+                      pointer_dim=pointer_dim, **(SLIDING if sliding else {}))
     model = init_model(cfg, seed)
     params = nnx.state(model, nnx.Param)
     nnx.update(model, jax.tree.map(lambda x: x * 10 if x.ndim > 1 else x, params))
+    if pointer_dim:
+        model.pointer.gate_bias[...] = jnp.float32(0.0)
     return model
 
 
@@ -95,6 +98,43 @@ def test_token_shift_model_takes_each_chunk_and_decodes_previous_token(copy_laye
     squeezed, _ = drive(model, prompts, GREEDY, num_pages=24, chunk=5, budget=24)
     assert [r.output_token_ids for r in squeezed] == expected
     assert sched.kv.pool.num_free == sched.kv.pool.num_pages
+
+
+def test_pointer_model_serves_exactly_as_offline_generation(monkeypatch):
+    """A pointer model (``model/pointer.py``) reads its keys and token ids from the pages: with
+    chunked prefill, query tiles, batching and preemption its outputs equal offline generation
+    (which equals the full forward, tests/model/test_pointer.py), and differ with the gate closed."""
+    tiles = []
+    pay = runner_module.tiles_pay
+    monkeypatch.setattr(runner_module, "tiles_pay", lambda *a: tiles.append(pay(*a)) or tiles[-1])
+    model = tiny_model(token_shift=True, pointer_dim=8)
+    rng = np.random.default_rng(9)  # prompts that repeat tokens, for the pointer to copy
+    prompts = [[int(x) for x in rng.integers(1, 30, size=int(n))] for n in rng.integers(6, 40, size=10)]
+    expected = [g.token_ids for g in Generator(model).generate(prompts, GenerationConfig(max_new_tokens=12))]
+    reqs, sched = drive(model, prompts, GREEDY, chunk=5, budget=24)
+    assert [r.output_token_ids for r in reqs] == expected
+    tiled, _ = drive(model, prompts, GREEDY, prefill_tile=4)
+    assert any(tiles)
+    squeezed, small = drive(model, prompts, GREEDY, num_pages=30, prefill_tile=4)
+    assert small.num_preemptions > 0
+    assert [r.output_token_ids for r in tiled] == [r.output_token_ids for r in squeezed] == expected
+    assert sched.kv.pool.num_free == sched.kv.pool.num_pages
+    # One at a time, requests sharing a prefix take its pages (keys and ids) from the prefix cache.
+    shared = [prompts[0] + p for p in prompts[1:4]]
+    want = [g.token_ids for g in Generator(model).generate(shared, GenerationConfig(max_new_tokens=12))]
+    hits, _ = drive(model, shared, GREEDY, max_num_seqs=1)
+    assert [r.output_token_ids for r in hits] == want
+    assert all(r.num_cached_tokens >= len(prompts[0]) - 4 for r in hits[1:])
+    plain = [g.token_ids for g in Generator(_gate_closed(model)).generate(prompts, GenerationConfig(max_new_tokens=12))]
+    assert plain != expected
+    assert float(model.pointer.gate_bias[...]) == 0.0  # the cached model itself is unchanged
+
+
+def _gate_closed(model):
+    """A copy of a pointer model whose gate never opens."""
+    clone = nnx.clone(model)
+    clone.pointer.gate_bias[...] = jnp.float32(-60.0)
+    return clone
 
 
 @pytest.mark.parametrize("token_shift", [False, True])

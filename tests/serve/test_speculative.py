@@ -248,3 +248,14 @@ def test_sampled_requests_with_drafts_finish_and_count_usage():
     drafted, accepted = assert_usage_adds_up(engine, hs)
     assert drafted > 0 and accepted == drafted  # p == q: min(1, p/q) = 1, nothing is rejected
     assert all(len(h.output_token_ids) == 12 or h.finish_reason == "stop" for h in hs)
+
+
+def test_pointer_target_is_exact_under_speculation():
+    """A pointer model (``model/pointer.py``) verifies k drafts in one pass: each of a row's last
+    T positions copies from its pages up to itself, drafts included."""
+    model = tiny_model(token_shift=True, pointer_dim=8)
+    prompts = quoting_prompts(3)
+    _, plain = run(raw(prompts), model=model)
+    engine, spec = run(raw(prompts), model=model, speculative=ngram())
+    assert_same_streams(plain, spec)
+    assert assert_usage_adds_up(engine, spec)[1] > 0
