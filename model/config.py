@@ -186,6 +186,9 @@ class ModelConfig:
         if not isinstance(self.pointer_dim, int) or self.pointer_dim < 0:
             raise ValueError(f"ModelConfig.pointer_dim must be an integer >= 0 (0: no pointer), "
                              f"got {self.pointer_dim!r}")
+        if self.pointer_dim and "global" not in self.layer_types:
+            raise ValueError("ModelConfig.pointer_dim needs a global layer: the pointer copies from the "
+                             "whole context, cached in the global layers' pages")
         self._increasing_layers("embedding_value_layers", 0, self.num_layers - 1, "layer indices")
         if self.vision is not None and not isinstance(self.vision, VisionConfig):
             raise ValueError(f"ModelConfig.vision must be a VisionConfig or None, got {self.vision!r}")

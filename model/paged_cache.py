@@ -46,7 +46,7 @@ from model.layers import DTYPES
 from model.pointer import allowed_positions
 
 # The page group that holds a pointer's keys and token ids: group 0, the global layers' pages
-# when the model has any (a sliding-only model's pointer sees its window).
+# (a pointer model has some, ``ModelConfig``; ``serve/kv_pages.py`` puts them first).
 POINTER_GROUP = 0
 
 

@@ -96,6 +96,8 @@ def test_config_round_trips_counts_its_parameters_and_bad_widths_are_refused():
     for bad in (-1, 2.5):
         with pytest.raises(ValueError, match="pointer_dim"):
             CFG.replace(pointer_dim=bad)
+    with pytest.raises(ValueError, match="pointer_dim needs a global layer"):
+        CFG.replace(layer_types=("sliding", "sliding"), sliding_window=4)
 
 
 def test_export_and_early_exit_are_refused():
