@@ -207,8 +207,8 @@ class PagedKVCache:
           query_index: the queries, indices into that layout's rows ([B, K]), or None: all.
 
         Returns:
-          ((pointer key pages, token id pages) updated, (keys [R, S, P], token ids [R, S],
-          allowed [R, Q, S])): one context per row of the step (R = B, Q queries each) or, packed,
+          ((pointer key pages, token id pages) updated, (keys [R, S, P], the token after each
+          [R, S], allowed [R, Q, S])): one context per row of the step (R = B, Q queries each) or, packed,
           one per query (R = queries, Q = 1); ``S`` spans the row's page table.
         """
         layer = len(self.k) - 1
@@ -228,10 +228,12 @@ class PagedKVCache:
         r, m = table.shape
         context_keys = key_pages[0][table].reshape(r, m * page, dim)
         context_ids = id_pages[0, :, :, 0][table].reshape(r, m * page)
+        # Pages hold positions in order: the token after slot s is at s + 1 (-1 past the table).
+        following = jnp.concatenate([context_ids[:, 1:], jnp.full_like(context_ids[:, :1], -1)], axis=1)
         s = jnp.arange(m * page, dtype=jnp.int32)[None, :]
         kv_positions = jnp.where(s < (lengths - offset)[:, None], s + offset[:, None], -1)
         allowed = allowed_positions(q_positions, kv_positions)
-        return (key_pages, id_pages), (context_keys, context_ids, allowed)
+        return (key_pages, id_pages), (context_keys, following, allowed)
 
     def with_pages(self, k: tuple, v: tuple) -> "PagedKVCache":
         """The same step with the updated page arrays of every layer."""

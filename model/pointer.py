@@ -2,19 +2,22 @@
 
     p(x_{t+1}) = (1 - g_t) softmax(logits_t) + g_t copy_t,   g_t = sigmoid(w . h_t + b)
 
-``copy_t`` is an attention of position t over the positions j <= t of its own sequence (queries
-``W_q h_t``, keys ``W_k h_j`` of the final hidden states), each weight put on the token ``x_j``
-found at j: the model names a token by where it sits instead of by its output embedding (the
-pointer-generator of See et al. 2017; Merity et al.'s pointer sentinel). Why Kestrel has it:
+``copy_t`` is an attention of position t over the earlier positions j < t of its own sequence
+(queries ``W_q h_t``, keys ``W_k h_j`` of the final hidden states), each weight put on the token
+``x_{j+1}`` that followed j: query and key are both "the context before a token", so an earlier
+context like the present one proposes what came after it (induction), and the model names a token
+by where it sits instead of by its output embedding (the pointer-generator of See et al. 2017;
+Merity et al.'s pointer sentinel). Why Kestrel has it:
 a small model trained on synthetic tool use has to copy words it has never written (the names of
 functions it was never shown), and the output embeddings of such rare tokens stay close to their
 initialisation however well an attention head finds them: in a 400-step proxy pair of
 kestrel-nano, copyable tokens that training emits under 10 times were 61% right with a pointer and
 0% without (``bench/results/nano_tokenizer_study.json``).
 
-Each position's pointer key and its own token id are all that later positions need, so they are
-cached per position like one more layer's K and V (``model/kv_cache.py``,
-``model/paged_cache.py``), and a prefix-cache page is still a function of its tokens alone. The
+Each position's pointer key and its own token id are all that later positions need (the token
+after j is the id cached at j + 1), so they are cached per position like one more layer's K and V
+(``model/kv_cache.py``, ``model/paged_cache.py``), and a prefix-cache page is still a function of
+its tokens alone. The
 output is a log-probability, which the samplers and losses take as logits (softmax of a
 log-probability is itself).
 """
@@ -56,10 +59,10 @@ class Pointer(nnx.Module):
           logits: the generator's logits at the query positions.
           hidden: the final hidden states at the query positions.
           keys: the context's pointer keys (``keys``), one per context position.
-          token_ids: the token at each context position; ids outside the vocabulary (padding,
-            an image placeholder beyond it) are never copied.
-          allowed: which context positions each query may copy from (its own sequence, j <= t).
-            A query with none left copies nothing (g = 0).
+          token_ids: the token that followed each context position (``next_tokens``); ids
+            outside the vocabulary (none yet, padding, an image placeholder) are never copied.
+          allowed: which context positions each query may copy from (its own sequence, j < t).
+            A query with none left (a sequence's first token) copies nothing (g = 0).
 
         Returns:
           Log-probabilities [B, T, V] (float32).
@@ -95,12 +98,23 @@ def copy_distribution(weights: Float[Array, "B T S"], token_ids: Int[Array, "B S
     return jnp.zeros((b, t, vocab), jnp.float32).at[rows, queries, ids].add(weights)
 
 
+def next_tokens(token_ids: Int[Array, "B S"], positions: Int[Array, "B S"]) -> Int[Array, "B S"]:
+    """The token at position ``p + 1`` for each slot of position ``p`` in the same row (-1: none
+    there yet). Rows hold positions below their length ``S`` (the dense cache's slots: a padded
+    prompt, then the decoded tokens), looked up by position, so slots need not be in order."""
+    b, s = token_ids.shape
+    rows = jnp.arange(b)[:, None]
+    by_position = jnp.full((b, s + 1), -1, token_ids.dtype).at[  # padding: out of range, dropped
+        rows, jnp.where(positions >= 0, positions, s + 1)].set(token_ids, mode="drop")
+    return jnp.take_along_axis(by_position, jnp.clip(positions + 1, 0, s), axis=1)
+
+
 def allowed_positions(q_positions: Int[Array, "B T"], kv_positions: Int[Array, "B S"],
                       q_segment_ids: Int[Array, "B T"] | None = None,
                       kv_segment_ids: Int[Array, "B S"] | None = None) -> Bool[Array, "B T S"]:
-    """Context positions each query may copy from: its own (segment's) positions up to itself;
-    negative positions are padding on either side."""
-    ok = ((kv_positions[:, None, :] <= q_positions[:, :, None]) & (kv_positions[:, None, :] >= 0)
+    """Context positions each query may copy from: its own (segment's) positions before itself
+    (whose next token it has seen); negative positions are padding on either side."""
+    ok = ((kv_positions[:, None, :] < q_positions[:, :, None]) & (kv_positions[:, None, :] >= 0)
           & (q_positions[:, :, None] >= 0))
     if q_segment_ids is not None:
         ok = ok & (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])

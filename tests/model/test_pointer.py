@@ -1,6 +1,6 @@
 """The pointer (``ModelConfig.pointer_dim``, ``model/pointer.py``): a normalised mixture whose
-copy part puts each query's attention on the tokens at the attended positions of its own
-segment, never a later one; the gathered-rows and cached paths equal the full forward; a closed
+copy part puts each query's attention over the earlier positions of its own segment on the
+tokens that followed them, never a later one; the gathered-rows and cached paths equal the full forward; a closed
 gate is the plain model; config, export and early exit are checked."""
 
 import jax
@@ -39,19 +39,25 @@ def test_output_is_a_normalised_distribution():
     np.testing.assert_allclose(jnp.exp(out).sum(-1), 1.0, atol=1e-5)
 
 
-def test_an_open_gate_copies_the_tokens_at_the_attended_positions_of_the_segment():
+def test_an_open_gate_copies_the_tokens_that_followed_the_attended_positions_of_the_segment():
     """With zero queries the pointer attends uniformly, and with the gate open the output is each
-    token's share of the positions up to the query in its own segment."""
+    token's share of the tokens after the earlier positions of the query's segment (a segment's
+    first token has none: it is the plain model's)."""
     model = sharp_model(gate_bias=40.0)
     model.pointer.query[...] = jnp.zeros_like(model.pointer.query[...])
     segments = jnp.array([[1] * 4 + [2] * 6, [1] * 10])
     out = np.asarray(jnp.exp(forward(model, TOKENS, segment_ids=segments,
                                      positions=jnp.array([list(range(4)) + list(range(6)), list(range(10))]))))
     tokens, segs = np.asarray(TOKENS), np.asarray(segments)
+    plain = np.asarray(jnp.exp(jax.nn.log_softmax(model.logits(model(TOKENS, segment_ids=segments, return_hidden=True,
+                                                                       positions=jnp.array([list(range(4)) + list(range(6)), list(range(10))]))[2]))))
     for b in range(2):
         for t in range(10):
-            context = [tokens[b, j] for j in range(t + 1) if segs[b, j] == segs[b, t]]
-            expected = np.bincount(context, minlength=CFG.vocab_size) / len(context)
+            followers = [tokens[b, j + 1] for j in range(t) if segs[b, j] == segs[b, t]]
+            if not followers:
+                np.testing.assert_allclose(out[b, t], plain[b, t], atol=1e-5)
+                continue
+            expected = np.bincount(followers, minlength=CFG.vocab_size) / len(followers)
             np.testing.assert_allclose(out[b, t], expected, atol=1e-5)
 
 
@@ -113,3 +119,13 @@ def test_export_and_early_exit_are_refused():
     with pytest.raises(ValueError, match="pointer"):
         model(jnp.zeros((1, 1), jnp.int32), cache=cache, exit_threshold=jnp.float32(0.5),
               prev_tokens=jnp.zeros((1, 1), jnp.int32))
+
+
+def test_the_token_after_each_slot_is_found_by_position():
+    """A dense cache's slots: a right-padded prompt, then decoded tokens (``next_tokens``)."""
+    from model.pointer import next_tokens
+
+    ids = jnp.array([[5, 6, 7, 9, 8, 4]])
+    positions = jnp.array([[0, 1, 2, -1, 3, 4]])
+    got = np.asarray(next_tokens(ids, positions))[0]
+    assert [got[i] for i in (0, 1, 2, 4, 5)] == [6, 7, 8, 4, -1]
