@@ -129,3 +129,37 @@ def test_the_token_after_each_slot_is_found_by_position():
     positions = jnp.array([[0, 1, 2, -1, 3, 4]])
     got = np.asarray(next_tokens(ids, positions))[0]
     assert [got[i] for i in (0, 1, 2, 4, 5)] == [6, 7, 8, 4, -1]
+
+
+def test_the_mixture_and_its_gradients_equal_the_vocabulary_wide_formula():
+    """``mix`` corrects only the context's ids (repeated ones, and one outside the vocabulary,
+    included); the result and its gradients equal logaddexp over the whole vocabulary."""
+    from model.pointer import allowed_positions, copy_distribution
+
+    pointer = sharp_model(gate_bias=0.3).pointer
+    logits = jax.random.normal(jax.random.key(1), (2, 5, CFG.vocab_size)) * 3
+    hidden = jax.random.normal(jax.random.key(2), (2, 5, CFG.hidden_size))
+    keys = jax.random.normal(jax.random.key(3), (2, 7, CFG.pointer_dim))
+    ids = jnp.array([[3, 3, 5, 3, 60, -1, 5], [1, 2, 1, 1, 1, 9, 9]])
+    allowed = allowed_positions(jnp.array([[0, 1, 2, 3, 4], [2, 3, 4, 5, 6]]), jnp.broadcast_to(jnp.arange(7), (2, 7)))
+
+    def whole_vocabulary(logits, keys):
+        ok = allowed & (ids >= 0)[:, None, :]
+        scores = jnp.einsum("btp,bsp->bts", hidden @ pointer.query[...], keys) * CFG.pointer_dim ** -0.5
+        weights = jnp.where(ok, jax.nn.softmax(jnp.where(ok, scores, -1e30), -1), 0)
+        copy = copy_distribution(weights, ids, CFG.vocab_size)
+        z = (hidden @ pointer.gate[...] + pointer.gate_bias[...])[..., None]
+        some = ok.any(-1)[..., None]  # a query with nothing to copy from (position 0) only generates
+        return jnp.logaddexp(jnp.where(some, jax.nn.log_sigmoid(-z), 0) + jax.nn.log_softmax(logits, -1),
+                             jnp.where(some, jax.nn.log_sigmoid(z), -jnp.inf)
+                             + jnp.where(copy > 0, jnp.log(jnp.maximum(copy, 1e-30)), -jnp.inf))
+
+    def mixed(logits, keys):
+        return pointer.mix(logits, hidden, keys, ids, allowed)
+
+    np.testing.assert_allclose(mixed(logits, keys), whole_vocabulary(logits, keys), atol=1e-5)
+    weights = jax.random.normal(jax.random.key(5), logits.shape)
+    grads = [jax.grad(lambda a, b: jnp.sum(f(a, b) * weights), argnums=(0, 1))(logits, keys)
+             for f in (mixed, whole_vocabulary)]
+    for ours, reference in zip(*grads):
+        np.testing.assert_allclose(ours, reference, atol=1e-4)
