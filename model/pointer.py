@@ -17,9 +17,8 @@ kestrel-nano, copyable tokens that training emits under 10 times were 61% right 
 Each position's pointer key and its own token id are all that later positions need (the token
 after j is the id cached at j + 1), so they are cached per position like one more layer's K and V
 (``model/kv_cache.py``, ``model/paged_cache.py``), and a prefix-cache page is still a function of
-its tokens alone. The
-output is a log-probability, which the samplers and losses take as logits (softmax of a
-log-probability is itself).
+its tokens alone. The output is a log-probability, which the samplers and losses take as logits
+(softmax of a log-probability is itself); a z-loss on it is therefore 0.
 """
 
 from __future__ import annotations
