@@ -43,7 +43,7 @@ from model.kernels.grouped import grouped_attention, runs_grouped
 from model.kernels.paged import paged_attention
 from model.kv_int8 import create_int8_pages, gather_pages, is_int8_pages, write_int8_pages
 from model.layers import DTYPES
-from model.pointer import allowed_positions
+from model.pointer import allowed_positions, tokens_beside
 
 # The page group that holds a pointer's keys and token ids: group 0, the global layers' pages
 # (a pointer model has some, ``ModelConfig``; ``serve/kv_pages.py`` puts them first).
@@ -228,8 +228,7 @@ class PagedKVCache:
         r, m = table.shape
         context_keys = key_pages[0][table].reshape(r, m * page, dim)
         context_ids = id_pages[0, :, :, 0][table].reshape(r, m * page)
-        # Pages hold positions in order: the token after slot s is at s + 1 (-1 past the table).
-        following = jnp.concatenate([context_ids[:, 1:], jnp.full_like(context_ids[:, :1], -1)], axis=1)
+        following = tokens_beside(context_ids)  # a table's pages hold positions in order
         s = jnp.arange(m * page, dtype=jnp.int32)[None, :]
         kv_positions = jnp.where(s < (lengths - offset)[:, None], s + offset[:, None], -1)
         allowed = allowed_positions(q_positions, kv_positions)

@@ -113,6 +113,12 @@ def copy_distribution(weights: Float[Array, "B T S"], token_ids: Int[Array, "B S
     return jnp.zeros((b, t, vocab), jnp.float32).at[rows, queries, ids].add(weights)
 
 
+def tokens_beside(token_ids: Int[Array, "B S"]) -> Int[Array, "B S"]:
+    """The token in the next slot of each row (-1 after the last): the token after each position
+    where a row holds its sequence's positions in order (a packed training row, gathered pages)."""
+    return jnp.concatenate([token_ids[:, 1:], jnp.full_like(token_ids[:, :1], -1)], axis=1)
+
+
 def next_tokens(token_ids: Int[Array, "B S"], positions: Int[Array, "B S"]) -> Int[Array, "B S"]:
     """The token at position ``p + 1`` for each slot of position ``p`` in the same row (-1: none
     there yet). Rows hold positions below their length ``S`` (the dense cache's slots: a padded

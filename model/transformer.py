@@ -15,7 +15,7 @@ from model.config import ModelConfig, RopeScaling
 from model.kv_cache import KVCache
 from model.layers import DTYPES, Embedding, GatedMLP, RMSNorm, param
 from model.paged_cache import PagedKVCache
-from model.pointer import Pointer, allowed_positions, next_tokens
+from model.pointer import Pointer, allowed_positions, next_tokens, tokens_beside
 from model.quantization import linear, quantize_params, read_weight
 from model.rope import inverse_frequencies, rope_tables
 from model.token_shift import TokenShift, previous_tokens
@@ -321,11 +321,10 @@ class Transformer(nnx.Module):
                                    hidden_out.reshape(r, -1, hidden_out.shape[-1]), keys, ids, allowed)
             return out.reshape(logits.shape), cache
         pick = (lambda a: a) if rows is None else (lambda a: jnp.take_along_axis(a, rows, axis=1))  # noqa: E731
-        if cache is None:  # a sequence's tokens are contiguous in its row: the next one is beside
+        if cache is None:  # a sequence's tokens are contiguous in its row
             allowed = allowed_positions(pick(positions), positions, None if segment_ids is None else
                                         pick(segment_ids), segment_ids)
-            following = jnp.concatenate([ids[:, 1:], jnp.full_like(ids[:, :1], -1)], axis=1)
-            return self.pointer.mix(logits, hidden_out, keys, following, allowed), None
+            return self.pointer.mix(logits, hidden_out, keys, tokens_beside(ids), allowed), None
         cache = dataclasses.replace(cache, pointer_keys=cache.write(slots, cache.pointer_keys, keys),
                                     token_ids=cache.write(slots, cache.token_ids, ids))
         allowed = allowed_positions(pick(positions), cache.positions)
