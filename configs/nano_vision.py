@@ -13,11 +13,12 @@ the run with a clear error). Measured over 40 batches of this mix: 2.0 images pe
 average, 6 at most.
 The ``<image>``/``<|image_pad|>`` ids are those of Kestrel's sentencepiece tokenizers (12, 13).
 The steps and batch stay kestrel-nano's (2,400 of 2 x 1,024 tokens since 2026-12-01, its ~40
-minutes plus the tower's share); the full run has not been timed yet: a 4-step smoke run of the
-earlier 4 x 1,024 batches (tokenizer of checkpoints/kestrel-nano) took 134 s on the shared 2-core
-CPU, compilation included, its loss falling 9.14 -> 8.14.
+minutes plus the tower's share), and so does its tokenizer (checkpoints/kestrel-nano's). Not
+trained in full yet. On 2026-12-01 its first 40 steps ran at 1,170 tokens/s on the shared
+2-core CPU against 1,230-1,380 for the text-only config on the same day (a host 1.6x slower
+than when kestrel-nano was trained): about 70 minutes for 2,400 steps on that host. One image
+step, forward and backward, measured alone: 1.2-1.35x a text step (the tower 0.2 s of ~2 s).
 
-    python -m train.nano_tokenizer runs/nano/tokenizer --vocab-size 10240 --examples 20000
     kestrel train --config configs/nano_vision.py --workdir runs/nano_vision     # <= 60 min, 2-core CPU
     python -m train.export runs/nano_vision checkpoints/kestrel-nano-vision --config configs/nano_vision.py
     kestrel eval checkpoints/kestrel-nano-vision --suite vision --constrained

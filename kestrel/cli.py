@@ -245,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--constrained", action="store_true",
                    help="decode through the serving engine: grammar-constrained tool calls, reasoning budgets")
     p.add_argument("--effort", choices=["none", "low", "medium", "high", "auto"], default="medium",
-                   help="reasoning effort with --constrained")
+                   help="reasoning effort: rendered into the prompt for models trained to heed it "
+                        "(the chat template's reasoning_effort); with --constrained also the budget")
     p.add_argument("--quantize", default=None, metavar="TYPE",
                    help="quantize the weights at load: int8 or int8-w8a8")
     p.add_argument("--kv-cache-dtype", default="auto", metavar="DTYPE",

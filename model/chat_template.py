@@ -184,11 +184,20 @@ class ChatTemplate:
 # in <think>...</think> (kept for turns after the last user query, as Qwen3 does), tool calls as
 # <tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>, tool results inside
 # <tool_response> in a user turn, and tools listed in the system turn as JSON schemas.
+# ``reasoning_effort`` (low, medium, high or auto), when given, ends the system turn with
+# `effort_line`'s sentence (a system turn is opened for it if the conversation has none): the
+# "template hint" through which vLLM and SGLang pass an effort to models trained to heed one.
 KESTREL_TEMPLATE = """\
+{%- set has_system = messages and messages[0].role == 'system' %}
+{%- set system = messages[0].content if has_system else '' %}
+{%- if reasoning_effort is defined and reasoning_effort %}
+    {%- set system = (system + '\\n' if system else '') + 'Reasoning effort: ' + reasoning_effort + '.' %}
+    {%- set has_system = true %}
+{%- endif %}
 {%- if tools %}
     {{- '<|im_start|>system\\n' }}
-    {%- if messages[0].role == 'system' %}
-        {{- messages[0].content + '\\n\\n' }}
+    {%- if has_system %}
+        {{- system + '\\n\\n' }}
     {%- endif %}
     {{- "# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n\
 You are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}
@@ -199,8 +208,8 @@ You are provided with function signatures within <tools></tools> XML tags:\\n<to
     {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments \
 within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \
 \\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n" }}
-{%- elif messages and messages[0].role == 'system' %}
-    {{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
+{%- elif has_system %}
+    {{- '<|im_start|>system\\n' + system + '<|im_end|>\\n' }}
 {%- endif %}
 {%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
 {%- for message in messages[::-1] %}
@@ -253,3 +262,9 @@ within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-
     {%- endif %}
 {%- endif %}
 """
+
+
+def effort_line(effort: str) -> str:
+    """The sentence ``KESTREL_TEMPLATE`` ends the system turn with for ``reasoning_effort``; the
+    training data writes the same sentence, so prompts rendered either way are the same text."""
+    return f"Reasoning effort: {effort}."

@@ -274,6 +274,12 @@ class Tokenizer:
             f"{SentencePieceBackend.file_name}"
         )
 
+    def with_chat_template(self, chat_template: str | None) -> Tokenizer:
+        """This tokenizer with another chat template (the vocabulary and special tokens shared)."""
+        return Tokenizer(self._backend, bos_token=self.bos_token, eos_token=self.eos_token,
+                         pad_token=self.pad_token, unk_token=self.unk_token, add_bos_token=self.add_bos_token,
+                         stop_tokens=self.stop_tokens, chat_template=chat_template)
+
     def save(self, directory: str | os.PathLike) -> None:
         """Writes the Kestrel form: the tokenizer file plus ``tokenizer_config.json``."""
         d = Path(directory)

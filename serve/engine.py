@@ -74,7 +74,8 @@ class EngineRequest:
       request_id: the id (default: a fresh ``resp_...``); also the stored response id.
       channels: False: raw token generation, no channel machine or mask.
       cache_salt: isolates prefix-cache sharing and encoded-image reuse (e.g. per tenant).
-      chat_kwargs: extra chat-template variables (e.g. ``enable_thinking``).
+      chat_kwargs: extra chat-template variables (e.g. ``enable_thinking``). ``reasoning_effort``
+        defaults to `effort` (but ``none``), the hint of templates trained to heed it.
       images: encoded images for a ``prompt_token_ids`` prompt, one per image-start token in it.
       strict_max_tokens: the caller chose ``max_tokens``: a prompt plus ``max_tokens`` beyond
         the context is an error (as in vLLM and OpenAI's chat API) instead of ``max_tokens``
@@ -459,6 +460,10 @@ class Engine:
                              "model whose template renders tools, or describe the functions in a system "
                              "message and send the request without `tools`")
         kw = dict(req.chat_kwargs)
+        if req.channels and req.effort != "none":
+            # The template hint (vLLM's and SGLang's way to pass an effort): a template trained
+            # with it says the effort in the system turn; others read no such variable.
+            kw.setdefault("reasoning_effort", req.effort)
         if prev is None or prev.messages is None:
             text = self.tokenizer.render_chat(new, tools=tools, add_generation_prompt=True, **kw)
             head = prev.token_ids if prev else ()

@@ -80,6 +80,10 @@ class DataConfig:
       max_images: the images one batch may carry; the loop pads every image batch to this many so
         the train step compiles once (the tower runs on the padding too: keep it near the mixes'
         real count). None: as many as the batch can hold, ``B * (T // (M + 1))``.
+      efforts: ``((effort, weight), ...)`` for the synthetic source: the reasoning effort
+        (low, medium, high, auto; None for no hint) each stem and function-calling example is
+        asked at, its reasoning as long as the effort asks (``train/synthetic/problem.py``).
+        None: no effort hints (every trace in full).
     """
 
     source: str = "toy"
@@ -94,6 +98,7 @@ class DataConfig:
     session_size: int = 1
     image_tokens: int | None = None
     max_images: int | None = None
+    efforts: tuple[tuple[str | None, float], ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,6 +38,10 @@ from train.curriculum import Curriculum
 from train.image_tokens import check_tokenizer_matches_tower, expand_images, has_vision_tower, image_token_ids
 from train.packing import PackStats, TokenizedExample, pack_batch, tokenize_segments
 from train.synthetic import SUITES, Example, mixture_at, render_kestrel, render_session, task_weights
+from train.synthetic.registry import check_efforts
+
+# The data.source value that names this module's factory.
+SYNTHETIC_SOURCE = "train.data:synthetic_batches"
 
 # Where the data factory finds the tokenizer when the run config names none.
 TOKENIZER_ENV = "KESTREL_DATA_TOKENIZER"
@@ -73,6 +77,9 @@ class SyntheticDataConfig:
       num_workers: grain worker processes (``mp_prefetch``); 0 keeps everything in-process.
       image_tokens: soft tokens per image (the run of ``<|image_pad|>`` after each ``<image>``),
         for mixes with image tasks.
+      efforts: ``((effort, weight), ...)``: the reasoning effort each stem, vision and
+        function-calling example is asked at (``train.synthetic.mixture``; the effort ``None``:
+        no hint); None: no hints at all. A session's problems share the first one's effort.
     """
 
     tokenizer: str
@@ -88,6 +95,7 @@ class SyntheticDataConfig:
     prefetch: int = 2
     num_workers: int = 0
     image_tokens: int = 64
+    efforts: tuple[tuple[str | None, float], ...] | None = None
 
     def __post_init__(self):
         if self.batch_size < 1 or self.seq_len < 2:
@@ -104,6 +112,10 @@ class SyntheticDataConfig:
             raise ValueError("num_threads, prefetch and num_workers must be >= 0")
         if self.image_tokens < 1:
             raise ValueError(f"image_tokens must be >= 1, got {self.image_tokens}")
+        if self.efforts is not None:
+            efforts = tuple(dict(self.efforts).items())
+            check_efforts(dict(efforts))
+            object.__setattr__(self, "efforts", efforts)
 
     @property
     def task_weights(self) -> dict[str, float]:
@@ -142,9 +154,10 @@ class BatchBuilder:
         """The endless example stream batch `step` is packed from."""
         c = self.config
         seed, levels, tasks = stream_seed(c.seed, step), c.schedule.levels_at(step), c.task_weights
+        efforts = dict(c.efforts) if c.efforts else None
         j = 0
         while True:
-            yield mixture_at(seed, j, levels, "train", tasks, c.tools_fraction)
+            yield mixture_at(seed, j, levels, "train", tasks, c.tools_fraction, efforts)
             j += 1
 
     def conversations(self, step: int) -> Iterator[list[Example]]:
@@ -163,13 +176,17 @@ class BatchBuilder:
             group = [first]
             if c.session_size > 1 and first.meta["task"] in SUITES["stem"]:
                 want = int(rng.integers(1, c.session_size + 1))
-                mates = [ex for ex in waiting if ex.meta["task"] in SUITES["stem"] and ex.tools == first.tools]
+                def mate(ex: Example) -> bool:
+                    return (ex.meta["task"] in SUITES["stem"] and ex.tools == first.tools
+                            and ex.meta.get("effort") == first.meta.get("effort"))
+
+                mates = [ex for ex in waiting if mate(ex)]
                 for ex in mates[:want - 1]:
                     waiting.remove(ex)
                     group.append(ex)
                 while len(group) < want and len(waiting) < 16:
                     ex = next(stream)
-                    if ex.meta["task"] in SUITES["stem"] and ex.tools == first.tools:
+                    if mate(ex):
                         group.append(ex)
                     else:
                         waiting.append(ex)
@@ -304,7 +321,7 @@ def synthetic_batches(run_config) -> SyntheticBatches:
         curriculum=curriculum, tasks=tuple(dict(data.tasks).items()) if data.tasks else None,
         tools_fraction=data.tools_fraction, session_size=data.session_size,
         num_threads=getattr(data, "num_threads", 1), num_workers=getattr(data, "num_workers", 0),
-        image_tokens=image_tokens or 64)
+        image_tokens=image_tokens or 64, efforts=getattr(data, "efforts", None))
     if config.with_images and tower is None:
         raise KestrelError("data.tasks include image tasks but the model has no vision tower "
                            "(model.vision is unset); drop them or train a model that takes images")

@@ -4,15 +4,22 @@
 
 1. Plays held-out STEM and function-calling problems (seed 1; ``kestrel eval`` uses seed 0) through
    the serving engine at an unbounded budget, and records every turn: its prompt and the reasoning
-   tokens the model spent on it.
-2. Budgets from that distribution of reasoning tokens per turn: ``low`` its median, ``medium`` its
-   90th percentile, ``high`` 1.5 x its maximum (each rounded up to a multiple of 16).
+   tokens the model spent on it. A model whose chat template reads ``reasoning_effort`` (trained to
+   heed an effort, ``configs/nano.py``) is played at each effort, the hint in its prompts;
+   any other model once, at high.
+2. Budgets from those reasoning tokens per turn. A model that heeds the effort: each effort's
+   budget is 1.5 x the most that effort spent (so a budget cuts only a runaway turn); otherwise,
+   from the one distribution, ``low`` its median, ``medium`` its 90th percentile, ``high`` 1.5 x
+   its maximum. Each rounded up to a multiple of 16 and kept increasing.
 3. The ``auto`` probe (``serve/effort.py``): ridge regression of ``log(1 + reasoning tokens)`` on
-   the turn prompt's last hidden state, fitted on 80% of the turns and checked on the other 20%
-   (then refitted on all of them).
+   the turn prompt's last hidden state (the turns played at auto when the model heeds the effort,
+   else those at high), fitted on 80% of the turns and checked on the other 20% (then refitted on
+   all of them).
 4. Writes ``CKPT/effort.json``, then plays the eval set (seed 0) at low, medium, high and auto and
    reports accuracy, reasoning tokens per problem and the share of turns that ended in an answer;
-   with ``--out`` the whole record is saved as JSON.
+   with ``--out`` the whole record is saved as JSON. A model that heeds the effort sizes its own
+   reasoning at auto, so auto is also played without the probe (the medium budget a cap): where
+   that scores higher on STEM by more than a point, the probe is dropped from ``effort.json``.
 """
 
 from __future__ import annotations
@@ -42,6 +49,13 @@ UNBOUNDED = 1 << 20
 
 def _ceil16(x: float) -> int:
     return int(16 * math.ceil(max(x, 1) / 16))
+
+
+def heeds_effort(tokenizer) -> bool:
+    """Whether the checkpoint's chat template reads ``reasoning_effort``: a model trained with the
+    hint (the engine passes a request's effort to every template; others ignore it)."""
+    template = tokenizer.chat_template
+    return template is not None and "reasoning_effort" in template.source
 
 
 def recording_policy(policy, log: list):
@@ -89,7 +103,7 @@ def play(model, tokenizer, effort_model: EffortModel, effort: str, suites: dict[
     for suite, n in suites.items():
         t0 = time.perf_counter()
         res = ev.evaluate(tokenizer, policy, suite, n=n, seed=seed,
-                          context_len=model.config.max_position_embeddings)
+                          context_len=model.config.max_position_embeddings, effort=effort)
         rows = [r for r in res["rows"] if r["mode"] == "tools"]
         out[suite] = {
             "n": len(rows),
@@ -136,17 +150,25 @@ def calibrate(ckpt: str, *, n: int = 100, eval_n: int = 100, max_new_tokens: int
     if think is None or end is None:
         raise KestrelError(f"{ckpt}: the tokenizer has no <think> / </think> tokens; nothing to calibrate")
 
-    # 1. Turns at an unbounded budget.
+    # 1. Turns at an unbounded budget (auto without a probe: the medium budget, unbounded too).
     unbounded = EffortModel({"low": UNBOUNDED, "medium": UNBOUNDED, "high": UNBOUNDED})
-    log: list = []
-    play(model, tokenizer, unbounded, "high", {"stem": n, "tools": n}, seed=1,
-         max_new_tokens=max_new_tokens, log=log)
-    spent = np.array([ev.think_tokens(ids, think, end) for _, ids in log], np.float64)
-    prompts = [p for p, _ in log]
+    heeds = heeds_effort(tokenizer)
+    turns: dict[str, tuple[list, np.ndarray]] = {}
+    for effort in (EFFORTS if heeds else ("high",)):
+        log: list = []
+        play(model, tokenizer, unbounded, effort, {"stem": n, "tools": n}, seed=1,
+             max_new_tokens=max_new_tokens, log=log)
+        turns[effort] = ([p for p, _ in log],
+                         np.array([ev.think_tokens(ids, think, end) for _, ids in log], np.float64))
 
     # 2. Budgets.
-    budgets = {"low": _ceil16(np.percentile(spent, 50)), "medium": _ceil16(np.percentile(spent, 90)),
-               "high": _ceil16(1.5 * spent.max())}
+    if heeds:
+        budgets = {e: _ceil16(1.5 * turns[e][1].max()) for e in ("low", "medium", "high")}
+    else:
+        spent = turns["high"][1]
+        budgets = {"low": _ceil16(np.percentile(spent, 50)), "medium": _ceil16(np.percentile(spent, 90)),
+                   "high": _ceil16(1.5 * spent.max())}
+    prompts, spent = turns["auto" if heeds else "high"]
     budgets["medium"] = max(budgets["medium"], budgets["low"] + 16)
     budgets["high"] = max(budgets["high"], budgets["medium"] + 16)
 
@@ -165,7 +187,9 @@ def calibrate(ckpt: str, *, n: int = 100, eval_n: int = 100, max_new_tokens: int
     covered = float(np.mean([trial.budget(h) >= s for h, s in zip(hidden[test], spent[test])]))
     probe_kw["margin"] = coverage_margin(hidden, spent)
     probe = fit_probe(hidden, spent, **probe_kw)
-    calibration = {"turns": len(spent), "problems": 2 * n, "seed": 1,
+    calibration = {"turns": len(spent), "problems": 2 * n, "seed": 1, "heeds_effort": heeds,
+                   "reasoning_tokens_per_turn_by_effort": {
+                       e: {"mean": float(s.mean()), "max": float(s.max())} for e, (_, s) in turns.items()},
                    "reasoning_tokens_per_turn": {"mean": float(spent.mean()), "p50": float(np.percentile(spent, 50)),
                                                  "p90": float(np.percentile(spent, 90)), "max": float(spent.max())},
                    "probe_heldout": {"turns": len(test), "mae_tokens": mae, "correlation": corr,
@@ -182,6 +206,19 @@ def calibrate(ckpt: str, *, n: int = 100, eval_n: int = 100, max_new_tokens: int
         table[effort] = play(model, tokenizer, model_effort, effort, {"stem": eval_n, "tools": eval_n},
                              seed=0, max_new_tokens=max_new_tokens)
         print(effort, json.dumps(table[effort]), flush=True)
+    if heeds:
+        # A model that heeds the hint sizes its own reasoning at auto; the probe can then only cut
+        # it. Keep the probe only where it costs no STEM accuracy against auto under the medium cap.
+        capped = play(model, tokenizer, EffortModel(budgets), "auto", {"stem": eval_n, "tools": eval_n},
+                      seed=0, max_new_tokens=max_new_tokens)
+        print("auto without the probe", json.dumps(capped), flush=True)
+        calibration["auto_with_probe"], calibration["auto_without_probe"] = table["auto"], capped
+        if capped["stem"]["accuracy"] > table["auto"]["stem"]["accuracy"] + 0.01:
+            calibration["probe_dropped"] = "auto scored higher under the medium cap than under the probe's budgets"
+            model_effort = EffortModel(budgets)
+            model_effort.save(ckpt, calibration)
+            table["auto"] = capped
+            print(f"dropped the probe from {path}: {calibration['probe_dropped']}", flush=True)
     record = {"benchmark": "effort_calibration", "checkpoint": str(ckpt), "budgets": budgets,
               "calibration": calibration, "eval_seed": 0, "eval_problems_per_suite": eval_n,
               "table": table, "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},

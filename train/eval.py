@@ -109,14 +109,19 @@ def heldout_examples(suite: str, n: int, seed: int = 0) -> list[tuple[Example, E
     return out
 
 
-def start(example: Example, mode: str, tokenizer) -> Conversation:
-    """A conversation at the example's prompt, rendered by the tokenizer's chat template."""
+def start(example: Example, mode: str, tokenizer, effort: str | None = None) -> Conversation:
+    """A conversation at the example's prompt, rendered by the tokenizer's chat template; with
+    `effort` (low, medium, high, auto) passed to it as ``reasoning_effort``, as the serving engine
+    does (a template that reads no such variable renders the same prompt)."""
     if tokenizer.chat_template is None:
         raise KestrelError("the checkpoint's tokenizer has no chat template; eval needs one")
     # A summary is written without thinking: the prompt ends in Qwen3's empty think block.
-    no_think = {"enable_thinking": False} if example.meta["answer_kind"] == "summary" else {}
+    if example.meta["answer_kind"] == "summary":
+        kwargs = {"enable_thinking": False}
+    else:
+        kwargs = {"reasoning_effort": effort} if effort not in (None, "none") else {}
     text = tokenizer.render_chat(example.prompt_messages(), tools=example.tools or None,
-                                 add_generation_prompt=True, **no_think)
+                                 add_generation_prompt=True, **kwargs)
     return Conversation(example, mode, tokenizer.encode(text))
 
 
@@ -385,17 +390,18 @@ def report(rows: list[dict]) -> dict[str, Any]:
 
 
 def evaluate(tokenizer, policy: Policy, suite: str, *, n: int, seed: int = 0, max_rounds: int = 8,
-             context_len: int | None = None) -> dict[str, Any]:
-    """Plays `n` held-out problems of `suite` (both modes for stem) with `policy` and scores them.
+             context_len: int | None = None, effort: str | None = None) -> dict[str, Any]:
+    """Plays `n` held-out problems of `suite` (both modes for stem) with `policy` and scores them;
+    prompts are rendered at `effort` (see `start`).
 
     Returns:
       ``{"suite", "n", "seed", "results": report(rows), "rows": [per-conversation scores]}``.
     """
     convs = []
     for with_tools, without in heldout_examples(suite, n, seed):
-        convs.append(start(with_tools, "tools", tokenizer))
+        convs.append(start(with_tools, "tools", tokenizer, effort))
         if without is not None:
-            convs.append(start(without, "no_tools", tokenizer))
+            convs.append(start(without, "no_tools", tokenizer, effort))
     run_conversations(convs, policy, tokenizer, max_rounds=max_rounds, context_len=context_len)
     rows = [score(c, tokenizer) for c in convs]
     return {"suite": suite, "n": n, "seed": seed, "results": report(rows), "rows": rows}
@@ -466,7 +472,9 @@ def run_eval(ckpt_dir: str, suite: str, *, n: int = 100, seed: int = 0, max_new_
         grammar-constrained tool calls and reasoning budgets; else plain greedy decoding.
       decoder: for plain greedy decoding, ``engine`` (raw engine requests, `raw_engine_policy`)
         or ``generator`` (``model.generate.Generator`` in fixed batches, `generator_policy`).
-      effort: the reasoning effort when `constrained` (low, medium, high; none disables thinking).
+      effort: the reasoning effort (low, medium, high, auto; none disables thinking when
+        `constrained`): the prompts are rendered with it (``reasoning_effort``, for models trained
+        to heed it) and, when `constrained`, the engine bounds reasoning by its budget.
       quantize: quantize the weights at load (``int8``, ``int8-w8a8``), or None.
       kv_cache_dtype: ``auto`` or ``int8`` KV pages (the engine's paged cache, either decoding).
       early_exit: with `constrained`, decode with early exit at this confidence threshold (a
@@ -520,11 +528,12 @@ def run_eval(ckpt_dir: str, suite: str, *, n: int = 100, seed: int = 0, max_new_
         policy = generator_policy(Generator(model), tokenizer, max_new_tokens=max_new_tokens,
                                   batch_size=batch_size)
     result = evaluate(tokenizer, policy, suite, n=n, seed=seed, max_rounds=max_rounds,
-                      context_len=model.config.max_position_embeddings)
+                      context_len=model.config.max_position_embeddings, effort=effort)
     result.update(checkpoint=str(ckpt_dir), max_new_tokens=max_new_tokens,
                   quantization=model.config.quantization, kv_cache_dtype=kv_cache_dtype,
                   decoding=(f"engine, effort {effort}" if constrained
                             else "greedy, engine (raw)" if decoder == "engine" else "greedy, generator"),
+                  effort=effort,
                   early_exit=early_exit,
                   # decode steps per exit layer taken (0: every layer ran)
                   exit_counts=dict(engine.runner.exit_counts) if early_exit is not None else None,

@@ -69,7 +69,9 @@ def export_trained(workdir: str | pathlib.Path, out_dir: str | pathlib.Path,
       KestrelError: no checkpoint in ``workdir``, no tokenizer, a tokenizer larger than the
         model's vocabulary, or ``out_dir`` exists without ``force``.
     """
+    from model.chat_template import KESTREL_TEMPLATE
     from model.tokenizer import Tokenizer
+    from train.data import SYNTHETIC_SOURCE
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -82,6 +84,11 @@ def export_trained(workdir: str | pathlib.Path, out_dir: str | pathlib.Path,
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise KestrelError(f"tokenizer {str(tokenizer_dir)!r} has {tokenizer.vocab_size} ids but "
                            f"model.vocab_size is {cfg.model.vocab_size}")
+    if cfg.data.source == SYNTHETIC_SOURCE and tokenizer.chat_template is not None:
+        # The synthetic source rendered every example as Kestrel's template does today
+        # (train/synthetic/render.py), whatever template the tokenizer folder was saved with
+        # (an older checkpoint's, without the effort hint): the model is served with that one.
+        tokenizer = tokenizer.with_chat_template(KESTREL_TEMPLATE)
     step = latest_step(workdir) if step is None else int(step)
     # Training keeps float32 master weights; restore exactly those, unsharded, on this host.
     trained = cfg.model.replace(dtype="float32", param_dtype="float32")

@@ -13,7 +13,7 @@ import tokenizers
 from tokenizers.models import WordLevel
 
 from kestrel.errors import KestrelError
-from model.chat_template import KESTREL_TEMPLATE, ChatTemplate
+from model.chat_template import KESTREL_TEMPLATE, ChatTemplate, effort_line
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "fixtures" / "templates"
 
@@ -238,3 +238,26 @@ def test_shows_tools_tells_templates_that_render_tools_from_those_that_drop_them
     # A template that refuses the probe conversation counts as showing tools: the real render
     # then reports its own error instead of a misleading "ignores tools".
     assert ChatTemplate("{{ raise_exception('system message first') }}").shows_tools
+
+
+def test_kestrel_template_says_the_reasoning_effort_at_the_end_of_the_system_turn():
+    """``reasoning_effort`` is the template hint: the system turn's last line, the rest unchanged,
+    and the same text as a system message that says it (what the training data writes)."""
+    template = ChatTemplate(KESTREL_TEMPLATE)
+    with_system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "q"}]
+    bare = [{"role": "user", "content": "q"}]
+    for tools in (None, [WEATHER_TOOL]):
+        hinted = template.render(with_system, tools=tools, reasoning_effort="low")
+        said = template.render([{"role": "system", "content": "Be brief.\n" + effort_line("low")}, bare[0]],
+                               tools=tools)
+        assert hinted == said
+        assert hinted.startswith("<|im_start|>system\nBe brief.\nReasoning effort: low.")
+        # No system message: the hint opens a system turn of its own.
+        alone = template.render(bare, tools=tools, reasoning_effort="auto")
+        assert alone == template.render([{"role": "system", "content": effort_line("auto")}, bare[0]], tools=tools)
+        # No hint (None or empty): the template renders as Qwen3's does.
+        for absent in ({}, {"reasoning_effort": None}, {"reasoning_effort": ""}):
+            assert template.render(with_system, tools=tools, **absent) == template.render(with_system, tools=tools)
+    # Qwen3's own template reads no such variable: the hint changes nothing there.
+    qwen3 = ChatTemplate((TEMPLATES / "qwen3.jinja").read_text())
+    assert qwen3.render(with_system, reasoning_effort="low") == qwen3.render(with_system)

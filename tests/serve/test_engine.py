@@ -235,3 +235,23 @@ def test_continuing_a_turn_with_reasoning_and_tools_writes_only_the_new_turn():
                        "\n<|im_start|>user\n<tool_response>\n4\n</tool_response><|im_end|>\n"
                        "<|im_start|>assistant\n")):
         assert engine._continuation(before, new, tools, {}) == want
+
+
+def test_the_effort_reaches_the_chat_template_as_its_hint():
+    """A request's effort is the template's ``reasoning_effort`` (the line a model trained to heed it
+    reads); ``none``, raw requests and a caller's own chat_kwargs are left alone."""
+    engine = make_engine()
+    params = SamplingParams(max_tokens=2, temperature=0.0)
+    tok = tiny_tokenizer()
+
+    def prompt(**kw) -> str:
+        h = engine.submit(EngineRequest(messages=[{"role": "user", "content": "hi"}], params=params, store=False, **kw))
+        engine.run_until_idle()
+        return tok.decode(h.prompt_token_ids)
+
+    assert "Reasoning effort: low." in prompt(effort="low")
+    assert "Reasoning effort: auto." in prompt(effort="auto")
+    assert "Reasoning effort" not in prompt(effort="none")
+    assert "Reasoning effort: high." in prompt(effort="low", chat_kwargs={"reasoning_effort": "high"})
+    assert prompt(effort="medium") == tok.decode(tok.encode(tok.render_chat(
+        [{"role": "user", "content": "hi"}], reasoning_effort="medium")))

@@ -168,3 +168,24 @@ def test_sessions_share_one_header_and_train_every_exchange(tok_dir):
     assert all(ex in plain for ex in flat) and len({id(e) for e in flat}) == len(flat)
     with pytest.raises(ValueError, match="same tools"):
         render_session([g for g in groups if g[0].tools][0][:1] + [g for g in groups if not g[0].tools][0][:1])
+
+
+def test_efforts_reach_the_batches_and_a_session_keeps_one(tok_dir):
+    mix = (("low", 1.0), ("high", 1.0), (None, 1.0))
+    data = SyntheticBatches(config(tok_dir, session_size=3, seq_len=4096, batch_size=1, efforts=mix))
+    groups = []
+    for group in data.builder.conversations(2):
+        groups.append(group)
+        if len(groups) == 40:
+            break
+    efforts = {ex.meta.get("effort") for g in groups for ex in g}
+    assert {"low", "high", None} <= efforts
+    for g in groups:  # one system turn per session, so one effort
+        assert len({ex.meta.get("effort") for ex in g}) == 1
+    with pytest.raises(ValueError, match="unknown effort"):
+        config(tok_dir, efforts=(("max", 1.0),))
+    cfg = tiny_config()
+    cfg = dataclasses.replace(cfg, model=cfg.model.replace(vocab_size=700),
+                              data=dataclasses.replace(cfg.data, seq_len=1536, batch_size=2, tokenizer=tok_dir,
+                                                       efforts=mix))
+    assert synthetic_batches(cfg).config.efforts == mix

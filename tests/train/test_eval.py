@@ -72,6 +72,15 @@ def test_multi_step_transcript_is_the_chat_rendering(tok):
     assert tok.decode(conv.context + conv.round_ids[-1]) + "\n" == full
 
 
+def test_prompts_carry_the_effort_hint(tok):
+    (with_tools, _), = ev.heldout_examples("stem", 1, seed=3)
+    text = lambda conv: tok.decode(conv.context)  # noqa: E731
+    assert "Reasoning effort: low." in text(ev.start(with_tools, "tools", tok, "low"))
+    assert text(ev.start(with_tools, "tools", tok, "none")) == text(ev.start(with_tools, "tools", tok))
+    (summary, _), = ev.heldout_examples("summary", 1, seed=3)
+    assert "Reasoning effort" not in text(ev.start(summary, "tools", tok, "low"))  # written without thinking
+
+
 def test_tool_calls_are_executed_and_fed_back(tok):
     call = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "6 * 7 + 0.5"}}\n</tool_call><|im_end|>'
     bad = '<tool_call>\n{"name": "weather", "arguments": {}}\n</tool_call><|im_end|>'
@@ -177,6 +186,9 @@ def test_effort_calibration_writes_budgets_probe_and_table(tiny_ckpt, tmp_path):
     assert 16 <= b["low"] < b["medium"] < b["high"] and all(v % 16 == 0 for v in b.values())
     assert set(record["table"]) == {"low", "medium", "high", "auto"}
     assert record["calibration"]["turns"] >= 6
+    # Kestrel's template reads reasoning_effort: each effort was played with its hint.
+    assert record["calibration"]["heeds_effort"] is True
+    assert set(record["calibration"]["reasoning_tokens_per_turn_by_effort"]) == {"low", "medium", "high", "auto"}
     loaded = EffortModel.load(tiny_ckpt)
     assert loaded.budgets == b and loaded.probe is not None
     assert loaded.probe.weights.shape == (32,)

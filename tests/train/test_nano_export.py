@@ -67,3 +67,18 @@ def test_export_refuses_bad_input(trained, tmp_path):
                  "--dtype", "bfloat16", *sum((["--set", o] for o in overrides), [])]) == 0
     model, _ = load_checkpoint(tmp_path / "ckpt")
     assert model.config.param_dtype == "bfloat16"
+
+
+def test_export_serves_the_template_the_synthetic_data_was_rendered_with(trained, tmp_path):
+    """A tokenizer folder saved with an older chat template (a bundled checkpoint's, say) still
+    exports with Kestrel's current one: the synthetic source rendered every example that way."""
+    from model.chat_template import KESTREL_TEMPLATE
+    from model.tokenizer import Tokenizer
+
+    root, tok, _, _ = trained
+    old = tmp_path / "old_tok"
+    tok.with_chat_template("{{ messages[0].content }}").save(old)
+    assert Tokenizer.load(old).chat_template.source != KESTREL_TEMPLATE
+    out = export_trained(root / "run", tmp_path / "ckpt", config=CONFIG, overrides=[f"data.tokenizer={old}"])
+    _, loaded = load_checkpoint(out)
+    assert loaded.chat_template.source == KESTREL_TEMPLATE and loaded.vocab_size == tok.vocab_size

@@ -12,6 +12,8 @@ placeholder in the user's text (DESIGN.md's chat format), in order.
 import dataclasses
 from typing import Any
 
+from model.chat_template import effort_line
+
 CALCULATOR_TOOL: dict[str, Any] = {
     "type": "function",
     "function": {
@@ -88,6 +90,24 @@ class Example:
     def prompt_messages(self) -> list[dict[str, Any]]:
         """The messages the model sees before producing its final turn."""
         return self.messages[: self.meta["prompt_len"]]
+
+
+def with_effort_hint(example: Example, effort: str | None) -> Example:
+    """`example` as asked at reasoning `effort`: its system message ends with the sentence the
+    chat template writes for ``reasoning_effort`` (``model.chat_template.effort_line``), a system
+    message being opened for it if there is none. None leaves the example as it is."""
+    if effort is None:
+        return example
+    line = effort_line(effort)
+    messages = [dict(m) for m in example.messages]
+    if messages and messages[0]["role"] == "system":
+        messages[0]["content"] = (messages[0]["content"] + "\n" if messages[0]["content"] else "") + line
+        prompt_len = example.meta["prompt_len"]
+    else:
+        messages.insert(0, {"role": "system", "content": line})
+        prompt_len = example.meta["prompt_len"] + 1
+    return dataclasses.replace(example, messages=messages,
+                               meta={**example.meta, "effort": effort, "prompt_len": prompt_len})
 
 
 def tool_call(name: str, arguments: dict[str, Any], call_id: str) -> dict[str, Any]:

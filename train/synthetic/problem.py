@@ -20,6 +20,13 @@ single ``python`` call instead and its printed output is the answer.
 Without tools, a single assistant message computes in its reasoning: each step lists every
 operation of its expression (``4821 * 37 = 178377``, one per line, in evaluation order) from the
 exact calculator trace, then the same ``Answer:`` / ``Summary:`` lines.
+
+Reasoning effort (the system turn's ``Reasoning effort: ...`` line, `with_effort_hint`) sets how
+much of the scheme is written (`trace_depth`): ``high`` (and no hint) all of it; ``medium`` drops
+the ``Task:`` and ``Given:`` lines; ``low`` also drops the ``Plan:`` line and the sentences that
+restate tool results, keeping the step lines, the computation itself (without tools) and ``So the
+answer is``. ``auto`` writes what the problem's difficulty needs: low for levels 1 to 3, medium at
+level 4, high at level 5. The tool calls and the answer are the same at every effort.
 """
 
 import dataclasses
@@ -27,7 +34,7 @@ import random
 from fractions import Fraction
 
 from serve.tools.calculator import calculate, format_number, trace
-from train.synthetic.example import BUILTIN_TOOLS, SYSTEM_PROMPT, Example, tool_call
+from train.synthetic.example import BUILTIN_TOOLS, SYSTEM_PROMPT, Example, tool_call, with_effort_hint
 from train.synthetic.python_tool import run_python
 from train.synthetic.quantities import format_quantity
 
@@ -83,12 +90,31 @@ class Problem:
     figure: dict | None = None
 
 
-def _header(p: Problem) -> list[str]:
+EFFORTS = ("low", "medium", "high", "auto")
+
+
+def trace_depth(effort: str | None, level: int) -> str:
+    """How much of the reasoning scheme an example at `effort` writes: ``full``, ``plan`` (no
+    Task/Given lines) or ``steps`` (no header, no restated results).
+
+    Raises:
+      ValueError: an effort outside `EFFORTS` (and not None).
+    """
+    if effort is not None and effort not in EFFORTS:
+        raise ValueError(f"effort must be one of {', '.join(EFFORTS)} or None, got {effort!r}")
+    if effort == "auto":
+        effort = "low" if level <= 3 else "medium" if level == 4 else "high"
+    return {None: "full", "high": "full", "medium": "plan", "low": "steps"}[effort]
+
+
+def _header(p: Problem, depth: str = "full") -> list[str]:
     lines = [p.reads] if p.reads else []
-    lines.append(f"Task: {p.kind}.")
-    if p.given:
-        lines.append("Given: " + "; ".join(p.given) + ".")
-    lines.append(f"Plan: {p.plan}")
+    if depth == "full":
+        lines.append(f"Task: {p.kind}.")
+        if p.given:
+            lines.append("Given: " + "; ".join(p.given) + ".")
+    if depth != "steps":
+        lines.append(f"Plan: {p.plan}")
     return lines
 
 
@@ -101,26 +127,30 @@ def _final(answer: str, summary: str) -> str:
     return f"Answer: {answer}\nSummary: {summary}"
 
 
-def build_stem_example(p: Problem, *, task: str, level: int, split: str, tools: bool) -> Example:
-    """Builds the conversation for `p` (see the module docstring for the scheme)."""
+def build_stem_example(p: Problem, *, task: str, level: int, split: str, tools: bool,
+                       effort: str | None = None) -> Example:
+    """Builds the conversation for `p` asked at reasoning `effort` (see the module docstring)."""
+    depth = trace_depth(effort, level)
+    restate = depth != "steps"
     messages: list[dict] = [
         {"role": "system", "content": SYSTEM_PROMPT},
         {"role": "user", "content": p.question},
     ]
     if tools and p.code is not None:
         out = run_python(p.code)
-        reasoning = "\n".join(_header(p) + [f"Step 1: {p.code_purpose}. Use python."])
+        reasoning = "\n".join(_header(p, depth) + [f"Step 1: {p.code_purpose}. Use python."])
         answer = format_quantity(out, p.unit)
         body = out
         messages += [
             {"role": "assistant", "content": "", "reasoning_content": reasoning,
              "tool_calls": [tool_call("python", {"code": p.code}, "call_0")]},
             {"role": "tool", "tool_call_id": "call_0", "content": out},
-            {"role": "assistant", "reasoning_content": f"Python printed {out}.\nSo the answer is {answer}."},
+            {"role": "assistant", "reasoning_content": (f"Python printed {out}.\n" if restate else "")
+             + f"So the answer is {answer}."},
         ]
     elif tools:
         results: list[str] = []
-        lines = _header(p)
+        lines = _header(p, depth)
         for i, step in enumerate(p.steps):
             expr = step.expression.format(**{f"r{j}": r for j, r in enumerate(results)})
             out = calculate(expr)
@@ -131,14 +161,14 @@ def build_stem_example(p: Problem, *, task: str, level: int, split: str, tools: 
                 {"role": "tool", "tool_call_id": f"call_{i}", "content": out},
             ]
             results.append(out)
-            lines = [f"The calculator returned {out}: {step.purpose} is {out}."]
+            lines = [f"The calculator returned {out}: {step.purpose} is {out}."] if restate else []
         body = _body(p, results)
         answer = format_quantity(body, p.unit)
         lines.append(f"So the answer is {answer}.")
         messages.append({"role": "assistant", "reasoning_content": "\n".join(lines)})
     else:
         results = []
-        lines = _header(p)
+        lines = _header(p, depth)
         for i, step in enumerate(p.steps):
             expr = step.expression.format(**{f"r{j}": r for j, r in enumerate(results)})
             out, ops = trace(expr)
@@ -159,8 +189,9 @@ def build_stem_example(p: Problem, *, task: str, level: int, split: str, tools: 
     }
     if p.figure is not None:
         meta["figure"] = p.figure
-    return Example(messages=messages, tools=[dict(t) for t in BUILTIN_TOOLS] if tools else [], meta=meta,
-                   images=list(p.images))
+    example = Example(messages=messages, tools=[dict(t) for t in BUILTIN_TOOLS] if tools else [], meta=meta,
+                      images=list(p.images))
+    return with_effort_hint(example, effort)
 
 
 # Small helpers the task modules share for drawing numbers and phrasing.

@@ -7,8 +7,8 @@ from typing import Callable, Iterator
 from train.synthetic import (algebra, arithmetic, chemistry, combinatorics, conversions, drills, physics, summaries,
                              word_problems)
 from train.synthetic import function_calling as fc
-from train.synthetic.example import SPLITS, Example
-from train.synthetic.problem import Problem, build_stem_example
+from train.synthetic.example import SPLITS, Example, with_effort_hint
+from train.synthetic.problem import EFFORTS, Problem, build_stem_example, trace_depth
 
 
 def _pictured(maker: str) -> Callable[[random.Random, int, str], Problem]:
@@ -107,7 +107,7 @@ def _check(level: int, split: str) -> None:
 
 
 def generate(task: str | None = None, *, level: int, rng: random.Random | None = None, seed: int | None = None,
-             split: str = "train", tools: bool = True) -> Example:
+             split: str = "train", tools: bool = True, effort: str | None = None) -> Example:
     """One example.
 
     Args:
@@ -119,12 +119,16 @@ def generate(task: str | None = None, *, level: int, rng: random.Random | None =
       split: "train" or "heldout"; selects disjoint vocabularies for function names and schemas.
       tools: offer the calculator and python tools; False makes the model compute in its
         reasoning (stem tasks only).
+      effort: ask at this reasoning effort (``problem.EFFORTS``): the system turn says so, and a
+        stem or vision problem's reasoning is as long as the effort asks (``problem.trace_depth``);
+        function calling keeps its reasoning. Summaries and drills take none. None: no hint.
 
     Raises:
       ValueError: unknown task, level out of range, bad split, no randomness given, or
-        ``tools=False`` for a function-calling task.
+        ``tools=False`` for a function-calling task, or an effort for a summary or drill.
     """
     _check(level, split)
+    trace_depth(effort, level)  # checks the name
     if rng is None:
         if seed is None:
             raise ValueError("give rng or seed")
@@ -137,14 +141,18 @@ def generate(task: str | None = None, *, level: int, rng: random.Random | None =
     if spec.suite == "tools":
         if not tools:
             raise ValueError(f"task {task!r} is function calling and needs tools=True")
-        return spec.make(rng, level, split)
+        return with_effort_hint(spec.make(rng, level, split), effort)
     if spec.suite in ("summary", "drill"):
+        if effort is not None:
+            raise ValueError(f"task {task!r} ({spec.suite}) takes no reasoning effort")
         return spec.make(rng, level, split)
-    return build_stem_example(spec.make(rng, level, split), task=task, level=level, split=split, tools=tools)
+    return build_stem_example(spec.make(rng, level, split), task=task, level=level, split=split, tools=tools,
+                              effort=effort)
 
 
 def mixture(seed: int, levels: dict[int, float], split: str = "train", n: int | None = None, *,
-            tasks: dict[str, float] | None = None, tools_fraction: float = 0.8) -> Iterator[Example]:
+            tasks: dict[str, float] | None = None, tools_fraction: float = 0.8,
+            efforts: dict[str | None, float] | None = None) -> Iterator[Example]:
     """A deterministic stream of examples: the i-th depends only on (`seed`, i).
 
     Args:
@@ -154,6 +162,8 @@ def mixture(seed: int, levels: dict[int, float], split: str = "train", n: int | 
       n: how many examples; None streams forever.
       tasks: task (or suite) -> weight (see `task_weights`); default every text task with weight 1.
       tools_fraction: the share of stem examples that offer tools (the rest compute in reasoning).
+      efforts: effort (or None: no hint) -> weight, drawn for every stem, vision and
+        function-calling example (see `generate`); None: no hints at all.
 
     Yields:
       Examples. Each one is drawn from its own ``random.Random((seed, i))``-like seed, so a stream
@@ -166,17 +176,34 @@ def mixture(seed: int, levels: dict[int, float], split: str = "train", n: int | 
     tasks = task_weights(tasks or None)
     if not 0 <= tools_fraction <= 1:
         raise ValueError(f"tools_fraction must be in [0, 1], got {tools_fraction}")
+    check_efforts(efforts)
     i = 0
     while n is None or i < n:
-        yield mixture_at(seed, i, levels, split, tasks, tools_fraction)
+        yield mixture_at(seed, i, levels, split, tasks, tools_fraction, efforts)
         i += 1
 
 
+def check_efforts(efforts: dict[str | None, float] | None) -> None:
+    """Raises ValueError for an effort mix with an unknown name or without a positive weight."""
+    if efforts is None:
+        return
+    for name in efforts:
+        if name is not None and name not in EFFORTS:
+            raise ValueError(f"unknown effort {name!r} in efforts; known: {', '.join(EFFORTS)} or None (no hint)")
+    if any(w < 0 for w in efforts.values()) or sum(efforts.values()) <= 0:
+        raise ValueError(f"effort weights must be >= 0 with a positive sum, got {efforts!r}")
+
+
 def mixture_at(seed: int, index: int, levels: dict[int, float], split: str, tasks: dict[str, float],
-               tools_fraction: float) -> Example:
+               tools_fraction: float, efforts: dict[str | None, float] | None = None) -> Example:
     """The `index`-th example of ``mixture(seed, levels, split, tasks=tasks, ...)``."""
     rng = random.Random(seed * 1_000_003 + index)
     level = rng.choices(list(levels), weights=list(levels.values()))[0]
     task = rng.choices(list(tasks), weights=list(tasks.values()))[0]
     tools = TASKS[task].suite == "tools" or rng.random() < tools_fraction
-    return generate(task, level=level, rng=rng, split=split, tools=tools)
+    effort = None
+    if efforts and TASKS[task].suite in ("stem", "vision", "tools"):
+        # Its own random source: the rest of the example is what it is without efforts.
+        pick = random.Random(f"effort:{seed}:{index}")
+        effort = pick.choices(list(efforts), weights=list(efforts.values()))[0]
+    return generate(task, level=level, rng=rng, split=split, tools=tools, effort=effort)
