@@ -25,9 +25,21 @@ held-out teacher-forced accuracy of copyable number tokens (``bench/teacher_forc
 - ``logits_share=0.5``: the vocabulary projection only at each row's loss positions (~30% of
   them), 1.2x the step rate, the same loss.
 
-    python -m train.nano_tokenizer runs/nano/tokenizer --vocab-size 10240 --examples 20000
-    kestrel train --config configs/nano.py --workdir runs/nano --set data.tokenizer=runs/nano/tokenizer
-    python -m train.export runs/nano checkpoints/kestrel-nano --config configs/nano.py --set data.tokenizer=runs/nano/tokenizer --force
+Every STEM and function-calling example is asked at a reasoning effort drawn uniformly from none
+(no hint), low, medium, high and auto (``data.efforts``): the system turn's last line says it
+(``Reasoning effort: low.``, the line Kestrel's chat template writes for ``reasoning_effort``,
+which the serving engine passes from a request's effort), and a STEM example's reasoning is as
+long as the effort asks (``train/synthetic/problem.py``: high and no hint write the whole scheme,
+medium drops the Task and Given lines, low also the Plan line and the restated tool results; auto
+writes low at levels 1 to 3, medium at 4, high at 5); calls and answers are the same at every
+effort. The bundled weights were trained so (2026-12-01).
+
+The tokenizer is the bundled checkpoint's (8,604 pieces, trained by ``train/nano_tokenizer.py`` at
+commit 5bbc1e5; at HEAD that trainer fills 10,240 pieces, more than the 8,768 rows here):
+
+    kestrel train --config configs/nano.py --workdir runs/nano
+    python -m train.export runs/nano runs/nano/export --config configs/nano.py
+    python -m train.effort_calibration runs/nano/export --n 30 --eval-n 100 --max-new-tokens 256
 """
 
 from model.config import ModelConfig
@@ -37,6 +49,9 @@ from train.synthetic import TEXT_TASKS
 
 # The trained tokenizer saturates below this (8,604 pieces); a multiple of 64.
 VOCAB_SIZE = 8768
+
+# Reasoning efforts the examples are asked at (None: no hint), and their weights.
+EFFORT_MIX = ((None, 1.0), ("low", 1.0), ("medium", 1.0), ("high", 1.0), ("auto", 1.0))
 
 
 def config() -> RunConfig:
@@ -58,7 +73,8 @@ def config() -> RunConfig:
         optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=80, end_lr_ratio=0.05,
                                   weight_decay=0.05, b2=0.98),
         data=DataConfig(source="train.data:synthetic_batches", batch_size=2, seq_len=1024,
-                        tokenizer="runs/nano/tokenizer", tools_fraction=0.9,
-                        tasks=tuple((name, 2.0 if name == "copy" else 1.0) for name in TEXT_TASKS)),
+                        tokenizer="checkpoints/kestrel-nano", tools_fraction=0.9,
+                        tasks=tuple((name, 2.0 if name == "copy" else 1.0) for name in TEXT_TASKS),
+                        efforts=EFFORT_MIX),
         checkpoint=CheckpointConfig(every_steps=100, keep=2, async_save=True),
     )

@@ -17,6 +17,7 @@ from serve.api.errors import ApiError, invalid, not_found
 from serve.api.records import RecordStore
 from serve.grammar import FunctionTool, check_schema
 from serve.request import SamplingParams
+from serve.tools.schemas import CALCULATOR_TOOL, PYTHON_TOOL
 
 import grpc
 
@@ -25,17 +26,11 @@ MAX_CACHE_SALT = 256
 MAX_METADATA = 16
 MAX_STOP = 4
 
+# The schemas kestrel-nano was trained with (a model offered other words reads another prompt).
 BUILTIN_TOOLS: Mapping[str, FunctionTool] = {
-    "calculator": FunctionTool(
-        "calculator",
-        {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"],
-         "additionalProperties": False},
-        "Exact arithmetic on an expression, e.g. 2**10 or sqrt(2) * 3."),
-    "python": FunctionTool(
-        "python",
-        {"type": "object", "properties": {"code": {"type": "string"}}, "required": ["code"],
-         "additionalProperties": False},
-        "Runs Python code in a sandbox and returns what it printed."),
+    t["function"]["name"]: FunctionTool(t["function"]["name"], t["function"]["parameters"],
+                                        t["function"]["description"])
+    for t in (CALCULATOR_TOOL, PYTHON_TOOL)
 }
 
 EFFORTS = {pb.REASONING_EFFORT_UNSPECIFIED: "medium", pb.REASONING_EFFORT_NONE: "none",

@@ -13,43 +13,7 @@ import dataclasses
 from typing import Any
 
 from model.chat_template import effort_line
-
-CALCULATOR_TOOL: dict[str, Any] = {
-    "type": "function",
-    "function": {
-        "name": "calculator",
-        "description": (
-            "Evaluate an arithmetic expression exactly. Supports + - * / // % ** and parentheses, "
-            "decimals, sqrt, sin, cos, tan (radians), log (base 10), ln, exp, abs, round, min, max, "
-            "factorial, comb, perm and the constants pi and e."
-        ),
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "expression": {"type": "string", "description": "The expression, e.g. (3 + 4.5) * 2"}
-            },
-            "required": ["expression"],
-            "additionalProperties": False,
-        },
-    },
-}
-
-PYTHON_TOOL: dict[str, Any] = {
-    "type": "function",
-    "function": {
-        "name": "python",
-        "description": (
-            "Run a short Python program and return what it prints. The modules math, fractions "
-            "and itertools can be imported."
-        ),
-        "parameters": {
-            "type": "object",
-            "properties": {"code": {"type": "string", "description": "Python source that prints its result"}},
-            "required": ["code"],
-            "additionalProperties": False,
-        },
-    },
-}
+from serve.tools.schemas import CALCULATOR_TOOL, PYTHON_TOOL
 
 BUILTIN_TOOLS = (CALCULATOR_TOOL, PYTHON_TOOL)
 
