@@ -128,6 +128,7 @@ class Tokenizer:
         source: str = "tokenizer",
     ):
         self._backend = backend
+        self._source = source
         for t in (bos_token, eos_token):
             if t is not None and backend.token_to_id(t) is None:
                 raise KestrelError(f"{source}: special token {t!r} is not in the vocabulary")
@@ -278,7 +279,8 @@ class Tokenizer:
         """This tokenizer with another chat template (the vocabulary and special tokens shared)."""
         return Tokenizer(self._backend, bos_token=self.bos_token, eos_token=self.eos_token,
                          pad_token=self.pad_token, unk_token=self.unk_token, add_bos_token=self.add_bos_token,
-                         stop_tokens=self.stop_tokens, chat_template=chat_template)
+                         stop_tokens=self.stop_tokens, chat_template=chat_template,
+                         source=self._source)
 
     def save(self, directory: str | os.PathLike) -> None:
         """Writes the Kestrel form: the tokenizer file plus ``tokenizer_config.json``."""

@@ -93,6 +93,12 @@ class Problem:
 EFFORTS = ("low", "medium", "high", "auto")
 
 
+def check_effort(effort: str | None) -> None:
+    """Raises ValueError for an effort outside `EFFORTS` (None, no hint, is allowed)."""
+    if effort is not None and effort not in EFFORTS:
+        raise ValueError(f"effort must be one of {', '.join(EFFORTS)} or None, got {effort!r}")
+
+
 def trace_depth(effort: str | None, level: int) -> str:
     """How much of the reasoning scheme an example at `effort` writes: ``full``, ``plan`` (no
     Task/Given lines) or ``steps`` (no header, no restated results).
@@ -100,8 +106,7 @@ def trace_depth(effort: str | None, level: int) -> str:
     Raises:
       ValueError: an effort outside `EFFORTS` (and not None).
     """
-    if effort is not None and effort not in EFFORTS:
-        raise ValueError(f"effort must be one of {', '.join(EFFORTS)} or None, got {effort!r}")
+    check_effort(effort)
     if effort == "auto":
         effort = "low" if level <= 3 else "medium" if level == 4 else "high"
     return {None: "full", "high": "full", "medium": "plan", "low": "steps"}[effort]

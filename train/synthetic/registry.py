@@ -8,7 +8,7 @@ from train.synthetic import (algebra, arithmetic, chemistry, combinatorics, conv
                              word_problems)
 from train.synthetic import function_calling as fc
 from train.synthetic.example import SPLITS, Example, with_effort_hint
-from train.synthetic.problem import EFFORTS, Problem, build_stem_example, trace_depth
+from train.synthetic.problem import EFFORTS, Problem, build_stem_example, check_effort
 
 
 def _pictured(maker: str) -> Callable[[random.Random, int, str], Problem]:
@@ -128,7 +128,7 @@ def generate(task: str | None = None, *, level: int, rng: random.Random | None =
         ``tools=False`` for a function-calling task, or an effort for a summary or drill.
     """
     _check(level, split)
-    trace_depth(effort, level)  # checks the name
+    check_effort(effort)
     if rng is None:
         if seed is None:
             raise ValueError("give rng or seed")
