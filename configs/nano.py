@@ -39,7 +39,7 @@ commit 5bbc1e5; at HEAD that trainer fills 10,240 pieces, more than the 8,768 ro
 
     kestrel train --config configs/nano.py --workdir runs/nano
     python -m train.export runs/nano runs/nano/export --config configs/nano.py
-    python -m train.effort_calibration runs/nano/export --n 30 --eval-n 100 --max-new-tokens 256
+    python -m train.effort_calibration runs/nano/export --n 600 --fc-n 100 --eval-n 400 --max-new-tokens 256
 """
 
 from model.config import ModelConfig

@@ -120,6 +120,7 @@ class RequestHandle:
         self.usage: ev.Usage | None = None
         self.finish_reason: str | None = None
         self.reasoning_budget: int | None = None  # the predicted budget of an effort="auto" request
+        self.effort: str | None = None  # the effort served (for effort="auto", the router's choice)
         self.request: Request | None = None
         self._queue: queue.Queue = queue.Queue()
         self._done = threading.Event()
@@ -333,6 +334,12 @@ class Engine:
             raise ValueError(f"request id {rid!r} is already in flight")
         tools = tuple(_function_tool(t) for t in req.tools)
         spec = None
+        if req.channels and req.effort == "auto" and req.reasoning_budget is None:
+            # A router (a model that heeds the effort hint) picks the effort from the last user
+            # message before the prompt is rendered: its hint and its budget serve the request.
+            routed = self.effort.route(self._conversation_messages(req))
+            if routed is not None and routed != "auto":
+                req = dataclasses.replace(req, effort=routed)
         # effort="auto": the probe sets the budget from the prompt's last hidden state after
         # prefill; a model without a probe reasons at its medium budget.
         predict = req.channels and req.effort == "auto" and req.reasoning_budget is None
@@ -388,6 +395,7 @@ class Engine:
             decoder = self.tokenizer.stream_decoder(skip_special_tokens=True)
         handle = RequestHandle(rid, prompt)
         handle.request = request
+        handle.effort = req.effort if req.channels else None
         live = _Live(request, handle, machine, decoder, messages, tool_schemas, req.store)
         # Penalties change along the draft and logprobs would be needed at every position: such
         # requests decode one token at a time (documented in serve.speculative).
@@ -398,6 +406,13 @@ class Engine:
             self._inbox.append(("add", rid, live))
             self._wake.notify()
         return handle
+
+    def _conversation_messages(self, req: EngineRequest) -> list:
+        """The messages of the conversation a request continues (a stored turn's) and its own."""
+        if req.messages is None:
+            return []
+        prev = self.responses.get(req.previous_response_id) if req.previous_response_id else None
+        return list(prev.messages or ()) + list(req.messages) if prev is not None else list(req.messages)
 
     def _prompt(self, req: EngineRequest, tool_schemas):
         """(prompt ids, messages or None, image spans, image inputs) of a request."""

@@ -1,30 +1,36 @@
-"""Calibrates a checkpoint's reasoning effort: the budget table and the ``effort=auto`` probe.
+"""Calibrates a checkpoint's reasoning effort: the budget table and what ``effort=auto`` does.
 
-    python -m train.effort_calibration CKPT [--n 100] [--eval-n 100] [--out bench/results/effort.json]
+    python -m train.effort_calibration CKPT [--n 100] [--fc-n N] [--eval-n 100] [--out bench/results/effort.json]
 
-1. Plays held-out STEM and function-calling problems (seed 1; ``kestrel eval`` uses seed 0) through
-   the serving engine at an unbounded budget, and records every turn: its prompt and the reasoning
-   tokens the model spent on it. A model whose chat template reads ``reasoning_effort`` (trained to
-   heed an effort, ``configs/nano.py``) is played at each effort, the hint in its prompts;
-   any other model once, at high.
-2. Budgets from those reasoning tokens per turn. A model that heeds the effort: each effort's
-   budget is 1.5 x the most that effort spent (so a budget cuts only a runaway turn); otherwise,
-   from the one distribution, ``low`` its median, ``medium`` its 90th percentile, ``high`` 1.5 x
-   its maximum. Each rounded up to a multiple of 16 and kept increasing.
-3. The ``auto`` probe (``serve/effort.py``): ridge regression of ``log(1 + reasoning tokens)`` on
-   the turn prompt's last hidden state (the turns played at auto when the model heeds the effort,
-   else those at high), fitted on 80% of the turns and checked on the other 20% (then refitted on
-   all of them).
-4. Writes ``CKPT/effort.json``, then plays the eval set (seed 0) at low, medium, high and auto and
-   reports accuracy, reasoning tokens per problem and the share of turns that ended in an answer;
-   with ``--out`` the whole record is saved as JSON. A model that heeds the effort sizes its own
-   reasoning at auto, so auto is also played without the probe (the medium budget a cap): where
-   that scores higher on STEM by more than a point, the probe is dropped from ``effort.json``.
+1. Plays `n` held-out STEM problems (with tools) and `fc_n` function-calling ones (seed 1;
+   ``kestrel eval`` uses seed 0) through the serving engine at an unbounded budget, and records every turn (its prompt,
+   the reasoning tokens spent, whether the reasoning closed) and every problem's outcome. A model
+   whose chat template reads ``reasoning_effort`` (trained to heed an effort, ``configs/nano.py``)
+   is played at each effort, the hint in its prompts; any other model once, at high.
+2. Budgets from the reasoning of turns that closed it (a turn still reasoning at max_new_tokens is
+   a runaway, the thing a budget is for). A model that heeds the effort: each effort's budget is
+   1.5 x the most that effort spent; otherwise, from the one distribution, ``low`` its median,
+   ``medium`` its 90th percentile, ``high`` 1.5 x its maximum. Each rounded up to a multiple of 16
+   and kept increasing.
+3. ``auto``. A model that heeds the effort sizes its own reasoning, and a budget can only cut it,
+   so ``auto`` is a router (``serve.effort.EffortRouter``): fitted on the problems' outcomes at
+   each effort, it picks per problem the cheapest effort predicted to answer as well as high. Its
+   ridge penalty and tolerance are chosen by 5-fold cross-validation on the calibration problems:
+   the most accurate setting that saves 30% of high's reasoning tokens (``select_router``).
+   Any other model gets the probe (``serve.effort.EffortProbe``): ridge regression of ``log(1 +
+   reasoning tokens)`` on the turn prompt's last hidden state, fitted on 80% of the turns and
+   checked on the other 20% (then refitted on all of them).
+4. Writes ``CKPT/effort.json``, then plays the eval set (seed 0: `eval_n` STEM problems and `fc_n`
+   function-calling ones) at low, medium, high and auto and
+   reports accuracy, reasoning tokens per problem and the share of problems that ended in an
+   answer (a router's auto also beside the model's own sizing: the auto hint, medium budget); with
+   ``--out`` the whole record is saved as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -40,11 +46,14 @@ import numpy as np
 from flax import nnx
 
 from kestrel.errors import KestrelError
-from serve.effort import EffortModel, fit_probe
+from serve.effort import EffortModel, fit_probe, fit_router, last_user_text
 from train import eval as ev
 
 EFFORTS = ("low", "medium", "high", "auto")
 UNBOUNDED = 1 << 20
+ROUTER_L2 = (0.1, 0.3, 1.0, 3.0, 10.0)
+ROUTER_TOLERANCE = (0.0, 0.02, 0.05, 0.1, 0.15)
+SAVING = 0.3  # the share of high's reasoning tokens auto aims to save
 
 
 def _ceil16(x: float) -> int:
@@ -93,8 +102,9 @@ def last_hidden_states(model, prompts: list[list[int]], batch: int = 16) -> np.n
 
 
 def play(model, tokenizer, effort_model: EffortModel, effort: str, suites: dict[str, int], seed: int,
-         max_new_tokens: int, log: list | None = None) -> dict:
-    """Plays the suites through a fresh engine at `effort`; per-suite results and timing."""
+         max_new_tokens: int, log: list | None = None, rows: list | None = None) -> dict:
+    """Plays the suites (STEM with tools) through a fresh engine at `effort`; per-suite results
+    and timing. `rows` gets every problem's scores, suite by suite in held-out order."""
     engine = ev.eval_engine(model, tokenizer, effort_model)
     policy = ev.engine_policy(engine, max_new_tokens=max_new_tokens, effort=effort)
     if log is not None:
@@ -102,17 +112,66 @@ def play(model, tokenizer, effort_model: EffortModel, effort: str, suites: dict[
     out = {}
     for suite, n in suites.items():
         t0 = time.perf_counter()
-        res = ev.evaluate(tokenizer, policy, suite, n=n, seed=seed,
-                          context_len=model.config.max_position_embeddings, effort=effort)
-        rows = [r for r in res["rows"] if r["mode"] == "tools"]
+        res = ev.evaluate(tokenizer, policy, suite, n=n, seed=seed, modes=("tools",), effort=effort,
+                          effort_model=effort_model, context_len=model.config.max_position_embeddings)
+        played = res["rows"]
+        if rows is not None:
+            rows.extend(played)
         out[suite] = {
-            "n": len(rows),
-            "accuracy": float(np.mean([r["correct"] for r in rows])),
-            "reasoning_tokens_per_problem": float(np.mean([r["reasoning_tokens"] for r in rows])),
-            "answered": float(np.mean([r["stop"] == "answer" for r in rows])),
+            "n": len(played),
+            "accuracy": float(np.mean([r["correct"] for r in played])),
+            "reasoning_tokens_per_problem": float(np.mean([r["reasoning_tokens"] for r in played])),
+            "answered": float(np.mean([r["stop"] == "answer" for r in played])),
             "seconds": round(time.perf_counter() - t0, 1),
         }
     return out
+
+
+def problem_texts(suites: dict[str, int], seed: int) -> list[str]:
+    """The last user message of each problem `play` plays, in its order."""
+    return [last_user_text(w.prompt_messages()) or "" for suite, n in suites.items()
+            for w, _ in ev.heldout_examples(suite, n, seed)]
+
+
+def select_router(texts: list[str], correct: dict[str, np.ndarray], tokens: dict[str, np.ndarray], *,
+                  folds: int = 5) -> tuple[dict, list[dict]]:
+    """The router's ridge penalty and tolerance by `folds`-fold cross-validation: each problem is
+    routed by a router fitted without it and scored by its outcome at the chosen effort.
+
+    The pick serves ``auto``'s aim, a third fewer reasoning tokens than high at as little accuracy
+    lost as possible: the most accurate setting that saves at least `SAVING` of high's tokens;
+    where none does, the one that saves the most within a point of high's accuracy; else the
+    most accurate.
+
+    Returns:
+      (the chosen ``{"l2", "tolerance", "accuracy", "reasoning_tokens"}``, every setting tried).
+    """
+    n = len(texts)
+    order = np.random.default_rng(0).permutation(n)
+    tried = []
+    for l2 in ROUTER_L2:
+        held_parts = [order[k::folds] for k in range(folds)]
+        routers = [fit_router([texts[i] for i in np.setdiff1d(order, held)],
+                              {e: c[np.setdiff1d(order, held)] for e, c in correct.items()},
+                              {e: t[np.setdiff1d(order, held)] for e, t in tokens.items()}, l2=l2)
+                   for held in held_parts]
+        for tol in ROUTER_TOLERANCE:
+            picks = {}
+            for held, router in zip(held_parts, routers):
+                router = dataclasses.replace(router, tolerance=tol)
+                picks.update({int(i): router.choose(texts[i]) for i in held})
+            tried.append({"l2": l2, "tolerance": tol,
+                          "accuracy": float(np.mean([correct[picks[i]][i] for i in range(n)])),
+                          "reasoning_tokens": float(np.mean([tokens[picks[i]][i] for i in range(n)]))})
+    most_accurate = lambda ts: max(ts, key=lambda t: (t["accuracy"], -t["reasoning_tokens"]))  # noqa: E731
+    saving = [t for t in tried if t["reasoning_tokens"] <= (1 - SAVING) * float(np.mean(tokens["high"]))]
+    floor = float(np.mean(correct["high"])) - 0.01 - 1e-9  # (a float sum: exactly one point is within)
+    close = [t for t in tried if t["accuracy"] >= floor]
+    if saving:
+        return most_accurate(saving), tried
+    if close:
+        return min(close, key=lambda t: t["reasoning_tokens"]), tried
+    return most_accurate(tried), tried
 
 
 SLACK = 8  # tokens added to every auto budget
@@ -139,8 +198,8 @@ def coverage_margin(hidden: np.ndarray, spent: np.ndarray, *, cover: float = 0.9
     return float(max(1.0, np.quantile(ratios, cover)))
 
 
-def calibrate(ckpt: str, *, n: int = 100, eval_n: int = 100, max_new_tokens: int = 512,
-              out: str | None = None) -> dict:
+def calibrate(ckpt: str, *, n: int = 100, eval_n: int = 100, fc_n: int | None = None,
+              max_new_tokens: int = 512, out: str | None = None) -> dict:
     from model.checkpoint import load_checkpoint
 
     model, tokenizer = load_checkpoint(ckpt)
@@ -150,29 +209,85 @@ def calibrate(ckpt: str, *, n: int = 100, eval_n: int = 100, max_new_tokens: int
     if think is None or end is None:
         raise KestrelError(f"{ckpt}: the tokenizer has no <think> / </think> tokens; nothing to calibrate")
 
-    # 1. Turns at an unbounded budget (auto without a probe: the medium budget, unbounded too).
+    # 1. Turns and problems at an unbounded budget (auto: the model's own sizing, unbounded too).
     unbounded = EffortModel({"low": UNBOUNDED, "medium": UNBOUNDED, "high": UNBOUNDED})
     heeds = heeds_effort(tokenizer)
-    turns: dict[str, tuple[list, np.ndarray]] = {}
+    fc_n = n if fc_n is None else fc_n
+    suites = {"stem": n, "tools": fc_n}
+    turns: dict[str, tuple[list, np.ndarray, np.ndarray]] = {}
+    outcomes: dict[str, list[dict]] = {}
+    played: dict[str, dict] = {}
     for effort in (EFFORTS if heeds else ("high",)):
         log: list = []
-        play(model, tokenizer, unbounded, effort, {"stem": n, "tools": n}, seed=1,
-             max_new_tokens=max_new_tokens, log=log)
+        outcomes[effort] = []
+        played[effort] = play(model, tokenizer, unbounded, effort, suites, seed=1,
+                              max_new_tokens=max_new_tokens, log=log, rows=outcomes[effort])
         turns[effort] = ([p for p, _ in log],
-                         np.array([ev.think_tokens(ids, think, end) for _, ids in log], np.float64))
+                         np.array([ev.think_tokens(ids, think, end) for _, ids in log], np.float64),
+                         np.array([end in ids for _, ids in log]))
+        print(f"calibration at {effort}: {json.dumps(played[effort])}", flush=True)
 
-    # 2. Budgets.
+    # 2. Budgets from the turns that closed their reasoning.
+    def finished(effort: str) -> np.ndarray:
+        _, spent, closed = turns[effort]
+        return spent[closed] if closed.any() else spent
+
     if heeds:
-        budgets = {e: _ceil16(1.5 * turns[e][1].max()) for e in ("low", "medium", "high")}
+        budgets = {e: _ceil16(1.5 * finished(e).max()) for e in ("low", "medium", "high")}
     else:
-        spent = turns["high"][1]
+        spent = finished("high")
         budgets = {"low": _ceil16(np.percentile(spent, 50)), "medium": _ceil16(np.percentile(spent, 90)),
                    "high": _ceil16(1.5 * spent.max())}
-    prompts, spent = turns["auto" if heeds else "high"]
     budgets["medium"] = max(budgets["medium"], budgets["low"] + 16)
     budgets["high"] = max(budgets["high"], budgets["medium"] + 16)
+    calibration = {"problems": suites, "seed": 1, "heeds_effort": heeds, "played": played,
+                   "reasoning_tokens_per_turn_by_effort": {
+                       e: {"turns": len(s), "closed": int(c.sum()), "mean": float(s.mean()),
+                           "max_closed": float(finished(e).max())} for e, (_, s, c) in turns.items()}}
 
-    # 3. The probe, checked on held-back turns, then refitted on all.
+    # 3. auto: a router for a model that heeds the effort, else the probe.
+    if heeds:
+        texts = problem_texts(suites, seed=1)
+        correct = {e: np.array([float(r["correct"]) for r in outcomes[e]]) for e in EFFORTS}
+        tokens = {e: np.array([float(r["reasoning_tokens"]) for r in outcomes[e]]) for e in EFFORTS}
+        best, tried = select_router(texts, correct, tokens)
+        router = fit_router(texts, correct, tokens, l2=best["l2"], tolerance=best["tolerance"])
+        calibration["router"] = {"chosen": best, "cross_validated": tried,
+                                 "high": {"accuracy": float(correct["high"].mean()),
+                                          "reasoning_tokens": float(tokens["high"].mean())}}
+        model_effort = EffortModel(budgets, router=router)
+        print(f"router: l2 {best['l2']}, tolerance {best['tolerance']}: cross-validated accuracy "
+              f"{best['accuracy']:.3f} at {best['reasoning_tokens']:.1f} reasoning tokens per problem "
+              f"(high: {correct['high'].mean():.3f} at {tokens['high'].mean():.1f})", flush=True)
+    else:
+        prompts, spent, _ = turns["high"]
+        model_effort = EffortModel(budgets, fit_auto_probe(model, prompts, spent, budgets, calibration))
+    path = model_effort.save(ckpt, calibration)
+    print(f"wrote {path}: budgets {budgets}", flush=True)
+
+    # 4. The effort table on the eval set.
+    table = {}
+    for effort in EFFORTS:
+        table[effort] = play(model, tokenizer, model_effort, effort, {"stem": eval_n, "tools": fc_n},
+                             seed=0, max_new_tokens=max_new_tokens)
+        print(effort, json.dumps(table[effort]), flush=True)
+    if heeds:
+        table["auto_own_sizing"] = play(model, tokenizer, EffortModel(budgets), "auto", {"stem": eval_n, "tools": fc_n},
+                                        seed=0, max_new_tokens=max_new_tokens)
+        print("auto, the model's own sizing", json.dumps(table["auto_own_sizing"]), flush=True)
+    record = {"benchmark": "effort_calibration", "checkpoint": str(ckpt), "budgets": budgets,
+              "calibration": calibration, "eval_seed": 0, "eval_problems": {"stem": eval_n, "tools": fc_n},
+              "table": table, "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def fit_auto_probe(model, prompts: list, spent: np.ndarray, budgets: dict, calibration: dict):
+    """The probe for a model that does not heed the effort, checked on held-back turns, then
+    refitted on all; its figures go into `calibration`."""
     hidden = last_hidden_states(model, prompts)
     perm = np.random.default_rng(0).permutation(len(spent))
     cut = int(0.8 * len(perm))
@@ -187,60 +302,29 @@ def calibrate(ckpt: str, *, n: int = 100, eval_n: int = 100, max_new_tokens: int
     covered = float(np.mean([trial.budget(h) >= s for h, s in zip(hidden[test], spent[test])]))
     probe_kw["margin"] = coverage_margin(hidden, spent)
     probe = fit_probe(hidden, spent, **probe_kw)
-    calibration = {"turns": len(spent), "problems": 2 * n, "seed": 1, "heeds_effort": heeds,
-                   "reasoning_tokens_per_turn_by_effort": {
-                       e: {"mean": float(s.mean()), "max": float(s.max())} for e, (_, s) in turns.items()},
-                   "reasoning_tokens_per_turn": {"mean": float(spent.mean()), "p50": float(np.percentile(spent, 50)),
-                                                 "p90": float(np.percentile(spent, 90)), "max": float(spent.max())},
-                   "probe_heldout": {"turns": len(test), "mae_tokens": mae, "correlation": corr,
-                                     "margin": trial.margin, "budget_covers_need": covered},
-                   "margin": probe.margin}
-    model_effort = EffortModel(budgets, probe)
-    path = model_effort.save(ckpt, calibration)
-    print(f"wrote {path}: budgets {budgets}; probe on held-back turns: MAE {mae:.1f} tokens, "
-          f"correlation {corr}, budget >= need on {covered:.0%}", flush=True)
-
-    # 4. The effort table on the eval set.
-    table = {}
-    for effort in EFFORTS:
-        table[effort] = play(model, tokenizer, model_effort, effort, {"stem": eval_n, "tools": eval_n},
-                             seed=0, max_new_tokens=max_new_tokens)
-        print(effort, json.dumps(table[effort]), flush=True)
-    if heeds:
-        # A model that heeds the hint sizes its own reasoning at auto; the probe can then only cut
-        # it. Keep the probe only where it costs no STEM accuracy against auto under the medium cap.
-        capped = play(model, tokenizer, EffortModel(budgets), "auto", {"stem": eval_n, "tools": eval_n},
-                      seed=0, max_new_tokens=max_new_tokens)
-        print("auto without the probe", json.dumps(capped), flush=True)
-        calibration["auto_with_probe"], calibration["auto_without_probe"] = table["auto"], capped
-        if capped["stem"]["accuracy"] > table["auto"]["stem"]["accuracy"] + 0.01:
-            calibration["probe_dropped"] = "auto scored higher under the medium cap than under the probe's budgets"
-            model_effort = EffortModel(budgets)
-            model_effort.save(ckpt, calibration)
-            table["auto"] = capped
-            print(f"dropped the probe from {path}: {calibration['probe_dropped']}", flush=True)
-    record = {"benchmark": "effort_calibration", "checkpoint": str(ckpt), "budgets": budgets,
-              "calibration": calibration, "eval_seed": 0, "eval_problems_per_suite": eval_n,
-              "table": table, "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(record, indent=1) + "\n")
-    return record
+    calibration.update(turns=len(spent), probe_heldout={"turns": len(test), "mae_tokens": mae, "correlation": corr,
+                                                       "margin": trial.margin, "budget_covers_need": covered},
+                       margin=probe.margin)
+    print(f"probe on held-back turns: MAE {mae:.1f} tokens, correlation {corr}, budget >= need on "
+          f"{covered:.0%}", flush=True)
+    return probe
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("ckpt")
-    parser.add_argument("--n", type=int, default=100, help="calibration problems per suite")
+    parser.add_argument("--n", type=int, default=100, help="STEM problems to calibrate on")
+    parser.add_argument("--fc-n", type=int, default=None,
+                        help="function-calling problems to calibrate on and in the table (default: --n)")
     parser.add_argument("--eval-n", type=int, default=100, help="eval problems per suite and effort")
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    if args.n < 2 or args.eval_n < 1:
-        raise SystemExit("--n must be >= 2 and --eval-n >= 1")
+    if args.n < 2 or args.eval_n < 1 or (args.fc_n is not None and args.fc_n < 1):
+        raise SystemExit("--n must be >= 2, --eval-n and --fc-n >= 1")
     try:
-        calibrate(args.ckpt, n=args.n, eval_n=args.eval_n, max_new_tokens=args.max_new_tokens, out=args.out)
+        calibrate(args.ckpt, n=args.n, eval_n=args.eval_n, fc_n=args.fc_n, max_new_tokens=args.max_new_tokens,
+                  out=args.out)
     except KestrelError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

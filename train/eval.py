@@ -69,6 +69,7 @@ class Conversation:
       done: no more turns to write.
       stop: why it ended: ``answer`` (a turn without calls), ``length`` (a turn hit
         max_new_tokens), ``rounds`` (max_rounds reached) or ``context`` (no room left).
+      effort: the effort its prompt was rendered at (for ``auto``, a router's choice), or None.
     """
 
     example: Example
@@ -78,6 +79,7 @@ class Conversation:
     round_ids: list[list[int]] = dataclasses.field(default_factory=list)
     done: bool = False
     stop: str = ""
+    effort: str | None = None
 
     @property
     def suite(self) -> str:
@@ -109,10 +111,14 @@ def heldout_examples(suite: str, n: int, seed: int = 0) -> list[tuple[Example, E
     return out
 
 
-def start(example: Example, mode: str, tokenizer, effort: str | None = None) -> Conversation:
+def start(example: Example, mode: str, tokenizer, effort: str | None = None, effort_model=None) -> Conversation:
     """A conversation at the example's prompt, rendered by the tokenizer's chat template; with
     `effort` (low, medium, high, auto) passed to it as ``reasoning_effort``, as the serving engine
-    does (a template that reads no such variable renders the same prompt)."""
+    does (a template that reads no such variable renders the same prompt). ``auto`` with an
+    `effort_model` (``serve.effort.EffortModel``) that has a router is rendered at the effort the
+    router picks from the problem, as the engine does for ``auto`` requests."""
+    if effort == "auto" and effort_model is not None:
+        effort = effort_model.route(example.prompt_messages()) or effort
     if tokenizer.chat_template is None:
         raise KestrelError("the checkpoint's tokenizer has no chat template; eval needs one")
     # A summary is written without thinking: the prompt ends in Qwen3's empty think block.
@@ -122,7 +128,7 @@ def start(example: Example, mode: str, tokenizer, effort: str | None = None) -> 
         kwargs = {"reasoning_effort": effort} if effort not in (None, "none") else {}
     text = tokenizer.render_chat(example.prompt_messages(), tools=example.tools or None,
                                  add_generation_prompt=True, **kwargs)
-    return Conversation(example, mode, tokenizer.encode(text))
+    return Conversation(example, mode, tokenizer.encode(text), effort=effort)
 
 
 def _recorded_results(example: Example) -> dict[str, list[str]]:
@@ -272,7 +278,9 @@ def engine_policy(engine, *, max_new_tokens: int, effort: str = "medium", tool_c
             handles.append(engine.submit(EngineRequest(
                 prompt_token_ids=c.context, tools=c.example.tools, store=False, params=params,
                 tool_choice=tool_choice if c.example.tools else "none",
-                effort="none" if summary else effort, **images)))
+                # auto: the effort a router rendered the prompt at (start) serves it too
+                effort="none" if summary else c.effort if effort == "auto" and c.effort else effort,
+                **images)))
         engine.run_until_idle()
         return [list(h.output_token_ids) for h in handles]
 
@@ -390,18 +398,20 @@ def report(rows: list[dict]) -> dict[str, Any]:
 
 
 def evaluate(tokenizer, policy: Policy, suite: str, *, n: int, seed: int = 0, max_rounds: int = 8,
-             context_len: int | None = None, effort: str | None = None) -> dict[str, Any]:
-    """Plays `n` held-out problems of `suite` (both modes for stem) with `policy` and scores them;
-    prompts are rendered at `effort` (see `start`).
+             context_len: int | None = None, effort: str | None = None, effort_model=None,
+             modes: tuple[str, ...] = MODES) -> dict[str, Any]:
+    """Plays `n` held-out problems of `suite` (in `modes`: stem has both) with `policy` and scores
+    them; prompts are rendered at `effort` (see `start`, with `effort_model`'s router for auto).
 
     Returns:
       ``{"suite", "n", "seed", "results": report(rows), "rows": [per-conversation scores]}``.
     """
     convs = []
     for with_tools, without in heldout_examples(suite, n, seed):
-        convs.append(start(with_tools, "tools", tokenizer, effort))
-        if without is not None:
-            convs.append(start(without, "no_tools", tokenizer, effort))
+        if "tools" in modes:
+            convs.append(start(with_tools, "tools", tokenizer, effort, effort_model))
+        if without is not None and "no_tools" in modes:
+            convs.append(start(without, "no_tools", tokenizer, effort, effort_model))
     run_conversations(convs, policy, tokenizer, max_rounds=max_rounds, context_len=context_len)
     rows = [score(c, tokenizer) for c in convs]
     return {"suite": suite, "n": n, "seed": seed, "results": report(rows), "rows": rows}
@@ -474,7 +484,9 @@ def run_eval(ckpt_dir: str, suite: str, *, n: int = 100, seed: int = 0, max_new_
         or ``generator`` (``model.generate.Generator`` in fixed batches, `generator_policy`).
       effort: the reasoning effort (low, medium, high, auto; none disables thinking when
         `constrained`): the prompts are rendered with it (``reasoning_effort``, for models trained
-        to heed it) and, when `constrained`, the engine bounds reasoning by its budget.
+        to heed it) and, when `constrained`, the engine bounds reasoning by its budget; ``auto``
+        with a router in the checkpoint's ``effort.json`` renders each prompt at the effort the
+        router picks for it.
       quantize: quantize the weights at load (``int8``, ``int8-w8a8``), or None.
       kv_cache_dtype: ``auto`` or ``int8`` KV pages (the engine's paged cache, either decoding).
       early_exit: with `constrained`, decode with early exit at this confidence threshold (a
@@ -509,13 +521,15 @@ def run_eval(ckpt_dir: str, suite: str, *, n: int = 100, seed: int = 0, max_new_
         raise KestrelError(f"{ckpt_dir} has no tokenizer; eval needs one")
     if suite == "vision":
         check_takes_images(model, ckpt_dir, constrained or decoder == "engine")
-    if constrained:
+    effort_model = None
+    if constrained or effort == "auto":
         from serve.effort import EffortModel
 
         try:
             effort_model = EffortModel.load(ckpt_dir)
         except ValueError as e:
             raise KestrelError(str(e)) from None
+    if constrained:
         try:
             engine = eval_engine(model, tokenizer, effort_model, batch_size, kv_cache_dtype, early_exit)
         except ValueError as e:  # a model without exit heads, a threshold outside [0, 1]
@@ -528,7 +542,8 @@ def run_eval(ckpt_dir: str, suite: str, *, n: int = 100, seed: int = 0, max_new_
         policy = generator_policy(Generator(model), tokenizer, max_new_tokens=max_new_tokens,
                                   batch_size=batch_size)
     result = evaluate(tokenizer, policy, suite, n=n, seed=seed, max_rounds=max_rounds,
-                      context_len=model.config.max_position_embeddings, effort=effort)
+                      context_len=model.config.max_position_embeddings, effort=effort,
+                      effort_model=effort_model)
     result.update(checkpoint=str(ckpt_dir), max_new_tokens=max_new_tokens,
                   quantization=model.config.quantization, kv_cache_dtype=kv_cache_dtype,
                   decoding=(f"engine, effort {effort}" if constrained

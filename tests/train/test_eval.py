@@ -81,6 +81,22 @@ def test_prompts_carry_the_effort_hint(tok):
     assert "Reasoning effort" not in text(ev.start(summary, "tools", tok, "low"))  # written without thinking
 
 
+def test_auto_prompts_are_rendered_at_the_routers_effort(tok):
+    import numpy as np
+
+    from serve.effort import ROUTER_BUCKETS, EffortModel, EffortRouter
+
+    # Both efforts predicted equally right; low predicted cheaper: every problem goes to low.
+    tokens = np.zeros((2, ROUTER_BUCKETS + 1))
+    tokens[:, -1] = (20, 100)
+    router = EffortModel(router=EffortRouter(("low", "high"), np.zeros((2, ROUTER_BUCKETS + 1)), tokens))
+    (with_tools, _), = ev.heldout_examples("stem", 1, seed=3)
+    conv = ev.start(with_tools, "tools", tok, "auto", router)
+    assert conv.effort == "low" and "Reasoning effort: low." in tok.decode(conv.context)
+    plain = ev.start(with_tools, "tools", tok, "auto", EffortModel())  # no router: the model's own sizing
+    assert plain.effort == "auto" and "Reasoning effort: auto." in tok.decode(plain.context)
+
+
 def test_tool_calls_are_executed_and_fed_back(tok):
     call = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "6 * 7 + 0.5"}}\n</tool_call><|im_end|>'
     bad = '<tool_call>\n{"name": "weather", "arguments": {}}\n</tool_call><|im_end|>'
@@ -176,7 +192,7 @@ def test_engine_policy_constrains_every_call_to_the_offered_schemas(tok, tiny_ck
     assert engine.kv.pool.num_used == 0
 
 
-def test_effort_calibration_writes_budgets_probe_and_table(tiny_ckpt, tmp_path):
+def test_effort_calibration_writes_budgets_router_and_table(tiny_ckpt, tmp_path):
     from serve.effort import EffortModel
     from train.effort_calibration import calibrate
 
@@ -184,12 +200,28 @@ def test_effort_calibration_writes_budgets_probe_and_table(tiny_ckpt, tmp_path):
     record = calibrate(str(tiny_ckpt), n=3, eval_n=1, max_new_tokens=12, out=str(out))
     b = record["budgets"]
     assert 16 <= b["low"] < b["medium"] < b["high"] and all(v % 16 == 0 for v in b.values())
-    assert set(record["table"]) == {"low", "medium", "high", "auto"}
-    assert record["calibration"]["turns"] >= 6
-    # Kestrel's template reads reasoning_effort: each effort was played with its hint.
-    assert record["calibration"]["heeds_effort"] is True
-    assert set(record["calibration"]["reasoning_tokens_per_turn_by_effort"]) == {"low", "medium", "high", "auto"}
+    # Kestrel's template reads reasoning_effort: each effort was played with its hint, and auto is
+    # a router (set by cross-validation), shown beside the model's own sizing.
+    assert set(record["table"]) == {"low", "medium", "high", "auto", "auto_own_sizing"}
+    cal = record["calibration"]
+    assert cal["heeds_effort"] is True
+    assert set(cal["reasoning_tokens_per_turn_by_effort"]) == {"low", "medium", "high", "auto"}
+    assert all(v["turns"] >= 6 for v in cal["reasoning_tokens_per_turn_by_effort"].values())
+    assert cal["router"]["chosen"] in cal["router"]["cross_validated"]
     loaded = EffortModel.load(tiny_ckpt)
-    assert loaded.budgets == b and loaded.probe is not None
-    assert loaded.probe.weights.shape == (32,)
+    assert loaded.budgets == b and loaded.probe is None
+    assert loaded.router.efforts == ("low", "medium", "high", "auto")
+    assert loaded.route([{"role": "user", "content": "What is 2 + 2?"}]) in loaded.router.efforts
     assert json.loads(out.read_text())["table"] == record["table"]
+
+
+def test_effort_calibration_fits_the_probe_for_a_model_that_ignores_the_hint(tiny_ckpt, monkeypatch):
+    from serve.effort import EffortModel
+    from train import effort_calibration
+
+    monkeypatch.setattr(effort_calibration, "heeds_effort", lambda tokenizer: False)
+    record = effort_calibration.calibrate(str(tiny_ckpt), n=3, eval_n=1, max_new_tokens=12)
+    assert set(record["table"]) == {"low", "medium", "high", "auto"}
+    assert set(record["calibration"]["reasoning_tokens_per_turn_by_effort"]) == {"high"}
+    loaded = EffortModel.load(tiny_ckpt)
+    assert loaded.router is None and loaded.probe.weights.shape == (32,)
