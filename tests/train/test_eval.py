@@ -225,3 +225,19 @@ def test_effort_calibration_fits_the_probe_for_a_model_that_ignores_the_hint(tin
     assert set(record["calibration"]["reasoning_tokens_per_turn_by_effort"]) == {"high"}
     loaded = EffortModel.load(tiny_ckpt)
     assert loaded.router is None and loaded.probe.weights.shape == (32,)
+
+def test_effort_budgets_bench_runs_every_effort_within_its_budget(tiny_ckpt, tmp_path):
+    from bench.effort_budgets import main
+    from serve.effort import EffortModel
+
+    EffortModel({"low": 16, "medium": 32, "high": 48}).save(tiny_ckpt)
+    out = tmp_path / "budgets.json"
+    assert main([str(tiny_ckpt), "--n", "2", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["max_tokens"] == 48 + 256 and set(result["efforts"]) == {"low", "medium", "high", "auto"}
+    for effort, budget in (("low", 16), ("medium", 32), ("high", 48), ("auto", 32)):  # auto: medium, no router
+        for suite in ("stem", "tools"):
+            row = result["efforts"][effort][suite]
+            assert row["turns"] == 2 and row["reasoning_tokens_max"] <= budget
+            assert 0 <= row["closed_by_handoff"] <= row["reasoning_closed"] <= 1
+            assert sum(row["finish_reasons"].values()) == 2
