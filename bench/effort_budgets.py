@@ -43,7 +43,7 @@ def first_turns(model, tokenizer, effort_model: EffortModel, effort: str, suite:
     t0 = time.perf_counter()
     handles = [engine.submit(EngineRequest(
         prompt_token_ids=c.context, tools=c.example.tools, store=False, params=params,
-        effort=c.effort if effort == "auto" and c.effort else effort)) for c in convs]
+        effort=c.served_effort(effort))) for c in convs]
     engine.run_until_idle()
     reasoning, closed, forced, answered = [], 0, 0, 0
     for h in handles:

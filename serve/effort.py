@@ -83,11 +83,22 @@ def fit_probe(hidden: np.ndarray, tokens: np.ndarray, *, l2: float = 1.0, **kw) 
     if x.ndim != 2 or len(x) != len(y) or len(y) < 2:
         raise ValueError(f"need [N, D] hidden states and N token counts (N >= 2), got {x.shape}, {y.shape}")
     mu, sd = x.mean(0), x.std(0) + 1e-6
-    z = (x - mu) / sd
-    ym = y.mean()
-    w = np.linalg.solve(z.T @ z + l2 * np.eye(z.shape[1]), z.T @ (y - ym))
-    weights = w / sd
-    return EffortProbe(weights.astype(np.float32), float(ym - mu @ weights), **kw)
+    w = ridge((x - mu) / sd, y, l2)
+    weights = w[:-1] / sd
+    return EffortProbe(weights.astype(np.float32), float(w[-1] - mu @ weights), **kw)
+
+
+def ridge(x: np.ndarray, y: np.ndarray, l2: float) -> np.ndarray:
+    """Ridge regression weights of `y` on `x` [N, D] with an unpenalised bias as the last entry,
+    closed form in float64: the D x D system, or its N x N dual when there are fewer rows than
+    features (a router's hashed words)."""
+    mu, ym = x.mean(0), y.mean()
+    xc = x - mu
+    if len(x) < x.shape[1]:
+        w = xc.T @ np.linalg.solve(xc @ xc.T + l2 * np.eye(len(x)), y - ym)
+    else:
+        w = np.linalg.solve(xc.T @ xc + l2 * np.eye(x.shape[1]), xc.T @ (y - ym))
+    return np.append(w, ym - mu @ w)
 
 
 ROUTER_BUCKETS = 2048
@@ -127,15 +138,6 @@ def last_user_text(messages) -> str | None:
             return " ".join(p.get("text", "") for p in content if isinstance(p, Mapping) and p.get("type") == "text")
         return None
     return None
-
-
-def _ridge(x: np.ndarray, y: np.ndarray, l2: float) -> np.ndarray:
-    """Ridge weights with an unpenalised bias as the last entry, in float64; solved in the dual
-    (an N x N system: calibration has fewer problems than features)."""
-    mu, ym = x.mean(0), y.mean()
-    xc = x - mu
-    w = xc.T @ np.linalg.solve(xc @ xc.T + l2 * np.eye(len(x)), y - ym)
-    return np.append(w, ym - mu @ w)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,14 +195,16 @@ def fit_router(texts: list[str], correct: Mapping[str, np.ndarray], tokens: Mapp
     if len(texts) < 2:
         raise ValueError(f"a router needs at least 2 problems, got {len(texts)}")
     efforts = tuple(correct)
+    if set(tokens) != set(efforts):
+        raise ValueError(f"outcomes for efforts {sorted(efforts)} but token counts for {sorted(tokens)}")
     for e in efforts:
         if len(correct[e]) != len(texts) or len(tokens[e]) != len(texts):
             raise ValueError(f"effort {e!r}: {len(correct[e])} outcomes and {len(tokens[e])} token "
                              f"counts for {len(texts)} problems")
     x = np.stack([prompt_features(t, buckets) for t in texts])
     return EffortRouter(efforts,
-                        np.stack([_ridge(x, np.asarray(correct[e], np.float64), l2) for e in efforts]),
-                        np.stack([_ridge(x, np.asarray(tokens[e], np.float64), l2) for e in efforts]),
+                        np.stack([ridge(x, np.asarray(correct[e], np.float64), l2) for e in efforts]),
+                        np.stack([ridge(x, np.asarray(tokens[e], np.float64), l2) for e in efforts]),
                         tolerance)
 
 

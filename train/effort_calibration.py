@@ -151,10 +151,10 @@ def select_router(texts: list[str], correct: dict[str, np.ndarray], tokens: dict
     tried = []
     for l2 in ROUTER_L2:
         held_parts = [order[k::folds] for k in range(folds)]
-        routers = [fit_router([texts[i] for i in np.setdiff1d(order, held)],
-                              {e: c[np.setdiff1d(order, held)] for e, c in correct.items()},
-                              {e: t[np.setdiff1d(order, held)] for e, t in tokens.items()}, l2=l2)
-                   for held in held_parts]
+        fit_parts = [np.setdiff1d(order, held) for held in held_parts]
+        routers = [fit_router([texts[i] for i in fit], {e: c[fit] for e, c in correct.items()},
+                              {e: t[fit] for e, t in tokens.items()}, l2=l2)
+                   for fit in fit_parts]
         for tol in ROUTER_TOLERANCE:
             picks = {}
             for held, router in zip(held_parts, routers):
@@ -163,7 +163,9 @@ def select_router(texts: list[str], correct: dict[str, np.ndarray], tokens: dict
             tried.append({"l2": l2, "tolerance": tol,
                           "accuracy": float(np.mean([correct[picks[i]][i] for i in range(n)])),
                           "reasoning_tokens": float(np.mean([tokens[picks[i]][i] for i in range(n)]))})
-    most_accurate = lambda ts: max(ts, key=lambda t: (t["accuracy"], -t["reasoning_tokens"]))  # noqa: E731
+    def most_accurate(settings: list[dict]) -> dict:
+        return max(settings, key=lambda t: (t["accuracy"], -t["reasoning_tokens"]))
+
     saving = [t for t in tried if t["reasoning_tokens"] <= (1 - SAVING) * float(np.mean(tokens["high"]))]
     floor = float(np.mean(correct["high"])) - 0.01 - 1e-9  # (a float sum: exactly one point is within)
     close = [t for t in tried if t["accuracy"] >= floor]

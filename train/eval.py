@@ -85,6 +85,11 @@ class Conversation:
     def suite(self) -> str:
         return "tools" if self.example.meta["task"] in SUITES["tools"] else "stem"
 
+    def served_effort(self, effort: str) -> str:
+        """The effort an engine request of this conversation asks for at `effort`: for ``auto``,
+        the one a router rendered its prompt at (`start`)."""
+        return self.effort if effort == "auto" and self.effort else effort
+
 
 Policy = Callable[[list[Conversation]], list[list[int]]]
 
@@ -278,9 +283,7 @@ def engine_policy(engine, *, max_new_tokens: int, effort: str = "medium", tool_c
             handles.append(engine.submit(EngineRequest(
                 prompt_token_ids=c.context, tools=c.example.tools, store=False, params=params,
                 tool_choice=tool_choice if c.example.tools else "none",
-                # auto: the effort a router rendered the prompt at (start) serves it too
-                effort="none" if summary else c.effort if effort == "auto" and c.effort else effort,
-                **images)))
+                effort="none" if summary else c.served_effort(effort), **images)))
         engine.run_until_idle()
         return [list(h.output_token_ids) for h in handles]
 
