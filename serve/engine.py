@@ -119,7 +119,9 @@ class RequestHandle:
         self.logprobs: list[SampleOutput] = []
         self.usage: ev.Usage | None = None
         self.finish_reason: str | None = None
-        self.reasoning_budget: int | None = None  # the predicted budget of an effort="auto" request
+        # The reasoning budget (an effort="auto" request's from the probe once prefilled); None
+        # without reasoning or channels.
+        self.reasoning_budget: int | None = None
         self.effort: str | None = None  # the effort served (for effort="auto", the router's choice)
         self.request: Request | None = None
         self._queue: queue.Queue = queue.Queue()
@@ -396,6 +398,8 @@ class Engine:
         handle = RequestHandle(rid, prompt)
         handle.request = request
         handle.effort = req.effort if req.channels else None
+        if spec is not None and not predict:
+            handle.reasoning_budget = spec.budget
         live = _Live(request, handle, machine, decoder, messages, tool_schemas, req.store)
         # Penalties change along the draft and logprobs would be needed at every position: such
         # requests decode one token at a time (documented in serve.speculative).

@@ -349,6 +349,17 @@ def item_json(item: pb.OutputItem) -> dict:
             "arguments": b.arguments, "output": b.output, "is_error": b.is_error, "status": status}
 
 
+def reasoning_json(r: pb.Reasoning) -> dict:
+    """The Responses API's ``reasoning`` object: the served effort (auto's routed choice) and summary."""
+    effort = pb.ReasoningEffort.Name(r.effort).removeprefix("REASONING_EFFORT_").lower()
+    summary = pb.ReasoningSummary.Name(r.summary).removeprefix("REASONING_SUMMARY_").lower()
+    out = {"effort": None if effort == "unspecified" else effort,
+           "summary": None if summary in ("none", "unspecified") else summary}
+    if r.HasField("budget_tokens"):
+        out["budget_tokens"] = r.budget_tokens
+    return out
+
+
 def response_json(r: pb.Response) -> dict:
     out = {"id": r.id, "object": "response", "created_at": r.created_at.seconds, "model": r.model,
            "status": _STATUS.get(r.status, "in_progress"), "output": [item_json(i) for i in r.output],
@@ -357,7 +368,8 @@ def response_json(r: pb.Response) -> dict:
                                   if r.HasField("incomplete_details") else None),
            "error": {"code": r.error.code, "message": r.error.message} if r.HasField("error") else None,
            "previous_response_id": r.previous_response_id or None, "metadata": dict(r.metadata),
-           "parallel_tool_calls": True, "tool_choice": "auto", "tools": [], "text": {"format": {"type": "text"}}}
+           "parallel_tool_calls": True, "tool_choice": "auto", "tools": [], "text": {"format": {"type": "text"}},
+           "reasoning": reasoning_json(r.reasoning)}
     if r.HasField("completed_at"):
         out["completed_at"] = r.completed_at.seconds
     return out

@@ -24,7 +24,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from protos.kestrel.v1 import kestrel_pb2 as pb
 from serve import events as ev
-from serve.api.convert import ModelInfo, Policy, Prepared
+from serve.api.convert import EFFORTS, SUMMARIES, ModelInfo, Policy, Prepared
 from serve.api.errors import ApiError, invalid
 from serve.api.metrics import ServerMetrics
 from serve.api.records import RecordStore, ResponseRecord
@@ -33,6 +33,10 @@ from serve.summaries import summary_request_fields
 from serve.tool_loop import run_builtin
 
 import grpc
+
+# The API's enums by the engine's names (UNSPECIFIED, the request default, maps to a real value).
+_EFFORT_ENUM = {name: value for value, name in EFFORTS.items() if value != pb.REASONING_EFFORT_UNSPECIFIED}
+_SUMMARY_ENUM = {name: value for value, name in SUMMARIES.items() if value != pb.REASONING_SUMMARY_UNSPECIFIED}
 
 log = logging.getLogger("kestrel.api")
 
@@ -168,6 +172,7 @@ class ResponseRun:
         self.seq = 0
         self.round = 0
         self.handle = None
+        self.first_handle = None  # the first round's: its effort and budget describe the response
         self.usage = ev.Usage()
         self.tool_messages: list[dict] = []
         self.tool_choice = prepared.tool_choice
@@ -214,6 +219,8 @@ class ResponseRun:
                                          request_id=eid, strict_max_tokens=first and p.explicit_max_tokens)
         try:
             self.handle = await asyncio.to_thread(self.runner.engine.submit, req)
+            if first:
+                self.first_handle = self.handle
         except ValueError as e:
             msg = str(e)
             if "previous_response_id" in msg:
@@ -529,6 +536,16 @@ class ResponseRun:
         self._finish_record(pb.RESPONSE_STATUS_FAILED, reason, error=error)
         return self._event(failed=pb.ResponseFailed(response_id=rid, error=error, usage=usage))
 
+    def _served_reasoning(self) -> pb.Reasoning:
+        """The effort that served the response (auto's routed choice), its summary and budget."""
+        h = self.first_handle
+        effort = (h.effort if h is not None else None) or self.prepared.effort
+        out = pb.Reasoning(effort=_EFFORT_ENUM.get(effort, pb.REASONING_EFFORT_UNSPECIFIED),
+                           summary=_SUMMARY_ENUM[self.prepared.summary])
+        if h is not None and h.reasoning_budget is not None:
+            out.budget_tokens = h.reasoning_budget
+        return out
+
     def _finish_record(self, status, reason: str, *, incomplete=None, error=None) -> None:
         rec, m = self.record, self.runner.metrics
         if rec.done:
@@ -538,6 +555,7 @@ class ResponseRun:
         r.status = status
         r.completed_at.CopyFrom(_now())
         r.usage.CopyFrom(usage_proto(self.usage))
+        r.reasoning.CopyFrom(self._served_reasoning())
         if incomplete is not None:
             r.incomplete_details.reason = incomplete
         if error is not None:

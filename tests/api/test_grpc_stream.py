@@ -62,6 +62,8 @@ def test_reasoning_summary_and_answer_stream(stub, engine):
     stored = stub.Get(pb.GetRequest(response_id=rid), timeout=10)
     assert stored.status == pb.RESPONSE_STATUS_COMPLETED
     assert stored.usage == usage
+    assert stored.reasoning == pb.Reasoning(effort=pb.REASONING_EFFORT_LOW, summary=pb.REASONING_SUMMARY_AUTO,
+                                            budget_tokens=6)
     assert [i.WhichOneof("item") for i in stored.output] == ["reasoning", "message"]
     assert stored.output[0].reasoning.content[0].text == reasoning
     assert stored.output[0].reasoning.budget_exhausted

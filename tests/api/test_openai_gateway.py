@@ -106,6 +106,7 @@ def test_responses_stream_event_names(client):
     assert got.status == final.status
     assert got.usage.output_tokens == final.usage.output_tokens
     assert got.usage.output_tokens_details.reasoning_tokens == 6
+    assert got.reasoning.effort == "low" and got.reasoning.summary is None  # what served it
     text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert text == got.output_text
 

@@ -65,10 +65,12 @@ def test_auto_budget_comes_from_the_probe_after_prefill():
     h = _run(engine, "auto")
     assert h.reasoning_budget == 9
     assert engine.kv.pool.num_used == 0
-    # Only auto asks prefill for the hidden state; without a probe auto runs at the medium budget.
-    assert _run(engine, "high").reasoning_budget is None
+    # Only auto asks prefill for the hidden state; the other efforts say their table's budget, and
+    # without a probe auto runs at the medium budget.
+    assert _run(engine, "high").reasoning_budget == 50
+    assert _run(engine, "none").reasoning_budget is None
     plain = make_engine(effort=EffortModel({"low": 5, "medium": 7, "high": 50}))
-    assert _run(plain, "auto").reasoning_budget is None
+    assert _run(plain, "auto").reasoning_budget == 7
 
 
 def test_coverage_margin_budgets_above_the_need_of_most_turns():
@@ -163,7 +165,7 @@ def test_engine_serves_auto_at_the_routed_effort_with_its_hint_and_budget():
     sums, conversion = _two_kinds(2, 5)[0]
     h, prompt = run(sums)
     assert h.effort == "low" and "Reasoning effort: low." in prompt
-    assert engine._live == {} and h.reasoning_budget is None  # no probe: nothing predicted after prefill
+    assert engine._live == {} and h.reasoning_budget == 5  # routed: low's budget, no probe after prefill
     h, prompt = run(conversion)
     assert h.effort == "high" and "Reasoning effort: high." in prompt
     # A follow-up with only a tool result routes on the stored conversation's last user message.
