@@ -3,9 +3,12 @@ trained from scratch on the synthetic mix with the vision suite added (problems 
 
 The tower is sized for the issue's budget of 60 minutes on the shared 2-core CPU: 224 px images
 cut into 28 px patches (an 8 x 8 grid, 64 patches), 3 layers of width 192 (3 heads of 64, MLP
-768), pooled 2 x 2 by Gemma 3's projector to 16 soft tokens per image (1.85M tower and projector
-parameters beside the text model's 6.2M: 8.0M in all). Coarse patches keep the tower's cost per image small beside the
-language model's 2 x 1024 tokens per step; 16 soft tokens keep the image's share of the sequence small.
+768), and Gemma 3's projector (norm and linear map; its pooling is 1 x 1 here) gives the language
+model one soft token per patch, 64 per image (1.85M tower and projector parameters beside the
+text model's 6.2M: 8.0M in all). Coarse patches keep the tower's cost per image small beside the
+language model's 2 x 1024 tokens per step. Pooled 2 x 2 to 16 soft tokens, each token would carry a
+56 px square of a drawn problem (a number and a half of its text); 64 cost the same tower and about
+100 more sequence tokens per batch (2 images on average).
 The vision tasks (``image_text``, ``image_table``, ``image_chart``, ``image_triangle``) weigh 1
 each beside the text tasks of kestrel-nano (about a fifth of the examples); a batch carries at
 most ``data.max_images`` = 16 images (the step is compiled for that many; a batch with more stops
@@ -35,7 +38,7 @@ IMAGE_START_ID, IMAGE_PAD_ID = 12, 13  # <image>, <|image_pad|> in Kestrel's sen
 
 def vision_tower() -> VisionConfig:
     return VisionConfig(hidden_size=192, intermediate_size=768, num_layers=3, num_heads=3,
-                        image_size=224, patch_size=28, mm_tokens_per_image=16,
+                        image_size=224, patch_size=28, mm_tokens_per_image=64,
                         image_token_id=IMAGE_PAD_ID, image_start_id=IMAGE_START_ID)
 
 
