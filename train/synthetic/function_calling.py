@@ -15,8 +15,9 @@ the final answer copies those codes. When no offered function fits, the model sa
 call. A request with a fitting function and one without open alike ("The user asks to
 <action>."), so the choice between calling and refusing is made after the request is restated,
 not in the reasoning's first words; the refusal does not list the offered functions (copying every
-name of an unseen schema garbled them). Multi-turn dialogues repeat the earlier call with one argument changed ("now the same for
-Rome") or ask for another offered function; only the last turn's calls are in ``meta["calls"]``.
+name of an unseen schema garbled them). Multi-turn dialogues repeat the earlier call with one
+argument changed ("now the same for Rome") or ask for another offered function; only the last
+turn's calls are in ``meta["calls"]``.
 """
 
 import json
