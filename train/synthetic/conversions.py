@@ -52,12 +52,7 @@ def make_conversion(rng: random.Random, level: int, split: str) -> Problem:
         expr = template.format(v=value)
     else:
         ratio = UNITS[dim][src] / UNITS[dim][dst]
-        # One fact per pair of units, in one direction: the larger unit in the smaller ("1 m = 100
-        # cm"), so m -> cm multiplies and cm -> m divides by the same remembered number. Stating
-        # both directions ("1 cm = 0.01 m") doubled the facts to memorise, and the small model
-        # mixed them up ("1 m = 0.000 cm", or "multiply by 60" then a division).
-        multiply = _terminates(ratio) and (ratio >= 1 or not _terminates(1 / ratio))
-        if multiply:
+        if _terminates(ratio):
             expr = f"{value} * {format_number(ratio)}"
             plan = f"1 {src} = {format_number(ratio)} {dst}, so multiply by {format_number(ratio)}."
         elif _terminates(1 / ratio):

@@ -2,7 +2,7 @@
 
 Reasoning scheme (regular on purpose)::
 
-    <think> The user asks to <action>.  (N > 1 requests: The user asks for N things.)
+    <think> The user asks for N thing(s).
     1. <action> -> <function> with <arg> = <value>, ...
     Call <function>[ and <function>]. </think> <tool_call>...</tool_call> [<tool_call>...]
     <tool_response>{"result": "..."}</tool_response> ...
@@ -12,12 +12,8 @@ Reasoning scheme (regular on purpose)::
 
 The fake backends answer ``{"result": "<CODE>"}`` with a code drawn from the example's RNG, and
 the final answer copies those codes. When no offered function fits, the model says so without a
-call. A request with a fitting function and one without open alike ("The user asks to
-<action>."), so the choice between calling and refusing is made after the request is restated,
-not in the reasoning's first words; the refusal does not list the offered functions (copying every
-name of an unseen schema garbled them). Multi-turn dialogues repeat the earlier call with one
-argument changed ("now the same for Rome") or ask for another offered function; only the last
-turn's calls are in ``meta["calls"]``.
+call. Multi-turn dialogues repeat the earlier call with one argument changed ("now the same for
+Rome") or ask for another offered function; only the last turn's calls are in ``meta["calls"]``.
 """
 
 import json
@@ -92,7 +88,7 @@ def make_single(rng: random.Random, level: int, split: str) -> Example:
     f = pick(rng, funcs)
     args = random_arguments(rng, f, split, optional_rate=_optional_rate(level))
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": request(rng, f, args)}]
-    turn, _ = _call_turn(rng, [(f, args)], [0], f"The user asks to {f.action}.")
+    turn, _ = _call_turn(rng, [(f, args)], [0], "The user asks for 1 thing.")
     return _finish("fc_single", level, split, funcs, messages + turn, [(f, args)], 2)
 
 
@@ -118,11 +114,12 @@ def make_none(rng: random.Random, level: int, split: str) -> Example:
     other = random_function(rng, split, rng.randint(1, 3), avoid={f.name for f in funcs})
     args = random_arguments(rng, other, split, optional_rate=1.0)
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": request(rng, other, args)}]
+    offered = ", ".join(f.name for f in funcs)
     answer = f"I cannot {other.action}: none of the available functions does that."
     summary = f"No offered function can {other.action}, so no call was made."
     messages.append({"role": "assistant",
-                     "reasoning_content": f"The user asks to {other.action}.\n"
-                                          f"No offered function can {other.action}, so I make no call.",
+                     "reasoning_content": f"The user asks to {other.action}.\nOffered functions: {offered}.\n"
+                                          f"None of them can {other.action}, so I make no call.",
                      "content": f"Answer: {answer}\nSummary: {summary}"})
     return Example(messages=messages, tools=[f.schema() for f in funcs],
                    meta=_meta("fc_none", level, split, answer, summary, [], 2, "refusal"))
@@ -135,7 +132,7 @@ def make_multiturn(rng: random.Random, level: int, split: str) -> Example:
     args = random_arguments(rng, f, split, optional_rate=_optional_rate(level))
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": request(rng, f, args)}]
     counter = [0]
-    turn, _ = _call_turn(rng, [(f, args)], counter, f"The user asks to {f.action}.")
+    turn, _ = _call_turn(rng, [(f, args)], counter, "The user asks for 1 thing.")
     messages += turn
     calls = [(f, args)]
     for _ in range(1 if level < 4 else 2):
@@ -159,7 +156,7 @@ def make_multiturn(rng: random.Random, level: int, split: str) -> Example:
             args = random_arguments(rng, g, split, optional_rate=_optional_rate(level))
             ask = request(rng, g, args)
             text = pick(rng, ("Thanks. Next, ", "OK. Now ", "Also ")) + ask[0].lower() + ask[1:]
-            intro = f"The user asks to {g.action}."
+            intro = "The user asks for 1 more thing."
             calls = [(g, args)]
         messages.append({"role": "user", "content": text})
         prompt_len = len(messages)
