@@ -235,8 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on held-out synthetic problems")
     p.add_argument("ckpt")
-    p.add_argument("--suite", required=True, choices=["stem", "tools", "summary", "vision"],
-                   help="vision: problems shown as pictures (needs a model with a vision tower)")
+    p.add_argument("--suite", required=True, choices=["stem", "tools", "summary", "vision", "reading"],
+                   help="vision: problems shown as pictures; reading: pictures of numbers read back "
+                        "(both need a model with a vision tower)")
     p.add_argument("--n", type=int, default=100, help="problems per suite")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=512)

@@ -37,7 +37,7 @@ from kestrel.errors import KestrelError
 from train.curriculum import Curriculum
 from train.image_tokens import check_tokenizer_matches_tower, expand_images, has_vision_tower, image_token_ids
 from train.packing import PackStats, TokenizedExample, pack_batch, tokenize_segments
-from train.synthetic import SUITES, Example, mixture_at, render_kestrel, render_session, task_weights
+from train.synthetic import IMAGE_TASKS, SUITES, Example, mixture_at, render_kestrel, render_session, task_weights
 from train.synthetic.registry import check_efforts
 
 # The data.source value that names this module's factory.
@@ -124,7 +124,7 @@ class SyntheticDataConfig:
     @property
     def with_images(self) -> bool:
         """Whether the mix draws image tasks, so batches carry images."""
-        return any(w > 0 and name in SUITES["vision"] for name, w in self.task_weights.items())
+        return any(w > 0 and name in IMAGE_TASKS for name, w in self.task_weights.items())
 
     @property
     def schedule(self) -> Curriculum:

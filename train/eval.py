@@ -29,7 +29,8 @@ and its example carries the PNG bytes (``conv.example.images``); a policy for a 
 tower feeds them: `engine_policy` as ``EngineRequest.images`` (the serving engine inserts the soft
 token spans after each marker), `generator_policy` as ``images=`` where the generator takes them.
 A checkpoint without a tower, or a decoder that cannot take images, is refused with a message
-saying so, before anything is generated.
+saying so, before anything is generated. The ``reading`` suite is the tower's drill
+(``images.make_reading``): a picture of a few numbers or a price, to be read back verbatim.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ from kestrel.errors import KestrelError
 from serve.tools.calculator import calculate
 from train.data import stream_seed
 from train.image_tokens import has_vision_tower
-from train.synthetic import SUITES, Example, check_answer, check_tool_calls, generate, parse_tool_calls, run_python
+from train.synthetic import (IMAGE_SUITES, SUITES, Example, check_answer, check_tool_calls, generate, parse_tool_calls,
+                             run_python)
 from train.synthetic.render import render_segments
 from train.synthetic.checking import call_key
 
@@ -468,13 +470,14 @@ def run_eval(ckpt_dir: str, suite: str, *, n: int = 100, seed: int = 0, max_new_
              effort: str = "medium", quantize: str | None = None, kv_cache_dtype: str = "auto",
              early_exit: float | None = None, decoder: str = "engine",
              out: TextIO | None = sys.stdout) -> dict[str, Any]:
-    """``kestrel eval CKPT --suite stem|tools|summary|vision [--json]``: loads, plays, scores, prints.
+    """``kestrel eval CKPT --suite stem|tools|summary|vision|reading [--json]``: loads, plays, scores, prints.
 
     Args:
       ckpt_dir: a Kestrel checkpoint folder with a tokenizer and chat template.
       suite: ``stem`` (each problem with and without tools), ``tools`` (function calling),
-        ``summary`` (one-line summaries of reasoning) or ``vision`` (problems shown as pictures,
-        with and without tools; the model needs a vision tower).
+        ``summary`` (one-line summaries of reasoning), ``vision`` (problems shown as pictures,
+        with and without tools; the model needs a vision tower) or ``reading`` (pictures of a few
+        numbers read back verbatim; a vision tower too).
       n: problems (the stem suite plays 2n conversations).
       seed: the held-out seed.
       max_new_tokens: the limit of one model turn.
@@ -522,7 +525,7 @@ def run_eval(ckpt_dir: str, suite: str, *, n: int = 100, seed: int = 0, max_new_
     model, tokenizer = load_checkpoint(ckpt_dir, quantize=quantize)
     if tokenizer is None:
         raise KestrelError(f"{ckpt_dir} has no tokenizer; eval needs one")
-    if suite == "vision":
+    if suite in IMAGE_SUITES:
         check_takes_images(model, ckpt_dir, constrained or decoder == "engine")
     effort_model = None
     if constrained or effort == "auto":

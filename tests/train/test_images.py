@@ -55,7 +55,7 @@ def expected_value(fig: dict) -> Fraction:
     return Fraction(value)
 
 
-@pytest.mark.parametrize("task", VISION)
+@pytest.mark.parametrize("task", VISION + SUITES["reading"])
 def test_same_seed_same_example_and_picture(task):
     a, b = generate(task, level=3, seed=11), generate(task, level=3, seed=11)
     assert a == b and a.images == b.images and len(a.images) == 1
@@ -85,6 +85,28 @@ def test_every_kind_renders_a_small_picture_whose_answer_matches_what_was_drawn(
                 assert set(_NUMBER.findall(first_reasoning)) <= drawn_numbers, (first_reasoning, fig["texts"])
                 want, got = expected_value(fig), parse_number(ex.meta["value"])
                 assert abs(got - want) <= Fraction(1, 10**6) * max(1, abs(want)), (task, fig, ex.meta["answer"])
+
+
+def test_the_reading_drill_asks_back_exactly_the_drawn_text():
+    words = {"train": set(), "heldout": set()}
+    for level in (1, 2, 3, 4, 5):
+        for seed in range(10 * level, 10 * level + 10):
+            split = ("train", "heldout")[seed % 2]
+            ex = generate("image_read", level=level, seed=seed, split=split)
+            fig, m = ex.meta["figure"], ex.meta
+            assert fig["texts"] == [fig["text"]] == [m["answer"]] and not ex.tools
+            assert ex.messages[1]["content"].startswith(f"{IMAGE_PLACEHOLDER}\n") and len(ex.images) == 1
+            assert ex.messages[2]["reasoning_content"] == f"The image reads: {m['answer']}"
+            assert check_answer(ex, ex.messages[-1]["content"]) and not check_answer(ex, "Answer: 1, 2")
+            image = decode(ex.images[0])
+            assert image.size == tuple(fig["size"]) and all(224 <= side <= 448 for side in image.size)
+            x0, y0, x1, y1 = fig["boxes"][0]
+            assert 0 <= x0 < x1 <= image.size[0] and 0 <= y0 < y1 <= image.size[1]
+            if ":" in m["answer"]:
+                words[split].add(m["answer"].split(":")[0].lower())
+            else:  # a few numbers of the level's sizes, at most 1 + level // 2 of them
+                assert 1 <= len(m["answer"].split(", ")) <= 1 + level // 2
+    assert words["train"] and words["heldout"] and not words["train"] & words["heldout"]
 
 
 def test_wrong_answers_are_rejected():
@@ -152,7 +174,7 @@ def test_heldout_problems_share_neither_seeds_nor_names_with_training():
 def test_suite_names_expand_to_their_tasks_and_defaults_exclude_pictures():
     assert task_weights({"vision": 1.0}) == {t: 0.25 for t in VISION}
     assert task_weights({"vision": 2.0, "image_table": 1.0})["image_table"] == 1.5
-    assert not set(task_weights(None)) & set(VISION)
+    assert not set(task_weights(None)) & (set(VISION) | set(SUITES["reading"]))
     with pytest.raises(ValueError, match="unknown task"):
         task_weights({"pictures": 1.0})
     assert all(not generate(level=2, rng=random.Random(s)).images for s in range(30))

@@ -153,16 +153,17 @@ def test_a_towers_soft_token_count_and_ids_set_the_pad_runs(tok_dir, tok, monkey
                                                      image_token_id=pad_id + 1)))
 
 
-def test_the_vision_suite_scores_the_generators_own_answers_100_and_wrong_ones_0(tok):
-    result = ev.evaluate(tok, ev.oracle_policy(tok), "vision", n=8, seed=1)
-    assert set(result["results"]) == {"tools", "no_tools"} and len(result["rows"]) == 16
+@pytest.mark.parametrize("suite, modes", [("vision", {"tools", "no_tools"}), ("reading", {"tools"})])
+def test_the_picture_suites_score_the_generators_own_answers_100_and_wrong_ones_0(tok, suite, modes):
+    result = ev.evaluate(tok, ev.oracle_policy(tok), suite, n=8, seed=1)
+    assert set(result["results"]) == modes and len(result["rows"]) == 8 * len(modes)
     for res in result["results"].values():
-        assert set(res["by_task"]) == set(SUITES["vision"]) and res["overall"]["accuracy"] == 1.0
+        assert set(res["by_task"]) == set(SUITES[suite]) and res["overall"]["accuracy"] == 1.0
 
     def wrong(convs):
         return [tok.encode("<think>\nNo idea.\n</think>\n\nAnswer: 123456789.5<|im_end|>") for _ in convs]
 
-    result = ev.evaluate(tok, wrong, "vision", n=4, seed=1)
+    result = ev.evaluate(tok, wrong, suite, n=4, seed=1)
     assert all(res["overall"]["accuracy"] == 0.0 for res in result["results"].values())
 
 
@@ -171,8 +172,9 @@ def test_eval_says_so_when_the_model_has_no_vision_tower(tok, tmp_path, capsys):
                       head_dim=8, intermediate_size=64, max_position_embeddings=256)
     params = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), abstract_params(cfg))
     ckpt = save_checkpoint(model_from_params(cfg, params), tmp_path / "tiny", tokenizer=tok)
-    with pytest.raises(KestrelError, match="no vision tower"):
-        ev.run_eval(str(ckpt), "vision", n=2, out=None)
+    for suite in ("vision", "reading"):
+        with pytest.raises(KestrelError, match="no vision tower"):
+            ev.run_eval(str(ckpt), suite, n=2, out=None)
     from kestrel.cli import main
 
     assert main(["eval", str(ckpt), "--suite", "vision", "--n", "2"]) == 2

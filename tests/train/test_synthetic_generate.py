@@ -17,7 +17,7 @@ def _variants():
     for task, spec in TASKS.items():
         if spec.suite == "summary":
             continue  # test_summary_examples_summarise_a_stem_reasoning
-        if spec.suite == "drill":
+        if spec.suite in ("drill", "reading"):
             yield task, False
             continue
         for tools in ((True, False) if spec.suite == "stem" else (True,)):

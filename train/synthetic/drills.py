@@ -20,7 +20,8 @@ from train.synthetic.problem import pick, rand_decimal, rand_digits
 _ORD = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh")  # k <= 2 + level <= 7
 
 
-def _number(rng: random.Random, level: int) -> str:
+def random_number(rng: random.Random, level: int) -> str:
+    """A number of the level's sizes: whole (1-4 digits at level 1 .. 6-14 at level 5) or a decimal."""
     lo, hi = ((1, 4), (2, 6), (3, 8), (4, 11), (6, 14))[level - 1]
     if rng.random() < 0.3:
         return rand_decimal(rng, 1, 10 ** rng.randint(1, min(hi, 6)), rng.randint(1, 3))
@@ -30,7 +31,7 @@ def _number(rng: random.Random, level: int) -> str:
 def make_copy(rng: random.Random, level: int, split: str) -> Example:
     """One drill: repeat the numbers, reverse them, or name the k-th one."""
     k = rng.randint(2, 2 + level)
-    nums = [_number(rng, level) for _ in range(k)]
+    nums = [random_number(rng, level) for _ in range(k)]
     listed = ", ".join(nums)
     kind = rng.choice(("repeat", "reverse", "pick"))
     if kind == "repeat":

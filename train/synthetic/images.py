@@ -38,7 +38,8 @@ from fractions import Fraction
 
 from serve.tools.calculator import format_number
 from train.synthetic.drawing import png_bytes, style_rng
-from train.synthetic.example import IMAGE_PLACEHOLDER
+from train.synthetic.drills import random_number
+from train.synthetic.example import IMAGE_PLACEHOLDER, SYSTEM_PROMPT, Example
 from train.synthetic.figures import Figure, draw_bar_chart, draw_right_triangle, draw_table, draw_text
 from train.synthetic.problem import Problem, Step, pick, rand_decimal
 
@@ -301,6 +302,37 @@ def make_triangle_image(rng: random.Random, level: int, split: str) -> Problem:
     return _pictured(p, fig, ask, reads, record)
 
 
+_READ_ASKS = ("What does the image say?", "Read the text in the picture.", "Copy what is written in the image.",
+              "Write down exactly what the image shows.", "What is written here?")
+
+
+def make_reading(rng: random.Random, level: int, split: str) -> Example:
+    """The reading drill: a picture of a few numbers, or of an item and its price, read back verbatim.
+
+    Reading is the skill under every rendered problem (its reasoning's first line copies the
+    picture's values) and the one a tower trained only on whole problems never got: each problem
+    is a few hundred tokens for one picture, and its answer hangs on the reading only through
+    several steps. A drill is one picture and a dozen tokens, all of them read off it, drawn with
+    the same renderer (fonts, sizes, colours, rotations) as the problems' text; like the copy
+    drills it takes no tools and no reasoning effort.
+    """
+    if rng.random() < 0.7:
+        text = ", ".join(random_number(rng, level) for _ in range(rng.randint(1, 1 + level // 2)))
+    else:
+        text = f"{pick(rng, _GOODS[split]).capitalize()}: ${_money(rng, level)}"
+    fig = draw_text(text, style_rng(rng), level)
+    question = f"{IMAGE_PLACEHOLDER}\n{pick(rng, _READ_ASKS)}"
+    summary = "Read the image's text."
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question},
+                {"role": "assistant", "reasoning_content": f"The image reads: {text}",
+                 "content": f"Answer: {text}\nSummary: {summary}"}]
+    figure = {"kind": "reading", "text": text, "texts": fig.texts, "boxes": [list(b) for b in fig.boxes],
+              "size": list(fig.image.size), "background": list(fig.background), "style": fig.style}
+    meta = {"task": "image_read", "level": level, "answer": text, "summary": summary, "split": split,
+            "tools": False, "answer_kind": "text", "tolerance": 0.0, "prompt_len": 2, "figure": figure}
+    return Example(messages=messages, tools=[], meta=meta, images=[png_bytes(fig.image)])
+
+
 def gallery(out: str | pathlib.Path, n: int = 12, seed: int = 0, split: str = "train") -> list[pathlib.Path]:
     """Writes `n` sample pictures (every kind, levels 1..5 in turn) and an ``index.md`` with their questions."""
     from train.synthetic.registry import SUITES, generate
@@ -308,7 +340,7 @@ def gallery(out: str | pathlib.Path, n: int = 12, seed: int = 0, split: str = "t
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lines, paths = ["# Rendered problems", ""], []
-    tasks = SUITES["vision"]
+    tasks = SUITES["vision"] + SUITES["reading"]
     for i in range(n):
         task, level = tasks[i % len(tasks)], 1 + (i // len(tasks)) % 5
         ex = generate(task, level=level, seed=seed * 1000 + i, split=split)

@@ -11,11 +11,11 @@ from train.synthetic.example import SPLITS, Example, with_effort_hint
 from train.synthetic.problem import EFFORTS, Problem, build_stem_example, check_effort
 
 
-def _pictured(maker: str) -> Callable[[random.Random, int, str], Problem]:
+def _pictured(maker: str) -> Callable[[random.Random, int, str], Problem | Example]:
     """``images.<maker>``, imported on first use: ``python -m train.synthetic.images`` must not find
     the module already imported by the package (runpy warns), and text-only runs skip Pillow."""
 
-    def make(rng: random.Random, level: int, split: str) -> Problem:
+    def make(rng: random.Random, level: int, split: str) -> Problem | Example:
         from train.synthetic import images
 
         return getattr(images, maker)(rng, level, split)
@@ -35,7 +35,9 @@ class Task:
         a STEM example's reasoning in one line, answered without thinking; no tools) or "drill"
         (copying numbers back, the skill under every STEM answer; training only; no tools) or
         "vision" (a STEM problem shown as a picture, ``train/synthetic/images.py``; with and
-        without tools like stem; only for models with a vision tower, so never in a default mix).
+        without tools like stem; only for models with a vision tower, so never in a default mix)
+        or "reading" (a picture of a few numbers or a price, read back verbatim: the vision
+        tower's drill; no tools; only for models with a vision tower).
       make: ``(rng, level, split) -> Problem`` for stem and vision tasks, ``-> Example`` for the others.
     """
 
@@ -65,14 +67,18 @@ TASKS: dict[str, Task] = {
         Task("image_table", "vision", _pictured("make_table_image")),
         Task("image_chart", "vision", _pictured("make_chart_image")),
         Task("image_triangle", "vision", _pictured("make_triangle_image")),
+        Task("image_read", "reading", _pictured("make_reading")),
     )
 }
 
 SUITES = {suite: tuple(n for n, t in TASKS.items() if t.suite == suite)
-          for suite in ("stem", "tools", "summary", "drill", "vision")}
+          for suite in ("stem", "tools", "summary", "drill", "vision", "reading")}
 
+# The suites whose examples carry pictures, and their tasks.
+IMAGE_SUITES = ("vision", "reading")
+IMAGE_TASKS = tuple(n for n, t in TASKS.items() if t.suite in IMAGE_SUITES)
 # The tasks of a mix that names none: everything a text-only model can read.
-TEXT_TASKS = tuple(n for n, t in TASKS.items() if t.suite != "vision")
+TEXT_TASKS = tuple(n for n in TASKS if n not in IMAGE_TASKS)
 
 
 def task_weights(weights: dict[str, float] | None) -> dict[str, float]:
@@ -142,7 +148,7 @@ def generate(task: str | None = None, *, level: int, rng: random.Random | None =
         if not tools:
             raise ValueError(f"task {task!r} is function calling and needs tools=True")
         return with_effort_hint(spec.make(rng, level, split), effort)
-    if spec.suite in ("summary", "drill"):
+    if spec.suite in ("summary", "drill", "reading"):
         if effort is not None:
             raise ValueError(f"task {task!r} ({spec.suite}) takes no reasoning effort")
         return spec.make(rng, level, split)
