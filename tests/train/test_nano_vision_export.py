@@ -23,7 +23,7 @@ from train import eval as ev
 from train.export import export_trained
 from train.loop import run
 from train.nano_tokenizer import train_nano_tokenizer
-from train.synthetic import generate
+from train.synthetic import SUITES, generate
 
 CONFIG = "configs/nano_vision_tiny.py"
 STEPS = 2
@@ -67,20 +67,35 @@ def test_the_engine_answers_a_question_about_a_rendered_problem(exported):
     assert engine.runner.images.num_encoded == 1
 
 
-def test_kestrel_eval_vision_suite_runs_constrained(exported, monkeypatch):
+@pytest.mark.parametrize("suite", ["vision", "reading"])
+def test_kestrel_eval_picture_suites_run_constrained(exported, monkeypatch, suite):
     out, _ = exported
     # `kestrel eval CKPT --suite vision --constrained --n 2`, in process; run_eval prints to its
     # `out`, whose default (sys.stdout) was bound at import: point it at a buffer.
     buf = io.StringIO()
     monkeypatch.setattr(ev.run_eval, "__kwdefaults__", {**ev.run_eval.__kwdefaults__, "out": buf})
-    assert cli.main(["eval", str(out), "--suite", "vision", "--constrained", "--n", "2",
+    assert cli.main(["eval", str(out), "--suite", suite, "--constrained", "--n", "2",
                      "--max-new-tokens", "8", "--batch-size", "2", "--json"]) in (0, None)
     result = json.loads(buf.getvalue())
-    assert result["n"] == 2 and result["suite"] == "vision"
-    assert {row["task"] for row in result["rows"]} <= {"image_text", "image_table", "image_chart",
-                                                       "image_triangle"}
+    assert result["n"] == 2 and result["suite"] == suite
+    assert {row["task"] for row in result["rows"]} <= set(SUITES[suite])
     overall = [res["overall"] for res in result["results"].values()]
     assert overall and all(agg["n"] == 2 for agg in overall)
+
+
+def test_image_use_scores_the_read_tokens_with_own_swapped_and_blank_pictures(exported):
+    from bench.image_use import PICTURES, measure
+
+    out, _ = exported
+    result = measure(str(out), 5)
+    assert result["scored_tokens"] > 0 and set(result["pictures"]) == set(PICTURES)
+    for row in result["pictures"].values():
+        assert row["nll_per_token"] > 0 and 0 <= row["token_accuracy"] <= 1
+    assert set(result["by_task"]) == set(SUITES["vision"]) | set(SUITES["reading"])
+    assert result["swapped_minus_own_nll"] == pytest.approx(
+        result["pictures"]["swapped"]["nll_per_token"] - result["pictures"]["own"]["nll_per_token"])
+    soft = result["soft_tokens"]
+    assert -1 <= soft["mean_pairwise_cosine"] <= 1 and soft["mean_norm"] > 0 and soft["text_embedding_mean_norm"] > 0
 
 
 def test_the_demo_asks_about_a_rendered_problem_when_the_model_takes_images(exported, capfd):
