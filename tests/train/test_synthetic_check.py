@@ -9,7 +9,8 @@ import pytest
 from train.synthetic import (
     BUILTIN_TOOLS, SUITES, Example, check_answer, check_tool_calls, generate, mixture, parse_tool_calls,
     render_kestrel)
-from train.synthetic.function_pool import OBJECTS, PARAMS, VERBS, invented_word
+from train.synthetic import lexicon
+from train.synthetic.function_pool import OBJECTS, PARAMS, VERBS, fresh_word, inflect, invented_word
 
 ALL = {1: 1, 2: 1, 3: 1, 4: 1, 5: 1}
 
@@ -161,6 +162,44 @@ def test_invented_words_are_pronounceable_and_never_held_out():
     held = {w for pool in (VERBS["heldout"], OBJECTS["heldout"]) for name in pool for w in name.split("_")}
     assert not set(words) & held and len(set(words)) > 2500
     assert all(w.isalpha() and w.islower() and 3 <= len(w) <= 24 for w in words)
+
+
+def _heldout_vocabulary() -> set[str]:
+    words = {w for pool in (VERBS["heldout"], OBJECTS["heldout"]) for name in pool for w in name.split("_")}
+    for name, kind, source in PARAMS["heldout"]:
+        words |= set(name.split("_")) | ({v.lower() for v in source} if kind == "enum" else set())
+    return words
+
+
+def test_fresh_train_words_mix_made_up_and_english_words_never_held_out():
+    import random
+
+    rng = random.Random(1)
+    nouns = [fresh_word(rng) for _ in range(3000)]
+    verbs = [fresh_word(rng, "verb") for _ in range(3000)]
+    held = _heldout_vocabulary()
+    assert not (set(nouns) | set(verbs)) & held
+    english_nouns = set(nouns) & set(lexicon.NOUNS)
+    assert 0.3 < sum(w in english_nouns for w in nouns) / len(nouns) < 0.45  # half English, a third of it inflected
+    assert len(english_nouns) > 500 and set(verbs) & set(lexicon.VERBS)
+    assert any(w.endswith("s") and w[:-1] in lexicon.NOUNS for w in nouns)
+    assert any(w.endswith("ing") for w in verbs) and any(w.endswith("ed") for w in verbs)
+    # The lexicon itself holds no held-out word (function_pool also drops any that slip in).
+    assert not (set(lexicon.NOUNS) | set(lexicon.VERBS)) & held
+
+
+@pytest.mark.parametrize("word, part, endings, want", [
+    ("box", "noun", None, "boxes"), ("city", "noun", None, "cities"), ("day", "noun", None, "days"),
+    ("bake", "verb", "ed", "baked"), ("copy", "verb", "ed", "copied"), ("copy", "verb", "ing", "copying"),
+    ("play", "verb", "er", "player"), ("mix", "verb", "s", "mixes"), ("bake", "verb", "ing", "baking")])
+def test_inflections_follow_the_plain_spelling_rules(word, part, endings, want):
+    import random
+
+    for seed in range(200):  # a verb's ending is drawn: find a seed that draws the one wanted
+        got = inflect(word, part, random.Random(seed))
+        if endings is None or got.endswith(endings) or got == want:
+            break
+    assert got == want
 
 
 @pytest.mark.parametrize("task", SUITES["tools"])

@@ -8,14 +8,17 @@ what a tiny model can learn, and what transfers to unseen schemas.
 
 A fixed train vocabulary is memorised, not copied: a model that has seen only a dozen verbs writes
 one of them for an unseen one. So half of the train split's words (verbs, objects, parameter
-names, enum and string values) are invented afresh for each function (`invented_word`:
-pronounceable, never a held-out word); the only way to get those right is to copy them.
+names, enum and string values) are drawn afresh for each function (`fresh_word`: half the time
+a made-up word, `invented_word`, pronounceable, and half the time a common English word from
+``lexicon.py``; never a held-out word); the only way to get those right is to copy them, and
+between them they make the model write the tokenizer's pieces of real English words too.
 """
 
 import dataclasses
 import random
 from typing import Any
 
+from train.synthetic import lexicon
 from train.synthetic.problem import pick
 
 VERBS = {
@@ -46,30 +49,75 @@ _NOTES = {
 
 # The share of train-split words invented afresh instead of drawn from the lists above.
 INVENTED_RATE = 0.5
-# English-like syllables (onset, vowel, coda), broad enough that the tokenizer's pieces for
-# unseen real words ("re" "gist" "er", "Ber" "lin") occur in training as pieces of invented ones.
+# English-like syllables (onset, vowel, coda), some closed by a silent e ("pute", "vole"), and
+# English prefixes and suffixes around them, so that the tokenizer's pieces of unseen real words
+# ("com" "pute", "a" "par" "t" "ment", "arch" "ive") occur in training as pieces of invented ones.
+# Plain syllables alone left an eighth of the held-out function-calling targets (suffixes such as
+# "ment", "ance", "ive", "ard") almost never trained as outputs, and those were the pieces a
+# held-out call garbled.
 _ONSETS = ("", "", "b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "qu", "r", "s", "t", "v", "w",
            "y", "z", "br", "cr", "dr", "fr", "gr", "pr", "tr", "bl", "cl", "fl", "gl", "pl", "sl", "sc", "sk",
            "sm", "sn", "sp", "st", "sw", "ch", "sh", "th", "wh")
 _VOWELS = ("a", "e", "i", "o", "u", "a", "e", "i", "o", "y", "ai", "au", "ea", "ee", "ie", "oa", "oo", "ou")
 _CODAS = ("", "", "", "", "b", "c", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "x", "ng", "nd",
           "nt", "st", "rt", "ck", "ll", "ss", "sh", "ch", "th")
-_HELDOUT_WORDS = frozenset(
-    w for pool in (VERBS["heldout"], OBJECTS["heldout"]) for name in pool for w in name.split("_")
-) | frozenset(w.lower() for pool in (_CITIES, _PEOPLE, _NOTES) for v in pool["heldout"] for w in v.split())
+_SILENT_E_CODAS = ("b", "c", "d", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z")
+_PREFIXES = ("re", "un", "in", "im", "dis", "en", "non", "pre", "pro", "con", "com", "de", "ex", "sub", "super",
+             "trans", "inter", "over", "under", "mis", "anti", "auto", "co", "fore", "out", "post", "semi", "tele",
+             "tri", "up", "ad", "ab", "per", "ac", "al", "ap", "at", "be", "for", "with", "back", "air", "sea")
+_SUFFIXES = ("ment", "tion", "sion", "ation", "ness", "ity", "ous", "ful", "less", "able", "ible", "al", "ial",
+             "ance", "ence", "ant", "ent", "ard", "ure", "ist", "ism", "ive", "ize", "ify", "ate", "ite", "ine",
+             "ile", "ute", "ote", "ade", "ide", "ode", "age", "ary", "ery", "ory", "ly", "er", "or", "ar",
+             "ing", "ed", "en", "est", "ic", "ical", "ish", "ship", "hood", "dom", "ward", "ee", "et", "ow", "ey",
+             "el", "le", "on", "ot", "ut", "us", "um", "ia", "o", "y")
+
+
+def _syllable(rng: random.Random) -> str:
+    if rng.random() < 0.2:
+        return pick(rng, _ONSETS) + pick(rng, "aeiou") + pick(rng, _SILENT_E_CODAS) + "e"
+    return pick(rng, _ONSETS) + pick(rng, _VOWELS) + pick(rng, _CODAS)
 
 
 def invented_word(rng: random.Random) -> str:
-    """A pronounceable made-up lowercase word of 1 to 3 syllables (``"droskel"``), never a held-out word."""
+    """A pronounceable made-up lowercase word (``"droskel"``, ``"conbrakment"``): an optional English
+    prefix, 1 to 3 syllables and an optional suffix; never a held-out word."""
     while True:
-        word = "".join(pick(rng, _ONSETS) + pick(rng, _VOWELS) + pick(rng, _CODAS)
-                       for _ in range(pick(rng, (1, 2, 2, 2, 3, 3))))
-        if len(word) >= 3 and word not in _HELDOUT_WORDS:
+        prefix = pick(rng, _PREFIXES) if rng.random() < 0.3 else ""
+        core = "".join(_syllable(rng) for _ in range(pick(rng, (1, 1, 2, 2, 3))))
+        suffix = pick(rng, _SUFFIXES) if rng.random() < 0.4 else ""
+        word = prefix + core + suffix
+        if 3 <= len(word) <= 14 and word not in _HELDOUT_WORDS:
             return word
 
 
+def inflect(word: str, part: str, rng: random.Random) -> str:
+    """`word` as a plural (a noun) or with -s, -ed, -ing or -er (a verb), by the plain spelling rules."""
+    ending = "s" if part == "noun" else pick(rng, ("s", "ed", "ing", "er"))
+    if ending == "s":
+        if word.endswith(("s", "x", "z", "ch", "sh")):
+            return word + "es"
+        return word[:-1] + "ies" if word.endswith("y") and word[-2:-1] not in "aeiou" else word + "s"
+    if word.endswith("e"):
+        word = word[:-1]
+    elif word.endswith("y") and word[-2:-1] not in "aeiou" and ending != "ing":
+        word = word[:-1] + "i"
+    return word + ending
+
+
+def fresh_word(rng: random.Random, part: str = "noun") -> str:
+    """A train-split word never in the lists above: made up or, as often, a common English `part`
+    of speech ("noun" or "verb") from ``lexicon.py``, a third of those inflected; never a held-out
+    word."""
+    if rng.random() < 0.5:
+        return invented_word(rng)
+    word = pick(rng, _ENGLISH[part])
+    if rng.random() < 1 / 3 and (bent := inflect(word, part, rng)) not in _HELDOUT_WORDS:
+        return bent
+    return word
+
+
 def _invented_name(rng: random.Random) -> str:
-    return invented_word(rng).capitalize()
+    return fresh_word(rng).capitalize()
 
 
 def _ticker(rng: random.Random) -> str:
@@ -103,6 +151,17 @@ PARAMS: dict[str, tuple[tuple[str, str, Any], ...]] = {
         ("express", "boolean", None), ("comment", "string", "notes"), ("travellers", "integer", (1, 8)),
     ),
 }
+
+
+# Every word of the held-out vocabulary: names, parameter names, enum and string values.
+_HELDOUT_WORDS = frozenset(
+    w for pool in (VERBS["heldout"], OBJECTS["heldout"]) for name in pool for w in name.split("_")
+) | frozenset(w.lower() for pool in (_CITIES, _PEOPLE, _NOTES) for v in pool["heldout"] for w in v.split()) | frozenset(
+    w.lower() for name, kind, source in PARAMS["heldout"]
+    for w in name.split("_") + (list(source) if kind == "enum" else []))
+# The English words drawn for the train split: the lexicon less the held-out vocabulary.
+_ENGLISH = {"verb": tuple(w for w in lexicon.VERBS if w not in _HELDOUT_WORDS),
+            "noun": tuple(w for w in lexicon.NOUNS if w not in _HELDOUT_WORDS)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +219,7 @@ def _invented(rng: random.Random, split: str) -> bool:
 def _invented_param(rng: random.Random, taken: set[str]) -> Param:
     """A parameter with an invented name (one or two words) and a random kind."""
     while True:
-        name = "_".join(invented_word(rng) for _ in range(rng.choice((1, 1, 2))))
+        name = "_".join(fresh_word(rng) for _ in range(rng.choice((1, 1, 2))))
         if name not in taken:
             break
     kind = pick(rng, ("string", "string", "enum", "integer", "number", "boolean"))
@@ -169,7 +228,7 @@ def _invented_param(rng: random.Random, taken: set[str]) -> Param:
     if kind == "enum":
         values, n = [], rng.randint(2, 4)
         while len(values) < n:
-            if (v := invented_word(rng)) not in values:
+            if (v := fresh_word(rng)) not in values:
                 values.append(v)
         return Param(name, kind, tuple(values))
     if kind == "integer":
@@ -183,8 +242,8 @@ def _invented_param(rng: random.Random, taken: set[str]) -> Param:
 def random_function(rng: random.Random, split: str, n_params: int, *, avoid: set[str] = frozenset()) -> Function:
     """A function whose name is not in `avoid`, with `n_params` parameters (the first required)."""
     while True:
-        verb = invented_word(rng) if _invented(rng, split) else pick(rng, VERBS[split])
-        obj = invented_word(rng) if _invented(rng, split) else pick(rng, OBJECTS[split])
+        verb = fresh_word(rng, "verb") if _invented(rng, split) else pick(rng, VERBS[split])
+        obj = fresh_word(rng) if _invented(rng, split) else pick(rng, OBJECTS[split])
         if f"{verb}_{obj}" not in avoid:
             break
     params = [Param(*p) for p in rng.sample(PARAMS[split], n_params)]
@@ -211,7 +270,7 @@ def random_value(rng: random.Random, p: Param, split: str) -> Any:
     if callable(p.source):
         return p.source(rng)
     if _invented(rng, split):  # a name never seen before, to be copied
-        return " ".join(invented_word(rng) for _ in range(2)) if p.source == "notes" else _invented_name(rng)
+        return " ".join(fresh_word(rng) for _ in range(2)) if p.source == "notes" else _invented_name(rng)
     return pick(rng, {"cities": _CITIES, "people": _PEOPLE, "notes": _NOTES}[p.source][split])
 
 

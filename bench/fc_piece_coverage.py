@@ -1,0 +1,111 @@
+"""Which tokens of held-out function calls a training mix ever asks the model to write.
+
+A model learns to write a token only where training makes it a target. Held-out function-calling
+examples name unseen functions in plain English, and the tokenizer cuts those names into pieces
+("ver" "if" "y", "a" "par" "t" "ment"); a piece that the training mix (almost) never has as a
+target has an output embedding that never learned to be chosen, and a call that needs it comes out
+garbled even when copying works (teacher-forced, the bundled kestrel-nano wrote "verify_a" then
+"esc" for "par"). This counts, without training anything, how often each target token of held-out
+function-calling examples is a target in `--n` examples drawn like a config's training mix (its
+tasks, tools share and data seed; levels uniform, no effort hints, one example per conversation),
+and reports
+
+- the share of held-out target tokens that occur fewer than ``--rare`` times as training targets;
+- the share of held-out tool calls (``<tool_call>`` .. ``</tool_call>``) with no such token: the
+  calls whose every token the model has at least been trained to write.
+
+    python bench/fc_piece_coverage.py [--config configs/nano.py] [--n 3000] [--heldout 90] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import write_json  # noqa: E402
+
+FC_TASKS = ("fc_single", "fc_parallel", "fc_multiturn")
+
+
+def target_counts(tokenizer, examples) -> collections.Counter:
+    """How often each token id is a trained target in `examples` rendered as in training."""
+    from train.packing import tokenize_segments
+    from train.synthetic import render_kestrel
+
+    counts = collections.Counter()
+    for ex in examples:
+        enc = tokenize_segments(tokenizer, render_kestrel(ex))
+        counts.update(int(t) for t, trained in zip(enc.ids, enc.trainable) if trained)
+    return counts
+
+
+def call_tokens(tokenizer, example) -> list[list[int]]:
+    """The trained tokens inside each tool call of `example`, one list per call."""
+    from train.packing import tokenize_segments
+    from train.synthetic import render_kestrel
+
+    enc = tokenize_segments(tokenizer, render_kestrel(example))
+    start, end = tokenizer.token_to_id("<tool_call>"), tokenizer.token_to_id("</tool_call>")
+    calls, current = [], None
+    for t, trained in zip(enc.ids, enc.trainable):
+        t = int(t)
+        if trained and t == start:
+            current = []
+        elif t == end and current is not None:
+            calls.append(current)
+            current = None
+        elif current is not None and trained:
+            current.append(t)
+    return calls
+
+
+def measure(config: str, n: int, heldout: int, rare: int) -> dict:
+    from model.tokenizer import Tokenizer
+    from train.config import load_config
+    from train.synthetic import generate, mixture
+
+    cfg = load_config(config)
+    tokenizer = Tokenizer.load(cfg.data.tokenizer)
+    levels = {level: 1.0 for level in range(1, 6)}
+    train = target_counts(tokenizer, mixture(cfg.data.seed, levels, "train", n=n, tasks=dict(cfg.data.tasks),
+                                             tools_fraction=cfg.data.tools_fraction))
+    held = [generate(FC_TASKS[i % len(FC_TASKS)], level=1 + (i // len(FC_TASKS)) % 5, seed=i, split="heldout")
+            for i in range(heldout)]
+    held_targets = target_counts(tokenizer, held)
+    total = sum(held_targets.values())
+    rare_share = sum(c for t, c in held_targets.items() if train[t] < rare) / total
+    calls = [call for ex in held for call in call_tokens(tokenizer, ex)]
+    missing = collections.Counter(tokenizer.decode([t]) for call in calls for t in call if train[t] < rare)
+    return {"config": config, "train_examples": n, "heldout_examples": heldout, "rare_below": rare,
+            "heldout_target_tokens": total, "rare_target_share": rare_share,
+            "heldout_calls": len(calls), "calls_without_rare_tokens": sum(all(train[t] >= rare for t in call)
+                                                                          for call in calls) / len(calls),
+            "most_common_rare_in_calls": missing.most_common(25)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="configs/nano.py")
+    parser.add_argument("--n", type=int, default=3000, help="training-mix examples counted")
+    parser.add_argument("--heldout", type=int, default=90, help="held-out function-calling examples")
+    parser.add_argument("--rare", type=int, default=10, help="a token is rare below this many training targets")
+    parser.add_argument("--json", help="also write the result here")
+    args = parser.parse_args(argv)
+    if min(args.n, args.heldout, args.rare) < 1:
+        parser.error("--n, --heldout and --rare must be >= 1")
+    result = measure(args.config, args.n, args.heldout, args.rare)
+    print(f"held-out function-calling target tokens trained fewer than {args.rare} times in {args.n} examples: "
+          f"{result['rare_target_share']:.1%}")
+    print(f"held-out calls with none of them: {result['calls_without_rare_tokens']:.1%} of {result['heldout_calls']}")
+    print("most common in calls:", ", ".join(f"{p!r} x{c}" for p, c in result["most_common_rare_in_calls"]))
+    if args.json:
+        write_json(args.json, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
