@@ -14,8 +14,8 @@ norm against the text embeddings' (the language model reads both in one residual
 Each held-out example (``vision`` and ``reading`` suites, their tasks and levels 1-5 in turn) is
 rendered as in training; the scored tokens are the trainable tokens of the reasoning's first line
 ("The image reads: ...", "The chart shows ..."): the values copied off the picture. For each
-example and each picture (``own``; ``swapped``: the next example's; ``blank``: all background
-grey), the mean negative log-likelihood per scored token and whether each is the argmax.
+example and each picture (``own``; ``swapped``: the next example's; ``blank``: one uniform
+mid-grey), the mean negative log-likelihood per scored token and whether each is the argmax.
 
     python bench/image_use.py CKPT [--n 40] [--json OUT]
 """
@@ -36,27 +36,24 @@ PICTURES = ("own", "swapped", "blank")
 
 
 def read_line_mask(tokenizer, ids, trainable) -> list[bool]:
-    """Which tokens are trainable and in the assistant's first reasoning line (after ``<think>``)."""
+    """Which tokens are trainable and hold text of the assistant's first reasoning line (the line
+    after ``<think>``; a token that ends the line, like ``".\\n"``, counts when text precedes its
+    newline)."""
     think = tokenizer.token_to_id("<think>")
-    out, state = [], "before"
-    for t, tid in enumerate(ids):
-        if state == "before" and trainable[t] and tid == think:
-            state = "skip_newline"
-            out.append(False)
-            continue
-        if state == "skip_newline":
-            state = "line"
-            if tokenizer.decode([int(tid)]).strip() == "":
-                out.append(False)
+    out = [False] * len(ids)
+    first = next((k + 1 for k, tid in enumerate(ids) if trainable[k] and tid == think), len(ids))
+    started = False
+    for t in range(first, len(ids)):
+        piece = tokenizer.decode([int(ids[t])])
+        if not started:
+            piece = piece.lstrip("\n")  # the newline after <think>
+            if not piece.strip():
                 continue
-        if state == "line":
-            if "\n" in tokenizer.decode([int(tid)]):
-                state = "after"
-                out.append(False)
-                continue
-            out.append(bool(trainable[t]))
-            continue
-        out.append(False)
+            started = True
+        text, newline, _ = piece.partition("\n")
+        out[t] = bool(text) and bool(trainable[t])
+        if newline:
+            break
     return out
 
 

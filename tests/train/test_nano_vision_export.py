@@ -84,9 +84,16 @@ def test_kestrel_eval_picture_suites_run_constrained(exported, monkeypatch, suit
 
 
 def test_image_use_scores_the_read_tokens_with_own_swapped_and_blank_pictures(exported):
-    from bench.image_use import PICTURES, measure
+    from bench.image_use import PICTURES, measure, read_line_mask
+    from train.packing import tokenize_segments
+    from train.synthetic import render_kestrel
 
     out, _ = exported
+    _, tok = load_checkpoint(out)
+    ex = generate("image_chart", level=2, seed=3, split="heldout")
+    enc = tokenize_segments(tok, render_kestrel(ex))
+    scored = [int(t) for t, keep in zip(enc.ids, read_line_mask(tok, enc.ids, enc.trainable)) if keep]
+    assert tok.decode(scored).strip() == ex.messages[2]["reasoning_content"].splitlines()[0]
     result = measure(str(out), 5)
     assert result["scored_tokens"] > 0 and set(result["pictures"]) == set(PICTURES)
     for row in result["pictures"].values():

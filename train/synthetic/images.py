@@ -70,12 +70,16 @@ _TEXT_ASKS = ("Solve the problem in the image.", "Answer the question shown in t
 _TRIPLES = ((3, 4, 5), (5, 12, 13), (6, 8, 10), (8, 15, 17), (7, 24, 25), (9, 12, 15), (20, 21, 29), (12, 16, 20))
 
 
+def _figure_record(fig: Figure, record: dict) -> dict:
+    """`record` (what was drawn) plus every string on `fig`, its ink boxes, size, background and style."""
+    return {**record, "texts": fig.texts, "boxes": [list(b) for b in fig.boxes],
+            "size": list(fig.image.size), "background": list(fig.background), "style": fig.style}
+
+
 def _pictured(p: Problem, fig: Figure, ask: str, reads: str, record: dict) -> Problem:
     """`p` asked about the picture `fig`: placeholder first, then the text question."""
-    record = {**record, "texts": fig.texts, "boxes": [list(b) for b in fig.boxes],
-              "size": list(fig.image.size), "background": list(fig.background), "style": fig.style}
     return dataclasses.replace(p, question=f"{IMAGE_PLACEHOLDER}\n{ask}", reads=reads,
-                               images=[png_bytes(fig.image)], figure=record)
+                               images=[png_bytes(fig.image)], figure=_figure_record(fig, record))
 
 
 def make_text_image(rng: random.Random, level: int, split: str) -> Problem:
@@ -326,8 +330,7 @@ def make_reading(rng: random.Random, level: int, split: str) -> Example:
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question},
                 {"role": "assistant", "reasoning_content": f"The image reads: {text}",
                  "content": f"Answer: {text}\nSummary: {summary}"}]
-    figure = {"kind": "reading", "text": text, "texts": fig.texts, "boxes": [list(b) for b in fig.boxes],
-              "size": list(fig.image.size), "background": list(fig.background), "style": fig.style}
+    figure = _figure_record(fig, {"kind": "reading", "text": text})
     meta = {"task": "image_read", "level": level, "answer": text, "summary": summary, "split": split,
             "tools": False, "answer_kind": "text", "tolerance": 0.0, "prompt_len": 2, "figure": figure}
     return Example(messages=messages, tools=[], meta=meta, images=[png_bytes(fig.image)])
