@@ -31,24 +31,24 @@ from bench.common import write_json  # noqa: E402
 FC_TASKS = ("fc_single", "fc_parallel", "fc_multiturn")
 
 
-def target_counts(tokenizer, examples) -> collections.Counter:
-    """How often each token id is a trained target in `examples` rendered as in training."""
+def encode(tokenizer, example):
+    """`example` rendered and tokenized as in training (``ids`` and ``trainable``)."""
     from train.packing import tokenize_segments
     from train.synthetic import render_kestrel
 
+    return tokenize_segments(tokenizer, render_kestrel(example))
+
+
+def target_counts(encodings) -> collections.Counter:
+    """How often each token id is a trained target in `encodings`."""
     counts = collections.Counter()
-    for ex in examples:
-        enc = tokenize_segments(tokenizer, render_kestrel(ex))
+    for enc in encodings:
         counts.update(int(t) for t, trained in zip(enc.ids, enc.trainable) if trained)
     return counts
 
 
-def call_tokens(tokenizer, example) -> list[list[int]]:
-    """The trained tokens inside each tool call of `example`, one list per call."""
-    from train.packing import tokenize_segments
-    from train.synthetic import render_kestrel
-
-    enc = tokenize_segments(tokenizer, render_kestrel(example))
+def call_tokens(tokenizer, enc) -> list[list[int]]:
+    """The trained tokens inside each tool call of the encoded example `enc`, one list per call."""
     start, end = tokenizer.token_to_id("<tool_call>"), tokenizer.token_to_id("</tool_call>")
     calls, current = [], None
     for t, trained in zip(enc.ids, enc.trainable):
@@ -71,14 +71,14 @@ def measure(config: str, n: int, heldout: int, rare: int) -> dict:
     cfg = load_config(config)
     tokenizer = Tokenizer.load(cfg.data.tokenizer)
     levels = {level: 1.0 for level in range(1, 6)}
-    train = target_counts(tokenizer, mixture(cfg.data.seed, levels, "train", n=n, tasks=dict(cfg.data.tasks),
-                                             tools_fraction=cfg.data.tools_fraction))
-    held = [generate(FC_TASKS[i % len(FC_TASKS)], level=1 + (i // len(FC_TASKS)) % 5, seed=i, split="heldout")
-            for i in range(heldout)]
-    held_targets = target_counts(tokenizer, held)
+    train = target_counts(encode(tokenizer, ex) for ex in mixture(
+        cfg.data.seed, levels, "train", n=n, tasks=dict(cfg.data.tasks), tools_fraction=cfg.data.tools_fraction))
+    held = [encode(tokenizer, generate(FC_TASKS[i % len(FC_TASKS)], level=1 + (i // len(FC_TASKS)) % 5, seed=i,
+                                       split="heldout")) for i in range(heldout)]
+    held_targets = target_counts(held)
     total = sum(held_targets.values())
     rare_share = sum(c for t, c in held_targets.items() if train[t] < rare) / total
-    calls = [call for ex in held for call in call_tokens(tokenizer, ex)]
+    calls = [call for enc in held for call in call_tokens(tokenizer, enc)]
     missing = collections.Counter(tokenizer.decode([t]) for call in calls for t in call if train[t] < rare)
     return {"config": config, "train_examples": n, "heldout_examples": heldout, "rare_below": rare,
             "heldout_target_tokens": total, "rare_target_share": rare_share,

@@ -3,7 +3,7 @@ reports are shares; more training examples never leave more held-out tokens rare
 
 import json
 
-from bench.fc_piece_coverage import call_tokens, measure
+from bench.fc_piece_coverage import call_tokens, encode, measure
 from model.tokenizer import Tokenizer
 from train.synthetic import generate
 
@@ -13,7 +13,7 @@ TOKENIZER = "checkpoints/kestrel-nano"
 def test_call_tokens_are_each_calls_json():
     tok = Tokenizer.load(TOKENIZER)
     ex = generate("fc_parallel", level=2, seed=4, split="heldout")
-    calls = call_tokens(tok, ex)
+    calls = call_tokens(tok, encode(tok, ex))
     assert len(calls) == len(ex.meta["calls"]) >= 2
     for tokens, want in zip(calls, ex.meta["calls"]):
         assert json.loads(tok.decode(tokens))["name"] == want["name"]
