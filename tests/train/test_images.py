@@ -133,6 +133,24 @@ def test_rotated_text_stays_inside_the_picture():
     assert max(rotations) > 3 and max(rotations) <= 6, "level 5 turns text by up to 6 degrees"
 
 
+def test_every_drawn_character_has_its_ink_centre_recorded():
+    """``figure["glyphs"]``: each inked character of every string, in drawing order, on its ink."""
+    turned = 0
+    for task in VISION + SUITES["reading"]:
+        for seed in range(8):
+            ex = generate(task, level=1 + seed % 5, seed=seed)
+            fig = ex.meta["figure"]
+            turned += abs(fig["style"].get("rotation", 0)) > 2 or fig["style"].get("italic", False)
+            assert "".join(ch for ch, _, _ in fig["glyphs"]) == "".join("".join(fig["texts"]).split())
+            image = np.asarray(decode(ex.images[0])).astype(int)
+            ink = np.abs(image - np.array(fig["background"])).sum(-1) > 60
+            for ch, x, y in fig["glyphs"]:
+                assert 0 <= x < fig["size"][0] and 0 <= y < fig["size"][1]
+                near = ink[max(0, int(y) - 3):int(y) + 4, max(0, int(x) - 3):int(x) + 4]
+                assert near.any(), f"{task} seed {seed}: no ink within 3 px of {ch!r} at ({x}, {y})"
+    assert turned >= 3, "slanted and rotated text is among the cases"
+
+
 def test_every_label_is_inside_and_colours_are_readable():
     for task in VISION:
         for seed in range(10):

@@ -20,6 +20,7 @@ import re
 import site
 import sysconfig
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 MIN_SIDE, MAX_SIDE = 224, 448
@@ -161,8 +162,73 @@ def wrap(text: str, font: ImageFont.FreeTypeFont, width: float) -> list[str]:
     return lines
 
 
-def text_layer(text: str, style: TextStyle, width: float) -> Image.Image:
-    """`text` wrapped to `width`, drawn in `style` on a transparent layer cropped to its ink."""
+def glyph_centres(line: str, font: ImageFont.FreeTypeFont, x: float, y: float) -> list[tuple[str, float, float]]:
+    """Each inked character of `line` drawn from (`x`, `y`) (Pillow's default "la" anchor) with its
+    ink box's centre: ``(char, cx, cy)``; spaces are left out."""
+    out = []
+    for j, ch in enumerate(line):
+        box = font.getbbox(ch)
+        if ch.isspace() or box[2] <= box[0]:
+            continue
+        left = x + font.getlength(line[:j])
+        out.append((ch, left + (box[0] + box[2]) / 2, y + (box[1] + box[3]) / 2))
+    return out
+
+
+def _slant_and_turn(layer: Image.Image, style: TextStyle, resample: Image.Resampling) -> Image.Image:
+    """`layer` slanted (italic) and rotated as `style` says, grown to hold the result."""
+    w, h = layer.size
+    if style.italic:  # x' = x + 0.2 * (h - y): the top leans right
+        shear = 0.2
+        extra = int(math.ceil(shear * h))
+        layer = layer.transform((w + extra, h), Image.Transform.AFFINE, (1, shear, -shear * h, 0, 1, 0),
+                                resample=resample)
+    if style.rotation:
+        layer = layer.rotate(style.rotation, resample=resample, expand=True)
+    return layer
+
+
+def _moved_points(points: list[tuple[float, float]], size: tuple[int, int], style: TextStyle,
+                  crop: tuple[int, int, int, int] | None) -> list[tuple[float, float]]:
+    """Where `points` of a layer of `size` land after `_slant_and_turn` and the crop to `crop`.
+
+    Each point is marked by its own value on an integer image that takes the same transform with
+    nearest-neighbour sampling, so the geometry is Pillow's own; a point whose mark vanishes (a
+    rounding edge case) is moved by its nearest marked neighbour's shift instead.
+    """
+    marks = Image.new("I", size, 0)
+    for k, (px, py) in enumerate(points, start=1):
+        x0, y0 = int(px), int(py)
+        marks.paste(k, (x0 - 1, y0 - 1, x0 + 2, y0 + 2))  # 3 x 3: survives a turn by nearest sampling
+    moved = _slant_and_turn(marks, style, Image.Resampling.NEAREST)
+    if crop:
+        moved = moved.crop(crop)
+    grid = np.asarray(moved, dtype=np.int64)
+    ys, xs = np.nonzero(grid)
+    values = grid[ys, xs]
+    out: list[tuple[float, float] | None] = []
+    for k, (px, py) in enumerate(points, start=1):
+        hit = values == k
+        # The 3 x 3 mark's centre is the pixel (x0, y0); the point's sub-pixel offset rides along.
+        out.append((float(xs[hit].mean()) + px - int(px), float(ys[hit].mean()) + py - int(py)) if hit.any() else None)
+    for k, got in enumerate(out):
+        if got is None:
+            near = min((j for j, o in enumerate(out) if o is not None),
+                       key=lambda j: math.dist(points[j], points[k]), default=None)
+            if near is None:
+                raise RuntimeError("no character position survived the text's slant and rotation")
+            dx, dy = out[near][0] - points[near][0], out[near][1] - points[near][1]
+            out[k] = (points[k][0] + dx, points[k][1] + dy)
+    return out  # type: ignore[return-value]
+
+
+def text_layer(text: str, style: TextStyle, width: float,
+               glyphs: list[tuple[str, float, float]] | None = None) -> Image.Image:
+    """`text` wrapped to `width`, drawn in `style` on a transparent layer cropped to its ink.
+
+    When `glyphs` is a list, each inked character is appended to it as ``(char, x, y)``: its ink
+    centre on the returned layer, after the slant, rotation and crop (in reading order).
+    """
     font = load_font(style.font, style.size)
     lines = wrap(text, font, width)
     line_h = round(style.size * 1.3)
@@ -175,14 +241,12 @@ def text_layer(text: str, style: TextStyle, width: float) -> Image.Image:
     for i, ln in enumerate(lines):
         draw.text((pad, pad + i * line_h), ln, font=font, fill=style.ink + (255,),
                   stroke_width=stroke, stroke_fill=style.ink + (255,))
-    if style.italic:  # x' = x + 0.2 * (h - y): the top leans right
-        shear = 0.2
-        extra = int(math.ceil(shear * h))
-        layer = layer.transform((w + extra, h), Image.Transform.AFFINE, (1, shear, -shear * h, 0, 1, 0),
-                                resample=Image.Resampling.BICUBIC)
-    if style.rotation:
-        layer = layer.rotate(style.rotation, resample=Image.Resampling.BICUBIC, expand=True)
+    placed = [g for i, ln in enumerate(lines) for g in glyph_centres(ln, font, pad, pad + i * line_h)]
+    layer = _slant_and_turn(layer, style, Image.Resampling.BICUBIC)
     box = layer.getchannel("A").getbbox()
+    if glyphs is not None and placed:
+        points = _moved_points([(x, y) for _, x, y in placed], (w, h), style, box)
+        glyphs.extend((ch, x, y) for (ch, _, _), (x, y) in zip(placed, points))
     return layer.crop(box) if box else layer
 
 
@@ -201,10 +265,18 @@ def paste(canvas: Image.Image, layer: Image.Image, xy: tuple[int, int]) -> tuple
 
 
 def draw_label(canvas: Image.Image, text: str, font: ImageFont.FreeTypeFont, fill, anchor_xy: tuple[float, float],
-               anchor: str = "mm") -> tuple[int, int, int, int]:
-    """Draws one unrotated label with a Pillow text anchor; returns its ink box."""
+               anchor: str = "mm", glyphs: list[tuple[str, float, float]] | None = None) -> tuple[int, int, int, int]:
+    """Draws one unrotated label with a Pillow text anchor; returns its ink box.
+
+    When `glyphs` is a list, each inked character is appended to it as ``(char, x, y)``, its ink
+    centre on the canvas.
+    """
     draw = ImageDraw.Draw(canvas)
     draw.text(anchor_xy, text, font=font, fill=fill, anchor=anchor)
+    if glyphs is not None:  # where the same text's "la" origin is: shift by the two boxes' difference
+        at = draw.textbbox(anchor_xy, text, font=font, anchor=anchor)
+        la = draw.textbbox((0, 0), text, font=font, anchor="la")
+        glyphs.extend(glyph_centres(text, font, at[0] - la[0], at[1] - la[1]))
     return tuple(int(v) for v in draw.textbbox(anchor_xy, text, font=font, anchor=anchor))
 
 

@@ -31,6 +31,8 @@ class Figure:
       boxes: the ink box ``(x0, y0, x1, y1)`` of each string (same order).
       background: the background colour.
       style: how a text block was drawn (font, size, bold, italic, rotation); empty for the others.
+      glyphs: every inked character drawn, as ``(char, x, y)``: its ink centre on the image, string
+        after string in drawing order (what a tower's per-patch reading objective learns from).
     """
 
     image: Image.Image
@@ -38,6 +40,7 @@ class Figure:
     boxes: list[tuple[int, int, int, int]]
     background: tuple[int, int, int]
     style: dict = dataclasses.field(default_factory=dict)
+    glyphs: list[tuple[str, float, float]] = dataclasses.field(default_factory=list)
 
 
 def _side(rng: random.Random, lo: int = 256, hi: int = MAX_SIDE) -> int:
@@ -60,7 +63,8 @@ def draw_text(text: str, rng: random.Random, level: int) -> Figure:
     while True:
         style = dataclasses.replace(base, size=size)
         # Wrap narrower than the canvas: the slant and the rotation widen the block.
-        layer = text_layer(text, style, width - 2 * MARGIN - 16 - 0.25 * size)
+        placed: list[tuple[str, float, float]] = []
+        layer = text_layer(text, style, width - 2 * MARGIN - 16 - 0.25 * size, placed)
         if layer.width <= width - 2 * MARGIN and layer.height <= MAX_SIDE - 2 * MARGIN:
             break
         if size > 11:
@@ -76,7 +80,7 @@ def draw_text(text: str, rng: random.Random, level: int) -> Figure:
     box = paste(canvas, layer, (x, y))
     look = {"font": pathlib.Path(style.font).name, "size": style.size, "bold": style.bold, "italic": style.italic,
             "rotation": style.rotation}
-    return Figure(canvas, [text], [box], bg, look)
+    return Figure(canvas, [text], [box], bg, look, [(ch, gx + x, gy + y) for ch, gx, gy in placed])
 
 
 def draw_table(title: str, rows: list[list[str]], rng: random.Random) -> Figure:
@@ -110,7 +114,9 @@ def draw_table(title: str, rows: list[list[str]], rng: random.Random) -> Figure:
     draw = ImageDraw.Draw(canvas)
     x0 = (width - table_w) // 2
     y0 = MARGIN + title_h
-    texts, boxes = [title], [draw_label(canvas, title, title_font, ink, (width / 2, MARGIN + title_h / 2))]
+    glyphs: list[tuple[str, float, float]] = []
+    texts = [title]
+    boxes = [draw_label(canvas, title, title_font, ink, (width / 2, MARGIN + title_h / 2), glyphs=glyphs)]
     shade = tuple(int(0.82 * b + 0.18 * i) for b, i in zip(bg, ink))
     draw.rectangle((x0, y0, x0 + table_w, y0 + row_h), fill=shade)
     for r, row in enumerate(rows):
@@ -120,7 +126,8 @@ def draw_table(title: str, rows: list[list[str]], rng: random.Random) -> Figure:
             numeric = c > 0 and r > 0
             anchor_x = x + col_w[c] - pad if numeric else x + pad
             texts.append(cell)
-            boxes.append(draw_label(canvas, cell, font, ink, (anchor_x, y + row_h / 2), "rm" if numeric else "lm"))
+            boxes.append(draw_label(canvas, cell, font, ink, (anchor_x, y + row_h / 2), "rm" if numeric else "lm",
+                                    glyphs))
             x += col_w[c]
     for r in range(len(rows) + 1):
         draw.line((x0, y0 + r * row_h, x0 + table_w, y0 + r * row_h), fill=ink, width=2 if r in (0, 1) else 1)
@@ -128,7 +135,7 @@ def draw_table(title: str, rows: list[list[str]], rng: random.Random) -> Figure:
     for w in [0] + col_w:
         x += w
         draw.line((x, y0, x, y0 + row_h * len(rows)), fill=ink, width=1)
-    return Figure(canvas, texts, boxes, bg)
+    return Figure(canvas, texts, boxes, bg, glyphs=glyphs)
 
 
 def draw_bar_chart(title: str, labels: list[str], values: list[str], rng: random.Random) -> Figure:
@@ -152,7 +159,8 @@ def draw_bar_chart(title: str, labels: list[str], values: list[str], rng: random
     canvas = Image.new("RGB", (width, height), bg)
     draw = ImageDraw.Draw(canvas)
     texts = [title]
-    boxes = [draw_label(canvas, title, title_font, ink, (width / 2, MARGIN + (size + 2) * 0.8))]
+    glyphs: list[tuple[str, float, float]] = []
+    boxes = [draw_label(canvas, title, title_font, ink, (width / 2, MARGIN + (size + 2) * 0.8), glyphs=glyphs)]
     peak = max(float(v) for v in values)
     fill = bar_colour(rng, bg) if rng.random() < 0.5 else None
     for i, (label, value) in enumerate(zip(labels, values)):
@@ -161,11 +169,11 @@ def draw_bar_chart(title: str, labels: list[str], values: list[str], rng: random
         half = slot * rng.uniform(0.28, 0.36)
         draw.rectangle((cx - half, bottom - h, cx + half, bottom), fill=fill or bar_colour(rng, bg), outline=ink)
         texts += [value, label]
-        boxes.append(draw_label(canvas, value, font, ink, (cx, bottom - h - 3), "ms"))
-        boxes.append(draw_label(canvas, label, font, ink, (cx, bottom + 6), "mt"))
+        boxes.append(draw_label(canvas, value, font, ink, (cx, bottom - h - 3), "ms", glyphs))
+        boxes.append(draw_label(canvas, label, font, ink, (cx, bottom + 6), "mt", glyphs))
     draw.line((axis_x, top - 4, axis_x, bottom), fill=ink, width=2)
     draw.line((axis_x, bottom, width - MARGIN, bottom), fill=ink, width=2)
-    return Figure(canvas, texts, boxes, bg)
+    return Figure(canvas, texts, boxes, bg, glyphs=glyphs)
 
 
 def draw_right_triangle(sides: dict[str, str], legs: tuple[float, float], rng: random.Random,
@@ -206,6 +214,7 @@ def draw_right_triangle(sides: dict[str, str], legs: tuple[float, float], rng: r
     draw.line([pt(m, 0), pt(m, m), pt(0, m)], fill=ink, width=1)
     centroid = ((a[0] + b[0] + c[0]) / 3, (a[1] + b[1] + c[1]) / 3)
     texts, boxes = [], []
+    glyphs: list[tuple[str, float, float]] = []
 
     def outward(p: tuple[float, float], dist: float) -> tuple[float, float]:
         dx, dy = p[0] - centroid[0], p[1] - centroid[1]
@@ -214,7 +223,7 @@ def draw_right_triangle(sides: dict[str, str], legs: tuple[float, float], rng: r
 
     for name, p in (("A", a), ("B", b), ("C", c)):
         texts.append(name)
-        boxes.append(draw_label(canvas, name, font, ink, outward(p, 16)))
+        boxes.append(draw_label(canvas, name, font, ink, outward(p, 16), glyphs=glyphs))
     mids = {"a": ((b[0] + c[0]) / 2, (b[1] + c[1]) / 2), "b": ((a[0] + c[0]) / 2, (a[1] + c[1]) / 2),
             "c": ((a[0] + b[0]) / 2, (a[1] + b[1]) / 2)}
     for side, text in sides.items():
@@ -229,7 +238,7 @@ def draw_right_triangle(sides: dict[str, str], legs: tuple[float, float], rng: r
             reach = 6 + 0.5 * math.hypot(font.getlength(text), font.size)
             xy, anchor = outward((mx, my), reach), "mm"
         texts.append(text)
-        boxes.append(draw_label(canvas, text, font, ink, xy, anchor))
+        boxes.append(draw_label(canvas, text, font, ink, xy, anchor, glyphs))
     if angle_mark is not None:
         r = 28
         ang_b = math.degrees(math.atan2(b[1] - a[1], b[0] - a[0]))
@@ -241,8 +250,8 @@ def draw_right_triangle(sides: dict[str, str], legs: tuple[float, float], rng: r
         mid = math.radians((lo + hi) / 2)
         texts.append(angle_mark)
         boxes.append(draw_label(canvas, angle_mark, font, ink,
-                                (a[0] + (r + 12) * math.cos(mid), a[1] + (r + 12) * math.sin(mid))))
-    return Figure(canvas, texts, boxes, bg)
+                                (a[0] + (r + 12) * math.cos(mid), a[1] + (r + 12) * math.sin(mid)), glyphs=glyphs))
+    return Figure(canvas, texts, boxes, bg, glyphs=glyphs)
 
 
 __all__ = ["Figure", "TextStyle", "draw_bar_chart", "draw_right_triangle", "draw_table", "draw_text", "paste"]

@@ -71,8 +71,10 @@ _TRIPLES = ((3, 4, 5), (5, 12, 13), (6, 8, 10), (8, 15, 17), (7, 24, 25), (9, 12
 
 
 def _figure_record(fig: Figure, record: dict) -> dict:
-    """`record` (what was drawn) plus every string on `fig`, its ink boxes, size, background and style."""
+    """`record` (what was drawn) plus every string on `fig`, its ink boxes, each character's ink
+    centre, size, background and style."""
     return {**record, "texts": fig.texts, "boxes": [list(b) for b in fig.boxes],
+            "glyphs": [[ch, round(x, 1), round(y, 1)] for ch, x, y in fig.glyphs],
             "size": list(fig.image.size), "background": list(fig.background), "style": fig.style}
 
 
