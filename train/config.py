@@ -40,6 +40,10 @@ class OptimizerConfig:
       b1, b2, eps: Adam's moment decays and epsilon.
       weight_decay: decoupled weight decay, applied to matrices only (not norms or biases).
       clip_norm: global gradient-norm clip; ``None`` or 0 disables it.
+      frozen: parameter path prefixes (``vision``, ``vision/blocks/0``, ``embed``) whose
+        parameters the run leaves as they start (from ``init_from``): no update, no weight decay,
+        and their gradients take no share of the clipping norm. The
+        usual use: train the language model to read a pretrained vision tower without changing it.
     """
 
     learning_rate: float = 3e-4
@@ -51,6 +55,7 @@ class OptimizerConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     clip_norm: float | None = 1.0
+    frozen: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,6 +26,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kestrel.errors import KestrelError
+from model.checkpoint import abstract_params as param_shapes
 from model.transformer import init_model
 from sharding import distributed
 from sharding.mesh import make_mesh
@@ -35,7 +36,7 @@ from train.checkpointing import TrainCheckpointer, host_rng
 from train.config import RunConfig, apply_overrides, load_config
 from train.image_batch import default_max_images, image_inputs
 from train.loss import training_loss
-from train.optimizer import make_optimizer
+from train.optimizer import check_frozen, make_optimizer
 from train.teacher import check_teacher, initial_params, load_teacher
 from train.toy_data import ToyBatches
 
@@ -189,7 +190,8 @@ def check_config(cfg: RunConfig, num_devices: int):
 
     Raises:
       KestrelError: a mesh that does not fit the devices, a batch the data axes cannot split,
-        or an unusable teacher or ``init_from`` checkpoint.
+        an unusable teacher or ``init_from`` checkpoint, or ``optimizer.frozen`` naming no
+        parameter (or every one).
     """
     try:
         sizes = cfg.mesh.resolve(num_devices)
@@ -204,6 +206,8 @@ def check_config(cfg: RunConfig, num_devices: int):
         check_teacher(cfg.distill.teacher, cfg.model)
     if cfg.init_from is not None:
         check_teacher(cfg.init_from, cfg.model, role="init_from")
+    if cfg.optimizer.frozen:
+        check_frozen(tuple(cfg.optimizer.frozen), param_shapes(cfg.model))
     return sizes
 
 

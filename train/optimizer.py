@@ -1,10 +1,12 @@
-"""The optimizer: global-norm clipping, then AdamW under linear warmup and cosine decay."""
+"""The optimizer: global-norm clipping, then AdamW under linear warmup and cosine decay; parameters
+under ``OptimizerConfig.frozen`` are left out of all of it."""
 
 from __future__ import annotations
 
 import jax
 import optax
 
+from kestrel.errors import KestrelError
 from train.config import OptimizerConfig
 
 
@@ -22,6 +24,32 @@ def decay_mask(params):
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+def param_path(path) -> str:
+    """A parameter's tree path as the ``a/b/0/c`` string checkpoints and ``frozen`` use."""
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def is_frozen(path: str, frozen: tuple[str, ...]) -> bool:
+    return any(path == f or path.startswith(f.rstrip("/") + "/") for f in frozen)
+
+
+def frozen_mask(params, frozen: tuple[str, ...]):
+    """True on the parameters under one of the `frozen` path prefixes."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: is_frozen(param_path(path), frozen), params)
+
+
+def check_frozen(frozen: tuple[str, ...], params) -> None:
+    """Raises KestrelError, naming it, for a `frozen` prefix that matches no parameter of `params`."""
+    paths = [param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    for prefix in frozen:
+        if not any(is_frozen(p, (prefix,)) for p in paths):
+            tops = sorted({p.split("/")[0] for p in paths})
+            raise KestrelError(f"optimizer.frozen: {prefix!r} names no parameter of the model "
+                               f"(its top-level parameters: {', '.join(tops)})")
+    if all(is_frozen(p, frozen) for p in paths):
+        raise KestrelError("optimizer.frozen freezes every parameter: nothing would train")
+
+
 def make_optimizer(cfg: OptimizerConfig, total_steps: int
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The gradient transformation and its learning-rate schedule."""
@@ -31,4 +59,11 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
     parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                              weight_decay=cfg.weight_decay, mask=decay_mask))
+    if cfg.frozen:
+        # Zeroed before the clip (their gradients take no share of its norm) and after AdamW
+        # (no decay). Their Adam moments exist but stay zero: one state layout for every run,
+        # which the optimizer-state sharding rules read.
+        frozen = tuple(cfg.frozen)
+        zero = optax.masked(optax.set_to_zero(), lambda params: frozen_mask(params, frozen))
+        parts = [zero, *parts, zero]
     return optax.chain(*parts), schedule
