@@ -17,7 +17,12 @@ Scores, per task, per level and overall, for each mode (``tools``, ``no_tools``)
   ``call_names_offered`` and ``call_schema_valid`` are the three parts on their own;
 - ``choice_match`` / ``exact_match`` (tools suite): the first turn's calls against the expected
   ones, by function name and by name plus arguments;
-- ``reasoning_tokens``, ``generated_tokens``, ``rounds``: means per conversation.
+- ``reasoning_tokens``, ``generated_tokens``, ``rounds``: means per conversation;
+- ``read_digits`` (picture suites): how close the digits of the model's read-off line (its
+  reasoning's first line) are to those of the example's (difflib's ratio, 2M / (len(a) + len(b))
+  over the two digit strings: 1 is every digit read in order, and writing more digits than the
+  picture holds costs as much as missing some). Exact answers need every value read right; this
+  shows how much of a picture a model sees before it gets there.
 
 The model side is a *policy*: ``policy(conversations) -> [generated ids]``. `generator_policy`
 wraps a model; `oracle_policy` replays each example's own assistant turns, which must score 100%
@@ -36,6 +41,7 @@ saying so, before anything is generated. The ``reading`` suite is the tower's dr
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import inspect
 import json as jsonlib
 import sys
@@ -365,7 +371,23 @@ def score(conv: Conversation, tokenizer) -> dict[str, Any]:
     if conv.suite == "tools":
         first = check_tool_calls(ex, conv.rounds[0] if conv.rounds else "")
         row["choice_match"], row["exact_match"] = first["choice_match"], first["exact_match"]
+    if ex.images:
+        truth = _digits(_first_line(next((m.get("reasoning_content") or "" for m in ex.messages
+                                          if m["role"] == "assistant"), "")))
+        if truth:
+            said = conv.rounds[0] if conv.rounds else ""
+            said = said.split("<think>", 1)[1] if "<think>" in said else said
+            row["read_digits"] = difflib.SequenceMatcher(None, truth, _digits(_first_line(said)),
+                                                         autojunk=False).ratio()
     return row
+
+
+def _first_line(text: str) -> str:
+    return text.strip().split("\n", 1)[0]
+
+
+def _digits(text: str) -> str:
+    return "".join(ch for ch in text if ch.isdigit())
 
 
 def _mean(rows: list[dict], key: str) -> float | None:
@@ -379,7 +401,8 @@ def aggregate(rows: list[dict]) -> dict[str, Any]:
            "call_parses": _mean(rows, "calls_parse"), "call_names_offered": _mean(rows, "calls_name_offered"),
            "call_schema_valid": _mean(rows, "calls_schema_valid"),
            "calls_per_problem": _mean(rows, "n_calls"), "choice_match": _mean(rows, "choice_match"),
-           "exact_match": _mean(rows, "exact_match"), "reasoning_tokens": _mean(rows, "reasoning_tokens"),
+           "exact_match": _mean(rows, "exact_match"), "read_digits": _mean(rows, "read_digits"),
+           "reasoning_tokens": _mean(rows, "reasoning_tokens"),
            "generated_tokens": _mean(rows, "generated_tokens"), "rounds": _mean(rows, "rounds")}
     return {k: v for k, v in out.items() if v is not None}
 
@@ -424,7 +447,8 @@ def evaluate(tokenizer, policy: Policy, suite: str, *, n: int, seed: int = 0, ma
 
 def format_table(result: dict[str, Any]) -> str:
     """A human-readable summary: one line per mode, task and level."""
-    cols = ("n", "accuracy", "call_validity", "choice_match", "exact_match", "reasoning_tokens", "rounds")
+    cols = ("n", "accuracy", "call_validity", "choice_match", "exact_match", "read_digits", "reasoning_tokens",
+            "rounds")
     lines = [f"suite {result['suite']}: {result['n']} problems, seed {result['seed']}",
              f"{'':28}" + "".join(f"{c:>18}" for c in cols)]
 

@@ -61,6 +61,23 @@ def test_wrong_answers_score_0(tok):
             assert made_no_call["fc_none"]["exact_match"] == 1.0  # no call was the right call
 
 
+def test_picture_suites_score_how_many_digits_the_read_off_line_gets(tok):
+    for suite in ("reading", "vision"):
+        result = ev.evaluate(tok, ev.oracle_policy(tok), suite, n=5, seed=1, modes=("tools",))
+        assert result["results"]["tools"]["overall"]["read_digits"] == 1.0
+    assert "read_digits" not in ev.evaluate(tok, ev.oracle_policy(tok), "tools", n=2, seed=1)["rows"][0]
+    (ex, _), = ev.heldout_examples("reading", 1, seed=4)
+    digits = "".join(ch for ch in ex.meta["answer"] if ch.isdigit())
+    half = digits[: max(1, len(digits) // 2)]
+    conv = ev.start(ex, "tools", tok)
+    conv.rounds = [f"<think>\nThe image reads: {half}, 9x\nmore {digits}\n</think>\n\nAnswer: {half}"]
+    conv.round_ids = [tok.encode(conv.rounds[0])]
+    # Only the first line counts; the stray 9 is one more digit than the picture holds.
+    got = ev.score(conv, tok)["read_digits"]
+    matched = len(half) + ("9" in digits[len(half):])  # in order: a later 9 of the picture matches it
+    assert got == pytest.approx(2 * matched / (len(digits) + len(half) + 1))
+
+
 def test_multi_step_transcript_is_the_chat_rendering(tok):
     # The oracle plays a calculator conversation round by round through real tool execution; the
     # final context must be exactly the chat rendering of the whole conversation.
