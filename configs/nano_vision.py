@@ -23,7 +23,8 @@ Trained in full on 2026-12-01 (57.7 min on the shared 2-core CPU, 1,403 tokens/s
 against the text-only kestrel-nano's 60%. The tower learned no digits (every number "read" is
 one constant guess), so it is not bundled: its soft tokens had collapsed to one vector whatever the
 picture (``bench/image_use.py``; ``bench/results/nano_vision_probe.json``, with the reading-drill and
-tower-alone probes that followed).
+tower-alone probes that followed). ``train/tower_pretrain.py`` pretrains this tower to see characters
+first (``bench/results/tower_pretrain.json``).
 
     kestrel train --config configs/nano_vision.py --workdir runs/nano_vision     # <= 60 min, 2-core CPU
     python -m train.export runs/nano_vision checkpoints/kestrel-nano-vision --config configs/nano_vision.py
