@@ -105,7 +105,7 @@ def picture_batch(rng: random.Random, n: int, split: str, vision, slots: int) ->
     return {"pixels": np.stack(pixels), "targets": targets, "mask": scored_slots(targets), "lost": lost}
 
 
-def build_probe(vision, width: int, slots: int, seed: int):
+def build_reader(vision, width: int, slots: int, seed: int):
     """The tower (soft tokens of `width`) and a linear head reading `slots` classes per soft token."""
     import jax.numpy as jnp
     from flax import nnx
@@ -192,7 +192,7 @@ def pretrain(vision, width: int, *, steps: int, batch: int, lr: float, slots: in
     import optax
     from flax import nnx
 
-    reader = build_probe(vision, width, slots, seed)
+    reader = build_reader(vision, width, slots, seed)
     earlier = 0  # steps the tower has already trained: a continuation draws pictures it has not seen
     if start_from is not None:
         load_reader(reader, start_from, report)

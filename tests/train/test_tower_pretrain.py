@@ -108,7 +108,7 @@ def test_bad_input_is_named_before_anything_trains(base, tmp_path, capsys):
 
 def test_training_goes_on_from_an_earlier_output_with_its_tower_and_head(base, pretrained, tmp_path, capsys):
     vision = tiny_vision_config().model.vision
-    reader = tp.build_probe(vision, 32, 3, seed=99)
+    reader = tp.build_reader(vision, 32, 3, seed=99)
     tp.load_reader(reader, pretrained)
     stored = flatten_params(restore_params(pretrained))
     for key, value in flatten_params(nnx.to_pure_dict(nnx.state(reader.tower, nnx.Param))).items():
@@ -134,7 +134,7 @@ def test_training_goes_on_from_an_earlier_output_with_its_tower_and_head(base, p
 def test_a_base_of_another_architecture_is_refused_by_name(base, tmp_path):
     other = nano_tiny_config().model.replace(hidden_size=48, dtype="float32", param_dtype="float32")
     save_checkpoint(Transformer(other, rngs=nnx.Rngs(0)), tmp_path / "other")
-    tower = tp.build_probe(tiny_vision_config().model.vision, 32, 2, 0).tower
+    tower = tp.build_reader(tiny_vision_config().model.vision, 32, 2, 0).tower
     with pytest.raises(KestrelError, match="does not fit the run config's model: .*shape"):
         tp.merge_into_checkpoint(tiny_vision_config().model, tmp_path / "other", tower, tmp_path / "out", {})
     assert not (tmp_path / "out").exists()
