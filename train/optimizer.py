@@ -7,6 +7,7 @@ import jax
 import optax
 
 from kestrel.errors import KestrelError
+from model.checkpoint import flatten_params, nest_params
 from train.config import OptimizerConfig
 
 
@@ -24,23 +25,19 @@ def decay_mask(params):
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def param_path(path) -> str:
-    """A parameter's tree path as the ``a/b/0/c`` string checkpoints and ``frozen`` use."""
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-
 def is_frozen(path: str, frozen: tuple[str, ...]) -> bool:
+    """Whether the parameter at `path` (``flatten_params``'s ``a/b/0/c``) lies under a `frozen` prefix."""
     return any(path == f or path.startswith(f.rstrip("/") + "/") for f in frozen)
 
 
 def frozen_mask(params, frozen: tuple[str, ...]):
     """True on the parameters under one of the `frozen` path prefixes."""
-    return jax.tree_util.tree_map_with_path(lambda path, _: is_frozen(param_path(path), frozen), params)
+    return nest_params({path: is_frozen(path, frozen) for path in flatten_params(params)}, params)
 
 
 def check_frozen(frozen: tuple[str, ...], params) -> None:
     """Raises KestrelError, naming it, for a `frozen` prefix that matches no parameter of `params`."""
-    paths = [param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    paths = list(flatten_params(params))
     for prefix in frozen:
         if not any(is_frozen(p, (prefix,)) for p in paths):
             tops = sorted({p.split("/")[0] for p in paths})

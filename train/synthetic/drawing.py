@@ -241,10 +241,11 @@ def text_layer(text: str, style: TextStyle, width: float,
     for i, ln in enumerate(lines):
         draw.text((pad, pad + i * line_h), ln, font=font, fill=style.ink + (255,),
                   stroke_width=stroke, stroke_fill=style.ink + (255,))
-    placed = [g for i, ln in enumerate(lines) for g in glyph_centres(ln, font, pad, pad + i * line_h)]
     layer = _slant_and_turn(layer, style, Image.Resampling.BICUBIC)
     box = layer.getchannel("A").getbbox()
-    if glyphs is not None and placed:
+    placed = [] if glyphs is None else [g for i, ln in enumerate(lines)
+                                        for g in glyph_centres(ln, font, pad, pad + i * line_h)]
+    if placed:
         points = _moved_points([(x, y) for _, x, y in placed], (w, h), style, box)
         glyphs.extend((ch, x, y) for (ch, _, _), (x, y) in zip(placed, points))
     return layer.crop(box) if box else layer
