@@ -19,6 +19,7 @@ refused with a hint, because in Python syntax it is XOR and binds looser than ``
 import ast
 import decimal
 import math
+import threading
 from fractions import Fraction
 from typing import Callable
 
@@ -324,13 +325,21 @@ def _normalise(expression: str) -> str:
     return expression.replace("×", "*").replace("÷", "/").replace("−", "-").replace("\n", " ").strip()
 
 
+# CPython 3.11 before 3.11.8 (gh-106905) keeps one AST-construction depth counter per interpreter:
+# two threads parsing at once (grain's reader threads building batches while the main thread
+# builds more) can fail with "SystemError: AST constructor recursion depth mismatch". Parses are
+# microseconds long, so one lock costs nothing.
+_PARSE_LOCK = threading.RLock()
+
+
 def _parse(expression: str) -> ast.Expression:
     if not expression:
         raise ValueError("expression is empty")
     if len(expression) > MAX_EXPRESSION_CHARS:
         raise ValueError(f"expression longer than {MAX_EXPRESSION_CHARS} characters")
     try:
-        tree = ast.parse(expression, mode="eval")
+        with _PARSE_LOCK:
+            tree = ast.parse(expression, mode="eval")
     except SyntaxError as err:
         raise ValueError(f"cannot parse expression: {err.msg}") from None
     return tree

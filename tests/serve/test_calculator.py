@@ -1,7 +1,9 @@
 """The calculator tool: exact results, sensible formatting, and refusals with clear messages."""
 
+import gc
 import math
 import random
+import threading
 import time
 from fractions import Fraction
 
@@ -110,3 +112,38 @@ def test_trace_lists_each_operation_in_order():
     result, steps = trace("(3 + 4.5) * sqrt(16) / comb(5, 2)")
     assert result == calculate("(3 + 4.5) * sqrt(16) / comb(5, 2)") == "3"
     assert steps == ["3 + 4.5 = 7.5", "sqrt(16) = 4", "7.5 * 4 = 30", "comb(5, 2) = 10", "30 / 10 = 3"]
+
+
+def test_threads_parse_at_once():
+    """Several threads evaluating at once (grain's reader threads build batches beside the main
+    thread): a finalizer that yields mid-parse must not make CPython 3.11's AST builder fail with
+    "recursion depth mismatch" (gh-106905; the parser is serialised)."""
+    class YieldsWhenFreed:
+        def __del__(self):
+            time.sleep(0)  # lets another thread run while the collector is inside a parse
+
+    failures = []
+
+    def work():
+        for _ in range(300):
+            a, b = YieldsWhenFreed(), YieldsWhenFreed()
+            a.other, b.other = b, a  # a cycle: freed by the collector, which runs mid-allocation
+            del a, b
+            try:
+                assert calculate("17.91 * 36.94 + 0.5 * 13.73 * 36.94**2 + (1 + 2 * (3 + 4 * (5 + 6)))") == "10124.324514"
+            except Exception as err:  # noqa: BLE001 - the failure is reported below, by thread
+                failures.append(repr(err))
+                return
+
+    threshold = gc.get_threshold()
+    gc.set_threshold(20)  # collect often, so collections land inside parses
+    try:
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    finally:
+        gc.set_threshold(*threshold)
+    assert not any(t.is_alive() for t in threads)
+    assert failures == []
