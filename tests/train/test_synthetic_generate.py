@@ -203,3 +203,29 @@ def test_copy_drills_ask_back_every_number_at_every_level():
             assert check_answer(ex, ex.messages[-1]["content"])
             kinds.add(question.split()[0])
     assert len(kinds) >= 4
+
+
+def test_unit_conversions_state_one_fact_per_unit():
+    """A conversion's plan names each unit's factor to its dimension's base, the same text in every
+    problem (n facts per dimension to learn, not one per pair of units), and its expression is them."""
+    from serve.tools import evaluate
+    from train.synthetic.conversions import fact_base, make_conversion
+    from train.synthetic.quantities import UNITS, convert, parse_number
+
+    facts: dict[str, set[str]] = {}
+    rng = random.Random(3)
+    for i in range(400):
+        p = make_conversion(rng, 1 + i % 5, "train")
+        if "temperature" in p.kind:
+            continue
+        stated = re.findall(r"1 (\S+) = ([\d.]+) (\S+?)(?=[ ,])", p.plan)
+        assert stated, p.plan
+        for unit, factor, base in stated:
+            dim = p.kind.split("(")[1].rstrip(")")
+            assert base == fact_base(dim) and unit in UNITS[dim]
+            facts.setdefault(unit, set()).add(factor)
+        value = p.given[0].split(" = ")[1]
+        src, dst = value.split(" ", 1)[1], p.unit
+        want = convert(parse_number(value.split(" ")[0]), src, dst)
+        assert abs(evaluate(p.steps[0].expression) - want) <= abs(want) * 1e-9
+    assert len(facts) >= 25 and all(len(f) == 1 for f in facts.values()), facts

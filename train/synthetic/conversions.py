@@ -1,4 +1,9 @@
-"""Unit conversions: one multiplication or division by a memorised factor (temperatures: affine)."""
+"""Unit conversions: through each unit's memorised factor to its dimension's base (temperatures: affine).
+
+A conversion is stated as two facts, one per unit ("1 GiB = 1073741824 B and 1 KB = 1000 B"), never
+as a factor per pair of units: a dimension of n units is n facts to learn, not n^2, and each fact
+reads the same in every problem that uses the unit.
+"""
 
 import random
 from fractions import Fraction
@@ -37,6 +42,35 @@ def _terminates(x: Fraction) -> bool:
     return d == 1 and len(format_number(x)) <= 14
 
 
+def fact_base(dim: str) -> str:
+    """The unit every factor of `dim` is stated against: the table's base, or, where a factor to
+    it does not end (1 km/h = 5/18 m/s), the first unit that all factors end against."""
+    table = UNITS[dim]
+    ordered = sorted(table, key=lambda u: table[u] != 1)  # the table's base first
+    for base in ordered:
+        if all(_terminates(f / table[base]) for f in table.values()):
+            return base
+    raise ValueError(f"no unit of {dim} states every factor as a finite decimal")
+
+
+def unit_fact(dim: str, unit: str) -> str:
+    """``"1 GiB = 1073741824 B"``: `unit` in its dimension's fact base."""
+    base = fact_base(dim)
+    return f"1 {unit} = {format_number(UNITS[dim][unit] / UNITS[dim][base])} {base}"
+
+
+def _by_unit_facts(dim: str, src: str, dst: str, value: str) -> tuple[str, str]:
+    """The expression and plan that convert `value` `src` to `dst` through the fact base."""
+    base = fact_base(dim)
+    a, b = (format_number(UNITS[dim][u] / UNITS[dim][base]) for u in (src, dst))
+    if src == base:
+        return f"{value} / {b}", f"{unit_fact(dim, dst)}, so divide by {b}."
+    if dst == base:
+        return f"{value} * {a}", f"{unit_fact(dim, src)}, so multiply by {a}."
+    return (f"{value} * {a} / {b}",
+            f"{unit_fact(dim, src)} and {unit_fact(dim, dst)}, so multiply by {a} and divide by {b}.")
+
+
 def make_conversion(rng: random.Random, level: int, split: str) -> Problem:
     """One conversion; levels unlock harder dimensions and bigger, more precise values."""
     lv = rng.randint(max(1, level - 1), level)
@@ -51,18 +85,7 @@ def make_conversion(rng: random.Random, level: int, split: str) -> Problem:
         template, plan = _TEMP_FORMULAS[(src, dst)]
         expr = template.format(v=value)
     else:
-        ratio = UNITS[dim][src] / UNITS[dim][dst]
-        if _terminates(ratio):
-            expr = f"{value} * {format_number(ratio)}"
-            plan = f"1 {src} = {format_number(ratio)} {dst}, so multiply by {format_number(ratio)}."
-        elif _terminates(1 / ratio):
-            expr = f"{value} / {format_number(1 / ratio)}"
-            plan = f"1 {dst} = {format_number(1 / ratio)} {src}, so divide by {format_number(1 / ratio)}."
-        else:
-            a, b = format_number(UNITS[dim][src]), format_number(UNITS[dim][dst])
-            base = next(iter(u for u, f in UNITS[dim].items() if f == 1))
-            expr = f"{value} * {a} / {b}"
-            plan = f"1 {src} = {a} {base} and 1 {dst} = {b} {base}, so multiply by {a} and divide by {b}."
+        expr, plan = _by_unit_facts(dim, src, dst, value)
     return Problem(
         question=question, kind=f"unit conversion ({dim})", given=[f"value = {value} {src}", f"target unit = {dst}"],
         plan=plan, steps=[Step(f"the value in {dst}", expr)], unit=dst, tolerance=1e-6,
