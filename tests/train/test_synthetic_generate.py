@@ -229,20 +229,3 @@ def test_unit_conversions_state_one_fact_per_unit():
         want = convert(parse_number(value.split(" ")[0]), src, dst)
         assert abs(evaluate(p.steps[0].expression) - want) <= abs(want) * 1e-9
     assert len(facts) >= 25 and all(len(f) == 1 for f in facts.values()), facts
-
-
-def test_function_calling_decides_to_call_after_writing_the_name():
-    """Call and no-call turns open alike; each request's function name is written out, then said
-    to be offered or not, and that verdict is true of the offered functions."""
-    for task in ("fc_single", "fc_parallel", "fc_none", "fc_multiturn"):
-        for seed in range(20):
-            ex = generate(task, level=1 + seed % 5, seed=seed, split="train", tools=True)
-            offered = {t["function"]["name"] for t in ex.tools}
-            turns = [m["reasoning_content"] for m in ex.messages
-                     if m["role"] == "assistant" and (m.get("tool_calls") or task == "fc_none")]
-            for text in turns:
-                verdicts = re.findall(r"^\d+\. .+? -> (\S+) \((offered|not offered)\)", text, re.M)
-                assert verdicts, text
-                for name, verdict in verdicts:
-                    assert (name in offered) == (verdict == "offered"), (name, offered)
-            assert turns[0].startswith("The user asks for ")

@@ -3,7 +3,7 @@
 Reasoning scheme (regular on purpose)::
 
     <think> The user asks for N thing(s).
-    1. <action> -> <function> (offered) with <arg> = <value>, ...
+    1. <action> -> <function> with <arg> = <value>, ...
     Call <function>[ and <function>]. </think> <tool_call>...</tool_call> [<tool_call>...]
     <tool_response>{"result": "..."}</tool_response> ...
     <think> <function> returned <result>. ... </think>
@@ -12,9 +12,7 @@ Reasoning scheme (regular on purpose)::
 
 The fake backends answer ``{"result": "<CODE>"}`` with a code drawn from the example's RNG, and
 the final answer copies those codes. When no offered function fits, the model says so without a
-call: its reasoning opens the same way and writes the request's function name the same way
-("1. register the parcel -> register_parcel (not offered)"), so whether to call is decided after
-the name is written out, by finding it among the offered ones (a copy), not before. Multi-turn dialogues repeat the earlier call with one argument changed ("now the same for
+call. Multi-turn dialogues repeat the earlier call with one argument changed ("now the same for
 Rome") or ask for another offered function; only the last turn's calls are in ``meta["calls"]``.
 """
 
@@ -38,8 +36,8 @@ def _functions(rng: random.Random, level: int, split: str, n: int) -> list[Funct
 
 def _describe(f: Function, args: dict[str, Any]) -> str:
     if not args:
-        return f"{f.action} -> {f.name} (offered) with no arguments"
-    return f"{f.action} -> {f.name} (offered) with " + ", ".join(f"{k} = {value_text(v)}" for k, v in args.items())
+        return f"{f.action} -> {f.name} with no arguments"
+    return f"{f.action} -> {f.name} with " + ", ".join(f"{k} = {value_text(v)}" for k, v in args.items())
 
 
 def _call_turn(rng: random.Random, calls: list[tuple[Function, dict]], counter: list[int],
@@ -120,8 +118,7 @@ def make_none(rng: random.Random, level: int, split: str) -> Example:
     answer = f"I cannot {other.action}: none of the available functions does that."
     summary = f"No offered function can {other.action}, so no call was made."
     messages.append({"role": "assistant",
-                     "reasoning_content": f"The user asks for 1 thing.\n1. {other.action} -> {other.name} (not offered)\n"
-                                          f"Offered functions: {offered}.\n"
+                     "reasoning_content": f"The user asks to {other.action}.\nOffered functions: {offered}.\n"
                                           f"None of them can {other.action}, so I make no call.",
                      "content": f"Answer: {answer}\nSummary: {summary}"})
     return Example(messages=messages, tools=[f.schema() for f in funcs],
