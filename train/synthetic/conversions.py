@@ -5,6 +5,7 @@ as a factor per pair of units: a dimension of n units is n facts to learn, not n
 reads the same in every problem that uses the unit.
 """
 
+import functools
 import random
 from fractions import Fraction
 
@@ -42,6 +43,7 @@ def _terminates(x: Fraction) -> bool:
     return d == 1 and len(format_number(x)) <= 14
 
 
+@functools.cache
 def fact_base(dim: str) -> str:
     """The unit every factor of `dim` is stated against: the table's base, or, where a factor to
     it does not end (1 km/h = 5/18 m/s), the first unit that all factors end against."""
