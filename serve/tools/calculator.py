@@ -325,7 +325,7 @@ def _normalise(expression: str) -> str:
     return expression.replace("×", "*").replace("÷", "/").replace("−", "-").replace("\n", " ").strip()
 
 
-# CPython 3.11 before 3.11.8 (gh-106905) keeps one AST-construction depth counter per interpreter:
+# CPython 3.11 (3.11.7 here and in CI; gh-106905) keeps one AST-construction depth counter per interpreter:
 # two threads parsing at once (grain's reader threads building batches while the main thread
 # builds more) can fail with "SystemError: AST constructor recursion depth mismatch". Parses are
 # microseconds long, so one lock costs nothing.

@@ -130,7 +130,8 @@ def test_threads_parse_at_once():
             a.other, b.other = b, a  # a cycle: freed by the collector, which runs mid-allocation
             del a, b
             try:
-                assert calculate("17.91 * 36.94 + 0.5 * 13.73 * 36.94**2 + (1 + 2 * (3 + 4 * (5 + 6)))") == "10124.324514"
+                got = calculate("17.91 * 36.94 + 0.5 * 13.73 * 36.94**2 + (1 + 2 * (3 + 4 * (5 + 6)))")
+                assert got == "10124.324514"
             except Exception as err:  # noqa: BLE001 - the failure is reported below, by thread
                 failures.append(repr(err))
                 return

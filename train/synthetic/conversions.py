@@ -55,22 +55,21 @@ def fact_base(dim: str) -> str:
     raise ValueError(f"no unit of {dim} states every factor as a finite decimal")
 
 
-def unit_fact(dim: str, unit: str) -> str:
-    """``"1 GiB = 1073741824 B"``: `unit` in its dimension's fact base."""
-    base = fact_base(dim)
-    return f"1 {unit} = {format_number(UNITS[dim][unit] / UNITS[dim][base])} {base}"
+def _factor(dim: str, unit: str) -> str:
+    """``"1073741824"`` for GiB: `unit`'s factor to its dimension's fact base."""
+    return format_number(UNITS[dim][unit] / UNITS[dim][fact_base(dim)])
 
 
 def _by_unit_facts(dim: str, src: str, dst: str, value: str) -> tuple[str, str]:
     """The expression and plan that convert `value` `src` to `dst` through the fact base."""
     base = fact_base(dim)
-    a, b = (format_number(UNITS[dim][u] / UNITS[dim][base]) for u in (src, dst))
+    a, b = _factor(dim, src), _factor(dim, dst)
     if src == base:
-        return f"{value} / {b}", f"{unit_fact(dim, dst)}, so divide by {b}."
+        return f"{value} / {b}", f"1 {dst} = {b} {base}, so divide by {b}."
     if dst == base:
-        return f"{value} * {a}", f"{unit_fact(dim, src)}, so multiply by {a}."
+        return f"{value} * {a}", f"1 {src} = {a} {base}, so multiply by {a}."
     return (f"{value} * {a} / {b}",
-            f"{unit_fact(dim, src)} and {unit_fact(dim, dst)}, so multiply by {a} and divide by {b}.")
+            f"1 {src} = {a} {base} and 1 {dst} = {b} {base}, so multiply by {a} and divide by {b}.")
 
 
 def make_conversion(rng: random.Random, level: int, split: str) -> Problem:
