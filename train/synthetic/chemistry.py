@@ -52,7 +52,7 @@ def _elements(formulas) -> list[str]:
     return list(dict.fromkeys(el for f in formulas for el, _ in parse_formula(f)))
 
 
-def _masses_given(formulas) -> list[str]:
+def masses_given(formulas) -> list[str]:
     """The atomic masses the formulas need, in the order the formulas name the elements (the order
     the molar-mass expressions and the python code's table use them in, so the reasoning and the
     code read them off in turn)."""
@@ -70,7 +70,7 @@ def make_chemistry(rng: random.Random, level: int, split: str) -> Problem:
         f = pick(rng, COMPOUNDS[: 12 if level == 1 else None])
         q = pick(rng, ("What is the molar mass of {f}?", "Compute the molar mass of {f} in g/mol.",
                        "How many grams does one mole of {f} weigh?", "Find M({f})."))
-        return Problem(question=q.format(f=f), kind="chemistry (molar mass)", given=_masses_given([f]),
+        return Problem(question=q.format(f=f), kind="chemistry (molar mass)", given=masses_given([f]),
                        plan="Add the atomic masses, each times its count in the formula.",
                        steps=[Step(f"the molar mass of {f}", molar_mass_expr(f))], unit="g/mol",
                        summary=f"Summed the atomic masses in {f}: {{answer}}.", tolerance=1e-6)
@@ -80,7 +80,7 @@ def make_chemistry(rng: random.Random, level: int, split: str) -> Problem:
         q = pick(rng, ("How many moles are in {m} g of {f}?", "Convert {m} g of {f} to moles.",
                        "A sample of {f} weighs {m} g. How many moles is that?"))
         return Problem(question=q.format(m=m, f=f), kind="chemistry (moles from mass)",
-                       given=[f"mass = {m} g"] + _masses_given([f]), plan="n = m / M, with M the molar mass.",
+                       given=[f"mass = {m} g"] + masses_given([f]), plan="n = m / M, with M the molar mass.",
                        steps=[Step(f"the molar mass of {f}", molar_mass_expr(f)),
                               Step("the amount in moles", f"round({m} / {{r0}}, 4)")],
                        unit="mol", summary=f"Divided {m} g by the molar mass of {f}: {{answer}}.", tolerance=1e-3)
@@ -102,7 +102,7 @@ def make_chemistry(rng: random.Random, level: int, split: str) -> Problem:
         "print(round(moles * m_p, 3))"
     )
     return Problem(question=q.format(eq=eq, p=fp, m=m, r=fr), kind="chemistry (stoichiometry)",
-                   given=[f"reaction: {eq}", f"mass of {fr} = {m} g"] + _masses_given([fr, fp]),
+                   given=[f"reaction: {eq}", f"mass of {fr} = {m} g"] + masses_given([fr, fp]),
                    plan=f"moles of {fr} = m / M; moles of {fp} = moles * {cp} / {cr}; mass = moles * M({fp}).",
                    steps=steps, code=code, code_purpose="compute the molar masses, the moles and the product mass",
                    unit="g", summary=f"Mass to moles of {fr}, mole ratio {cp}:{cr}, moles to mass of {fp}: {{answer}}.",

@@ -22,6 +22,7 @@ _BY_LEVEL = {
     5: {"volume": ("gal", "L", "mL"), "length": ("mi", "km", "ft", "m"), "temperature": ("°C", "°F", "K")},
 }
 
+
 _TEMP_FORMULAS = {
     ("°C", "°F"): ("{v} * 9 / 5 + 32", "F = C * 9/5 + 32."),
     ("°F", "°C"): ("({v} - 32) * 5 / 9", "C = (F - 32) * 5/9."),
@@ -60,16 +61,26 @@ def _factor(dim: str, unit: str) -> str:
     return format_number(UNITS[dim][unit] / UNITS[dim][fact_base(dim)])
 
 
+def unit_fact(dim: str, unit: str) -> str:
+    """``"1 GiB = 1073741824 B"``: the fact a plan states for `unit` (also drilled, ``fact_drills.py``)."""
+    return f"1 {unit} = {_factor(dim, unit)} {fact_base(dim)}"
+
+
+# Every (dimension, unit) a conversion states a fact for: the units above less each fact base.
+FACT_UNITS = tuple(sorted({(dim, u) for units in _BY_LEVEL.values() for dim, us in units.items()
+                           if dim != "temperature" for u in us if u != fact_base(dim)}))
+
+
 def _by_unit_facts(dim: str, src: str, dst: str, value: str) -> tuple[str, str]:
     """The expression and plan that convert `value` `src` to `dst` through the fact base."""
     base = fact_base(dim)
     a, b = _factor(dim, src), _factor(dim, dst)
     if src == base:
-        return f"{value} / {b}", f"1 {dst} = {b} {base}, so divide by {b}."
+        return f"{value} / {b}", f"{unit_fact(dim, dst)}, so divide by {b}."
     if dst == base:
-        return f"{value} * {a}", f"1 {src} = {a} {base}, so multiply by {a}."
+        return f"{value} * {a}", f"{unit_fact(dim, src)}, so multiply by {a}."
     return (f"{value} * {a} / {b}",
-            f"1 {src} = {a} {base} and 1 {dst} = {b} {base}, so multiply by {a} and divide by {b}.")
+            f"{unit_fact(dim, src)} and {unit_fact(dim, dst)}, so multiply by {a} and divide by {b}.")
 
 
 def make_conversion(rng: random.Random, level: int, split: str) -> Problem:

@@ -4,8 +4,8 @@ import dataclasses
 import random
 from typing import Callable, Iterator
 
-from train.synthetic import (algebra, arithmetic, chemistry, combinatorics, conversions, drills, physics, summaries,
-                             word_problems)
+from train.synthetic import (algebra, arithmetic, chemistry, combinatorics, conversions, drills, fact_drills, physics,
+                             summaries, word_problems)
 from train.synthetic import function_calling as fc
 from train.synthetic.example import SPLITS, Example, with_effort_hint
 from train.synthetic.problem import EFFORTS, Problem, build_stem_example, check_effort
@@ -33,7 +33,9 @@ class Task:
       suite: "stem" (a problem with an answer; works with and without tools), "tools"
         (function calling over random schemas; tools always offered) or "summary" (summarising
         a STEM example's reasoning in one line, answered without thinking; no tools) or "drill"
-        (copying numbers back, the skill under every STEM answer; training only; no tools) or
+        (training only: copying numbers back, the skill under every STEM answer; recalling the
+        atomic masses and unit factors problems state; finding which offered function, if any, does
+        an action, the only drill that offers functions) or
         "vision" (a STEM problem shown as a picture, ``train/synthetic/images.py``; with and
         without tools like stem; only for models with a vision tower, so never in a default mix)
         or "reading" (a picture of a few numbers or a price, read back verbatim: the vision
@@ -63,6 +65,8 @@ TASKS: dict[str, Task] = {
         Task("fc_multiturn", "tools", fc.make_multiturn),
         Task("summarize", "summary", summaries.make_summary),
         Task("copy", "drill", drills.make_copy),
+        Task("facts", "drill", fact_drills.make_facts),
+        Task("fc_lookup", "drill", fc.make_lookup),
         Task("image_text", "vision", _pictured("make_text_image")),
         Task("image_table", "vision", _pictured("make_table_image")),
         Task("image_chart", "vision", _pictured("make_chart_image")),
