@@ -12,18 +12,10 @@ Reasoning scheme (regular on purpose)::
 
 The fake backends answer ``{"result": "<CODE>"}`` with a code drawn from the example's RNG, and
 the final answer copies those codes. When no offered function fits, the model says so without a
-call; its reasoning opens like a call's and decides at the same place, right after the arrow::
-
-    <think> The user asks for 1 thing.
-    1. <action> -> none of the offered functions
-    None of them can <action>, so I make no call. </think>
-
-so the choice between a name and "none" is one step: find the action among the offered functions
-and copy the name, or find nothing. ``make_lookup`` drills exactly that step (training only). Multi-turn dialogues repeat the earlier call with one argument changed ("now the same for
+call. Multi-turn dialogues repeat the earlier call with one argument changed ("now the same for
 Rome") or ask for another offered function; only the last turn's calls are in ``meta["calls"]``.
 """
 
-import dataclasses
 import json
 import random
 from typing import Any
@@ -32,9 +24,6 @@ from train.synthetic.example import SYSTEM_PROMPT, Example, tool_call
 from train.synthetic.function_pool import (
     Function, clauses, random_arguments, random_function, random_value, request, value_text)
 from train.synthetic.problem import pick
-
-# What a reasoning line writes after "<action> ->" when no offered function does the action.
-NOT_OFFERED = "none of the offered functions"
 
 
 def _functions(rng: random.Random, level: int, split: str, n: int) -> list[Function]:
@@ -125,10 +114,11 @@ def make_none(rng: random.Random, level: int, split: str) -> Example:
     other = random_function(rng, split, rng.randint(1, 3), avoid={f.name for f in funcs})
     args = random_arguments(rng, other, split, optional_rate=1.0)
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": request(rng, other, args)}]
+    offered = ", ".join(f.name for f in funcs)
     answer = f"I cannot {other.action}: none of the available functions does that."
     summary = f"No offered function can {other.action}, so no call was made."
     messages.append({"role": "assistant",
-                     "reasoning_content": f"The user asks for 1 thing.\n1. {other.action} -> {NOT_OFFERED}\n"
+                     "reasoning_content": f"The user asks to {other.action}.\nOffered functions: {offered}.\n"
                                           f"None of them can {other.action}, so I make no call.",
                      "content": f"Answer: {answer}\nSummary: {summary}"})
     return Example(messages=messages, tools=[f.schema() for f in funcs],
@@ -173,54 +163,3 @@ def make_multiturn(rng: random.Random, level: int, split: str) -> Example:
         turn, _ = _call_turn(rng, calls, counter, intro)
         messages += turn
     return _finish("fc_multiturn", level, split, funcs, messages, calls, prompt_len)
-
-
-_LOOKUP_ASK = ("Which of your functions would do each of these?", "For each request, name the function you "
-               "would call, if any:", "Which offered function fits each of these?", "Match each of these to "
-               "one of your functions, if one fits:")
-
-
-def _near_miss(rng: random.Random, funcs: list[Function]) -> Function:
-    """A function not offered: usually an offered one's verb with a fresh object or the reverse
-    (so finding it takes both words), otherwise all fresh."""
-    taken = {f.name for f in funcs}
-    while True:
-        other = random_function(rng, "train", 1, avoid=taken, invented_rate=1.0)
-        near = pick(rng, funcs)
-        roll = rng.random()
-        if roll < 0.4:
-            other = dataclasses.replace(other, verb=near.verb)
-        elif roll < 0.8:
-            other = dataclasses.replace(other, obj=near.obj)
-        if other.name not in taken:
-            return other
-
-
-def make_lookup(rng: random.Random, level: int, split: str) -> Example:
-    """A lookup drill (training only): 2 to 4 listed actions, each answered with the offered
-    function that does it or "none of the offered functions", in the reasoning line the calls and
-    refusals write. About half are offered; the rest are near misses (`_near_miss`). In the train
-    split every word is fresh, so a name is only ever found and copied, never remembered."""
-    rate = 1.0 if split == "train" else 0.0
-    funcs: list[Function] = []
-    for _ in range(min(5, 1 + level)):
-        funcs.append(random_function(rng, split, rng.randint(1, 2), avoid={f.name for f in funcs},
-                                     invented_rate=rate))
-    k = rng.randint(2, min(4, 1 + level))
-    asked = [pick(rng, funcs) if rng.random() < 0.5 else _near_miss(rng, funcs) for _ in range(k)]
-    if split != "train":  # the held-out vocabulary has no fresh words; a near miss then is all fresh
-        asked = [f if f in funcs else random_function(rng, split, 1, avoid={g.name for g in funcs})
-                 for f in asked]
-    offered = {f.name for f in funcs}
-    found = [f.name if f.name in offered else None for f in asked]
-    question = pick(rng, _LOOKUP_ASK) + "\n" + "\n".join(f"{i + 1}. {f.action}" for i, f in enumerate(asked))
-    lines = [f"{i + 1}. {f.action} -> {name or NOT_OFFERED}" for i, (f, name) in enumerate(zip(asked, found))]
-    n_found = sum(name is not None for name in found)
-    answer = "; ".join(name or "none" for name in found)
-    summary = f"Found an offered function for {n_found} of {k} requests."
-    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question},
-                {"role": "assistant", "reasoning_content": f"The user asks about {k} things.\n" + "\n".join(lines),
-                 "content": f"Answer: {answer}\nSummary: {summary}"}]
-    meta = {"task": "fc_lookup", "level": level, "answer": answer, "summary": summary, "split": split,
-            "tools": True, "answer_kind": "text", "tolerance": 0.0, "prompt_len": 2}
-    return Example(messages=messages, tools=[f.schema() for f in funcs], meta=meta)

@@ -212,8 +212,8 @@ class Function:
                            "additionalProperties": False}}}
 
 
-def _invented(rng: random.Random, split: str, rate: float = INVENTED_RATE) -> bool:
-    return split == "train" and rng.random() < rate
+def _invented(rng: random.Random, split: str) -> bool:
+    return split == "train" and rng.random() < INVENTED_RATE
 
 
 def _invented_param(rng: random.Random, taken: set[str]) -> Param:
@@ -239,18 +239,16 @@ def _invented_param(rng: random.Random, taken: set[str]) -> Param:
     return Param(name, kind, None)
 
 
-def random_function(rng: random.Random, split: str, n_params: int, *, avoid: set[str] = frozenset(),
-                    invented_rate: float = INVENTED_RATE) -> Function:
-    """A function whose name is not in `avoid`, with `n_params` parameters (the first required);
-    in the train split each word is fresh (`fresh_word`) with probability `invented_rate`."""
+def random_function(rng: random.Random, split: str, n_params: int, *, avoid: set[str] = frozenset()) -> Function:
+    """A function whose name is not in `avoid`, with `n_params` parameters (the first required)."""
     while True:
-        verb = fresh_word(rng, "verb") if _invented(rng, split, invented_rate) else pick(rng, VERBS[split])
-        obj = fresh_word(rng) if _invented(rng, split, invented_rate) else pick(rng, OBJECTS[split])
+        verb = fresh_word(rng, "verb") if _invented(rng, split) else pick(rng, VERBS[split])
+        obj = fresh_word(rng) if _invented(rng, split) else pick(rng, OBJECTS[split])
         if f"{verb}_{obj}" not in avoid:
             break
     params = [Param(*p) for p in rng.sample(PARAMS[split], n_params)]
     for i in range(n_params):
-        if _invented(rng, split, invented_rate):
+        if _invented(rng, split):
             params[i] = _invented_param(rng, {q.name for q in params})
     params = tuple(params)
     n_req = rng.randint(1, n_params)

@@ -33,9 +33,8 @@ class Task:
       suite: "stem" (a problem with an answer; works with and without tools), "tools"
         (function calling over random schemas; tools always offered) or "summary" (summarising
         a STEM example's reasoning in one line, answered without thinking; no tools) or "drill"
-        (training only: copying numbers back, the skill under every STEM answer; recalling the
-        atomic masses and unit factors problems state; finding which offered function, if any, does
-        an action, the only drill that offers functions) or
+        (training only, no tools: copying numbers back, the skill under every STEM answer; recalling
+        the atomic masses and unit factors problems state) or
         "vision" (a STEM problem shown as a picture, ``train/synthetic/images.py``; with and
         without tools like stem; only for models with a vision tower, so never in a default mix)
         or "reading" (a picture of a few numbers or a price, read back verbatim: the vision
@@ -66,7 +65,6 @@ TASKS: dict[str, Task] = {
         Task("summarize", "summary", summaries.make_summary),
         Task("copy", "drill", drills.make_copy),
         Task("facts", "drill", fact_drills.make_facts),
-        Task("fc_lookup", "drill", fc.make_lookup),
         Task("image_text", "vision", _pictured("make_text_image")),
         Task("image_table", "vision", _pictured("make_table_image")),
         Task("image_chart", "vision", _pictured("make_chart_image")),
