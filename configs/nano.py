@@ -34,6 +34,10 @@ medium drops the Task and Given lines, low also the Plan line and the restated t
 writes low at levels 1 to 3, medium at 4, high at 5); calls and answers are the same at every
 effort. The bundled weights were trained so (2026-12-01).
 
+Since 2026-12-02 the mix also holds the fact drill (``train/synthetic/fact_drills.py``, weight 1,
+about 2% of the tokens): atomic masses and unit factors recalled in the problems' own words; the
+bundled weights predate it (``bench/results/nano_drills_s17.json``).
+
 The tokenizer is the bundled checkpoint's (8,604 pieces, trained by ``train/nano_tokenizer.py`` at
 commit 5bbc1e5; at HEAD that trainer fills 10,240 pieces, more than the 8,768 rows here):
 
