@@ -22,7 +22,6 @@ _BY_LEVEL = {
     5: {"volume": ("gal", "L", "mL"), "length": ("mi", "km", "ft", "m"), "temperature": ("°C", "°F", "K")},
 }
 
-
 _TEMP_FORMULAS = {
     ("°C", "°F"): ("{v} * 9 / 5 + 32", "F = C * 9/5 + 32."),
     ("°F", "°C"): ("({v} - 32) * 5 / 9", "C = (F - 32) * 5/9."),

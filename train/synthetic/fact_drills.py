@@ -4,8 +4,8 @@ A chemistry problem's Given line lists the atomic masses of its formula's elemen
 conversion's plan states each unit's factor to its dimension's base. Those are recalled, not
 copied: the tokenizer writes most formulas as one piece (" NaOH", " CaCO" "3"), so nothing in the
 question spells the elements out. A whole nano run shows each compound a few dozen times inside
-long problems, and the bundled model recalls wrongly (NaOH's Given line names Na and Cl; "1 MB =
-1000000000 B"). A drill asks 2 to 4 facts in a few dozen tokens and answers each with the exact
+long problems, and the models trained so far recall wrongly (a 2026-12-02 run listed Na and Cl
+for NaOH and wrote "1 MB = 1000000000 B"). A drill asks 2 to 4 facts in a few dozen tokens and answers each with the exact
 text the problems write: a formula's masses (``NaOH: Na = 22.99 g/mol; O = 15.999 g/mol; H =
 1.008 g/mol``, the Given line's entries in its order) and a unit's factor (``1 GiB = 1073741824
 B``, the plan's words). The tables are the ones the problems use, so there is nothing held out to
@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 
 from train.synthetic.chemistry import COMPOUNDS, masses_given
-from train.synthetic.conversions import FACT_UNITS, unit_fact
+from train.synthetic.conversions import FACT_UNITS, fact_base, unit_fact
 from train.synthetic.example import SYSTEM_PROMPT, Example
 from train.synthetic.problem import pick
 from train.synthetic.quantities import UNIT_NAMES
@@ -39,8 +39,7 @@ def _ask_compound(rng: random.Random) -> tuple[str, str, str]:
 def _ask_unit(rng: random.Random) -> tuple[str, str, str]:
     """(question part, reasoning line, answer part) for one unit's factor to its base."""
     dim, unit = pick(rng, FACT_UNITS)
-    fact = unit_fact(dim, unit)
-    base = fact.rsplit(" ", 1)[1]
+    fact, base = unit_fact(dim, unit), fact_base(dim)
     base_word = UNIT_NAMES.get(base, base) if rng.random() < 0.5 else base  # "grams": a plural
     return pick(rng, _UNIT_ASK).format(u=unit, base=base_word), f"{fact}.", fact
 
@@ -48,11 +47,11 @@ def _ask_unit(rng: random.Random) -> tuple[str, str, str]:
 def make_facts(rng: random.Random, level: int, split: str) -> Example:
     """One drill: 2 to 4 facts (1 + level, at most 4), each a compound's atomic masses or a unit's factor."""
     k = min(4, 1 + level)
-    asks: dict[str, tuple[str, str, str]] = {}  # by reasoning line: each fact once
-    while len(asks) < k:
+    by_line: dict[str, tuple[str, str, str]] = {}  # each fact once
+    while len(by_line) < k:
         ask = (_ask_compound if rng.random() < 0.5 else _ask_unit)(rng)
-        asks.setdefault(ask[1], ask)
-    asks = list(asks.values())
+        by_line.setdefault(ask[1], ask)
+    asks = list(by_line.values())
     parts = [a[0] for a in asks]
     question = pick(rng, _OPEN).format(x="; ".join(parts[:-1]) + " and " + parts[-1])
     answer = "; ".join(a[2] for a in asks)
