@@ -50,9 +50,16 @@ def make_copy(rng: random.Random, level: int, split: str) -> Example:
     given = "; ".join(f"n{j + 1} = {n}" for j, n in enumerate(nums))
     reasoning = f"Task: copy.\nGiven: {given}.\nPlan: {plan}\nSo the answer is {answer}."
     summary = f"Copied {k} numbers." if kind != "pick" else f"Read the {_ORD[i]} number: {answer}."
+    return drill_example("copy", level, split, question, reasoning, answer, summary)
+
+
+def drill_example(task: str, level: int, split: str, question: str, reasoning: str, answer: str,
+                  summary: str) -> Example:
+    """A drill as a conversation: the question, one reasoning and the Answer / Summary lines; no
+    tools, checked as exact text."""
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question},
                 {"role": "assistant", "reasoning_content": reasoning,
                  "content": f"Answer: {answer}\nSummary: {summary}"}]
-    meta = {"task": "copy", "level": level, "answer": answer, "summary": summary, "split": split,
+    meta = {"task": task, "level": level, "answer": answer, "summary": summary, "split": split,
             "tools": False, "answer_kind": "text", "tolerance": 0.0, "prompt_len": 2}
     return Example(messages=messages, tools=[], meta=meta)

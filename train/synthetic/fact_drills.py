@@ -18,7 +18,8 @@ import random
 
 from train.synthetic.chemistry import COMPOUNDS, masses_given
 from train.synthetic.conversions import FACT_UNITS, fact_base, unit_fact
-from train.synthetic.example import SYSTEM_PROMPT, Example
+from train.synthetic.drills import drill_example
+from train.synthetic.example import Example
 from train.synthetic.problem import pick
 from train.synthetic.quantities import UNIT_NAMES
 
@@ -55,11 +56,5 @@ def make_facts(rng: random.Random, level: int, split: str) -> Example:
     parts = [a[0] for a in asks]
     question = pick(rng, _OPEN).format(x="; ".join(parts[:-1]) + " and " + parts[-1])
     answer = "; ".join(a[2] for a in asks)
-    summary = f"Recalled {k} facts."
     reasoning = "Task: recall.\n" + "\n".join(a[1] for a in asks)
-    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question},
-                {"role": "assistant", "reasoning_content": reasoning,
-                 "content": f"Answer: {answer}\nSummary: {summary}"}]
-    meta = {"task": "facts", "level": level, "answer": answer, "summary": summary, "split": split,
-            "tools": False, "answer_kind": "text", "tolerance": 0.0, "prompt_len": 2}
-    return Example(messages=messages, tools=[], meta=meta)
+    return drill_example("facts", level, split, question, reasoning, answer, f"Recalled {k} facts.")
