@@ -1,8 +1,10 @@
 """The fact drill: it drills exactly the text the problems write."""
 
+import random
+
 from train.synthetic import check_answer, generate
 from train.synthetic.chemistry import ATOMIC_MASS, COMPOUNDS, parse_formula
-from train.synthetic.conversions import FACT_UNITS, fact_base, unit_fact
+from train.synthetic.conversions import FACT_UNITS, fact_base, make_conversion, unit_fact
 
 LEVELS = (1, 2, 3, 4, 5)
 
@@ -34,3 +36,14 @@ def test_unit_facts_read_the_same_in_a_drill_and_a_conversion():
     assert unit_fact("data", "GiB") == "1 GiB = 1073741824 B"
     assert unit_fact("speed", "m/s") == "1 m/s = 3.6 km/h"  # km/h is the base: 5/18 m/s never ends
     assert ("length", "m") not in FACT_UNITS and ("length", "mi") in FACT_UNITS
+    rng, stated = random.Random(4), set()
+    for i in range(300):
+        p = make_conversion(rng, 1 + i % 5, "train")
+        dim = p.kind.split("(")[1].rstrip(")")
+        if dim == "temperature":
+            continue
+        src, dst = p.given[0].split(" ", 3)[3], p.unit
+        for unit in {src, dst} - {fact_base(dim)}:
+            assert (dim, unit) in FACT_UNITS and unit_fact(dim, unit) in p.plan, (unit, p.plan)
+            stated.add(unit)
+    assert stated == {u for _, u in FACT_UNITS}  # the drill asks exactly the facts plans state

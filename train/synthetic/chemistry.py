@@ -47,7 +47,7 @@ def molar_mass_expr(formula: str) -> str:
     return " + ".join(f"{n} * {ATOMIC_MASS[el]}" if n > 1 else ATOMIC_MASS[el] for el, n in parse_formula(formula))
 
 
-def _elements(formulas) -> list[str]:
+def elements(formulas) -> list[str]:
     """The elements the formulas name, each once, in the order they name them."""
     return list(dict.fromkeys(el for f in formulas for el, _ in parse_formula(f)))
 
@@ -56,7 +56,7 @@ def masses_given(formulas) -> list[str]:
     """The atomic masses the formulas need, in the order the formulas name the elements (the order
     the molar-mass expressions and the python code's table use them in, so the reasoning and the
     code read them off in turn)."""
-    return [f"{el} = {ATOMIC_MASS[el]} g/mol" for el in _elements(formulas)]
+    return [f"{el} = {ATOMIC_MASS[el]} g/mol" for el in elements(formulas)]
 
 
 def _equation(reaction) -> str:
@@ -95,7 +95,7 @@ def make_chemistry(rng: random.Random, level: int, split: str) -> Problem:
              Step(f"the molar mass of {fp}", molar_mass_expr(fp)),
              Step(f"the mass of {fp}", f"round({m} / {{r0}} * {cp} / {cr} * {{r1}}, 3)")]
     code = (
-        f"masses = {{{', '.join(repr(el) + ': ' + ATOMIC_MASS[el] for el in _elements([fr, fp]))}}}\n"
+        f"masses = {{{', '.join(repr(el) + ': ' + ATOMIC_MASS[el] for el in elements([fr, fp]))}}}\n"
         f"m_r = {' + '.join(f'{n} * masses[{el!r}]' if n > 1 else f'masses[{el!r}]' for el, n in parse_formula(fr))}\n"
         f"m_p = {' + '.join(f'{n} * masses[{el!r}]' if n > 1 else f'masses[{el!r}]' for el, n in parse_formula(fp))}\n"
         f"moles = {m} / m_r * {cp} / {cr}\n"

@@ -5,8 +5,8 @@ conversion's plan states each unit's factor to its dimension's base. Those are r
 copied: the tokenizer writes most formulas as one piece (" NaOH", " CaCO" "3"), so nothing in the
 question spells the elements out. A whole nano run shows each compound a few dozen times inside
 long problems, and the models trained so far recall wrongly (a 2026-12-02 run listed Na and Cl
-for NaOH and wrote "1 MB = 1000000000 B"). A drill asks 2 to 4 facts in a few dozen tokens and answers each with the exact
-text the problems write: a formula's masses (``NaOH: Na = 22.99 g/mol; O = 15.999 g/mol; H =
+for NaOH and wrote "1 MB = 1000000000 B"). A drill asks 2 to 4 facts in a few dozen tokens and
+answers each with the exact text the problems write: a formula's masses (``NaOH: Na = 22.99 g/mol; O = 15.999 g/mol; H =
 1.008 g/mol``, the Given line's entries in its order) and a unit's factor (``1 GiB = 1073741824
 B``, the plan's words). The tables are the ones the problems use, so there is nothing held out to
 leak. Training only; no tools.
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 
-from train.synthetic.chemistry import COMPOUNDS, masses_given
+from train.synthetic.chemistry import COMPOUNDS, elements, masses_given
 from train.synthetic.conversions import FACT_UNITS, fact_base, unit_fact
 from train.synthetic.drills import drill_example
 from train.synthetic.example import Example
@@ -32,9 +32,8 @@ _OPEN = ("Recall {x}.", "From memory, give {x}.", "State {x}.", "Without tools: 
 def _ask_compound(rng: random.Random) -> tuple[str, str, str]:
     """(question part, reasoning line, answer part) for one compound."""
     f = pick(rng, COMPOUNDS)
-    given = masses_given([f])
-    return (pick(rng, _COMPOUND_ASK).format(f=f), f"{f}: " + "; ".join(given) + ".",
-            f"{f}: " + ", ".join(g.split(" = ")[0] for g in given))
+    return (pick(rng, _COMPOUND_ASK).format(f=f), f"{f}: " + "; ".join(masses_given([f])) + ".",
+            f"{f}: " + ", ".join(elements([f])))
 
 
 def _ask_unit(rng: random.Random) -> tuple[str, str, str]:
