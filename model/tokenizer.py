@@ -27,6 +27,7 @@ from model.tokenizer_backends import (
     HFBackend,
     SentencePieceBackend,
     train_sentencepiece_proto,
+    without_spaced_letters,
 )
 
 CONFIG_FILE = "tokenizer_config.json"
@@ -241,7 +242,7 @@ class Tokenizer:
     @classmethod
     def train_sentencepiece(
         cls, lines: Iterable[str], vocab_size: int, path: str | os.PathLike | None = None, *,
-        number_chunks: bool = False, separate_spaces: bool = False,
+        number_chunks: bool = False, separate_spaces: bool = False, letters_alone: bool = False,
     ) -> Tokenizer:
         """Trains Kestrel's own tokenizer (BPE, byte fallback, chat tokens as symbols, ChatML template).
 
@@ -252,9 +253,11 @@ class Tokenizer:
           number_chunks: numbers as three-digit chunks instead of single digits (see
             ``train_sentencepiece_proto``).
           separate_spaces: every space its own token (see ``train_sentencepiece_proto``).
+          letters_alone: a lone letter after a space is two tokens (``without_spaced_letters``).
         """
         backend = SentencePieceBackend(train_sentencepiece_proto(lines, vocab_size, number_chunks=number_chunks,
-                                                                 separate_spaces=separate_spaces))
+                                                                 separate_spaces=separate_spaces,
+                                                                 letters_alone=letters_alone))
         tok = cls(backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
                   add_bos_token=False, stop_tokens=["<|im_end|>"], chat_template=KESTREL_TEMPLATE,
                   source="trained sentencepiece")
@@ -277,7 +280,21 @@ class Tokenizer:
 
     def with_chat_template(self, chat_template: str | None) -> Tokenizer:
         """This tokenizer with another chat template (the vocabulary and special tokens shared)."""
-        return Tokenizer(self._backend, bos_token=self.bos_token, eos_token=self.eos_token,
+        return self._with(self._backend, chat_template)
+
+    def with_letters_alone(self) -> Tokenizer:
+        """This tokenizer with a lone letter after a space cut as "▁" and the letter
+        (`without_spaced_letters`): every id keeps its number.
+
+        Raises:
+          KestrelError: the vocabulary is not a sentencepiece model.
+        """
+        if not isinstance(self._backend, SentencePieceBackend):
+            raise KestrelError("only a sentencepiece tokenizer (tokenizer.model) can cut letters alone")
+        return self._with(SentencePieceBackend(without_spaced_letters(self._backend.proto)), self._template_source)
+
+    def _with(self, backend: HFBackend | SentencePieceBackend, chat_template: str | None) -> Tokenizer:
+        return Tokenizer(backend, bos_token=self.bos_token, eos_token=self.eos_token,
                          pad_token=self.pad_token, unk_token=self.unk_token, add_bos_token=self.add_bos_token,
                          stop_tokens=self.stop_tokens, chat_template=chat_template,
                          source=self._source)

@@ -10,9 +10,11 @@ import io
 import json
 import os
 import re
+import string
 from pathlib import Path
 
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2 as sp_model_pb2
 import tokenizers
 from tokenizers import AddedToken
 
@@ -220,6 +222,30 @@ class SentencePieceBackend:
         (directory / self.file_name).write_bytes(self.proto)
 
 
+# A space followed by a single ASCII letter ("▁k"): unused by `without_spaced_letters`.
+SPACED_LETTERS = frozenset("\u2581" + c for c in string.ascii_letters)
+
+
+def without_spaced_letters(proto: bytes) -> bytes:
+    """The sentencepiece model `proto` with its space-prefixed single letters ("▁k") unused.
+
+    Sentencepiece writes a lone letter after a space as one piece ("▁k") and the same letter
+    glued to a number or at a line's start as another ("k" in "9k"), so a variable copied from
+    an equation into a sentence is a different token: one a model can only map for the letters it
+    was trained on. Unused, " k" is "▁" "k", the same "k" wherever it stands. The pieces stay in
+    the vocabulary, marked unused (sentencepiece then never produces them and re-cuts whatever
+    they would have merged), so every other id keeps its number and an embedding table sized for
+    the old model still fits. Words are untouched ("▁kg" stays one piece); only a word cut into
+    rarer pieces ("▁s" "ky" -> "▁" "s" "ky") gains a token.
+    """
+    model = sp_model_pb2.ModelProto()
+    model.ParseFromString(proto)
+    for piece in model.pieces:
+        if piece.piece in SPACED_LETTERS and piece.type == sp_model_pb2.ModelProto.SentencePiece.NORMAL:
+            piece.type = sp_model_pb2.ModelProto.SentencePiece.UNUSED
+    return model.SerializeToString()
+
+
 # Every digit string of one to three digits ("7", "07", "007", ..., "999"): with these as symbols a
 # number is cut left to right into three-digit chunks ("5285656" -> "528" "565" "6") the same way
 # wherever it appears, so copying a number is copying a few distinctive tokens.
@@ -227,7 +253,7 @@ NUMBER_CHUNKS = tuple(f"{n:0{w}d}" for w in (1, 2, 3) for n in range(10 ** w))
 
 
 def train_sentencepiece_proto(lines, vocab_size: int, *, number_chunks: bool = False,
-                              separate_spaces: bool = False) -> bytes:
+                              separate_spaces: bool = False, letters_alone: bool = False) -> bytes:
     """Trains Kestrel's own tokenizer: BPE with byte fallback and the chat tokens as symbols.
 
     Identity normalization and no whitespace folding or dummy prefix, so that decode(encode(text))
@@ -242,6 +268,7 @@ def train_sentencepiece_proto(lines, vocab_size: int, *, number_chunks: bool = F
         the same pieces after a space as inside an identifier or a JSON string (``" contact"`` ->
         ``"▁" "contact"``, ``'"contact"'`` -> ``'"' "contact" '"'``): copying a word from prose into
         a call is then copying tokens, not re-spelling them (~37% more tokens on chat text).
+      letters_alone: a lone letter after a space is "▁" and the letter (`without_spaced_letters`).
 
     Returns:
       The serialized sentencepiece ``ModelProto``.
@@ -278,4 +305,4 @@ def train_sentencepiece_proto(lines, vocab_size: int, *, number_chunks: bool = F
         num_threads=min(8, os.cpu_count() or 1),
         minloglevel=2,
     )
-    return model.getvalue()
+    return without_spaced_letters(model.getvalue()) if letters_alone else model.getvalue()

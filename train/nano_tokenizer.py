@@ -10,8 +10,13 @@ single digits, each of which occurs everywhere), and DESIGN.md's chat tokens (``
 as single ids, plus the ChatML/Qwen3 chat template. ``--separate-spaces`` makes every space its
 own token, so a word is the same pieces in a sentence, an identifier and a JSON string (copied,
 not re-spelled, into a call; ~37% more tokens; README's kestrel-nano section has what it did).
+``--letters-alone`` cuts a lone letter after a space as "▁" and the letter, so an equation's
+variable ("9k") is the same token in the reasoning ("Collect k"); with ``--from DIR`` it edits an
+existing tokenizer instead of training one (every id keeps its number, so a model's embedding
+rows still fit: how the bundled tokenizer got it).
 
     python -m train.nano_tokenizer checkpoints/kestrel-nano-tokenizer --vocab-size 32768
+    python -m train.nano_tokenizer OUT --from checkpoints/kestrel-nano --letters-alone
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ def corpus(n: int, seed: int = 0, *, tools_fraction: float = 0.8) -> Iterator[st
 
 def train_nano_tokenizer(out_dir: str | os.PathLike | None = None, *, vocab_size: int = 32768,
                          n_examples: int = 20_000, seed: int = 0, number_chunks: bool = True,
-                         separate_spaces: bool = False) -> Tokenizer:
+                         separate_spaces: bool = False, letters_alone: bool = False) -> Tokenizer:
     """Trains the tokenizer and optionally saves it (``tokenizer.model`` + ``tokenizer_config.json``).
 
     Args:
@@ -61,12 +66,14 @@ def train_nano_tokenizer(out_dir: str | os.PathLike | None = None, *, vocab_size
       number_chunks: numbers as three-digit chunks (False: single digits).
       separate_spaces: every space its own token, so words are cut alike in prose and in
         identifiers (False: sentencepiece's usual ``"▁word"`` pieces).
+      letters_alone: a lone letter after a space is "▁" and the letter.
 
     Returns:
       The trained `Tokenizer`; its ``vocab_size`` is what the model's embedding needs at least.
     """
     return Tokenizer.train_sentencepiece(corpus(n_examples, seed), vocab_size, out_dir,
-                                         number_chunks=number_chunks, separate_spaces=separate_spaces)
+                                         number_chunks=number_chunks, separate_spaces=separate_spaces,
+                                         letters_alone=letters_alone)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,9 +86,20 @@ def main(argv: list[str] | None = None) -> None:
                         help="numbers as three-digit chunks (--no-number-chunks: single digits)")
     parser.add_argument("--separate-spaces", action=argparse.BooleanOptionalAction, default=False,
                         help="every space its own token, so a word is the same pieces in prose and identifiers")
+    parser.add_argument("--letters-alone", action=argparse.BooleanOptionalAction, default=False,
+                        help='a lone letter after a space as "▁" and the letter (a variable one token everywhere)')
+    parser.add_argument("--from", dest="source", default=None,
+                        help="edit this tokenizer folder (with --letters-alone) instead of training one")
     args = parser.parse_args(argv)
-    tok = train_nano_tokenizer(args.out, vocab_size=args.vocab_size, n_examples=args.examples, seed=args.seed,
-                               number_chunks=args.number_chunks, separate_spaces=args.separate_spaces)
+    if args.source is not None:
+        if not args.letters_alone:
+            parser.error("--from edits an existing tokenizer: give the edit (--letters-alone)")
+        tok = Tokenizer.load(args.source).with_letters_alone()
+        tok.save(args.out)
+    else:
+        tok = train_nano_tokenizer(args.out, vocab_size=args.vocab_size, n_examples=args.examples,
+                                   seed=args.seed, number_chunks=args.number_chunks,
+                                   separate_spaces=args.separate_spaces, letters_alone=args.letters_alone)
     print(f"wrote {args.out}: {tok.vocab_size} ids")
 
 

@@ -466,3 +466,41 @@ def test_separate_spaces_cut_a_word_alike_in_prose_identifiers_and_json():
     # Without the option a word after a space is other pieces ("▁contact").
     plain = Tokenizer.train_sentencepiece(lines, 400)
     assert plain.encode(" contact")[-len(plain.encode("contact")):] != plain.encode("contact")
+
+
+def test_letters_alone_make_a_variable_one_token_wherever_it_stands(tmp_path):
+    lines = ["Solve for k: 9k - 12 = 6k + 3. Collect k on the left: k = 5. What is x? x = 2.",
+             "a kilo of salt, a sky, 4x + y = 7, Answer: y = 3"] * 60
+    plain = Tokenizer.train_sentencepiece(lines, 400)
+    assert plain.token_to_id("\u2581k") is not None and plain.encode(" k") == [plain.token_to_id("\u2581k")]
+    tok = plain.with_letters_alone()
+    assert tok.vocab_size == plain.vocab_size
+    assert [tok.id_to_token(i) for i in range(tok.vocab_size)] == \
+        [plain.id_to_token(i) for i in range(plain.vocab_size)]  # every id keeps its number
+    k, space = tok.token_to_id("k"), tok.token_to_id("\u2581")
+    for text in ("Solve for k: 9k", "Collect k on", "Answer: k = 5", "9k - 1"):
+        assert k in tok.encode(text), text  # the glued and the spaced letter are one id
+    assert tok.encode(" k") == [space, k]
+    assert all(tok.id_to_token(i) not in ("\u2581k", "\u2581x", "\u2581a") for t in lines for i in tok.encode(t))
+    # Words keep their pieces; any text still round-trips.
+    assert tok.encode(" kilo") == plain.encode(" kilo")
+    text = "A b C  d\nx_y k9 {\"k\": 1} é"
+    assert tok.decode(tok.encode(text)) == text
+    # Trained with the option it is the same edit; saved and loaded it stays.
+    trained = Tokenizer.train_sentencepiece(lines, 400, letters_alone=True, path=tmp_path / "t")
+    assert trained.encode("Collect k on") == tok.encode("Collect k on")
+    assert Tokenizer.load(tmp_path / "t").encode(" k") == [space, k]
+
+
+def test_letters_alone_cli_edits_a_tokenizer_folder_and_refuses_other_kinds(tmp_path, smollm2):
+    from train.nano_tokenizer import main
+
+    plain = Tokenizer.train_sentencepiece(["Solve for k: 9k = 18. a b c"] * 50, 300, path=tmp_path / "src")
+    main([os.fspath(tmp_path / "out"), "--from", os.fspath(tmp_path / "src"), "--letters-alone"])
+    out = Tokenizer.load(tmp_path / "out")
+    assert out.vocab_size == plain.vocab_size and out.encode(" k") == [out.token_to_id("\u2581"), out.token_to_id("k")]
+    assert out.chat_template is not None and out.eos_token == plain.eos_token
+    with pytest.raises(SystemExit):
+        main([os.fspath(tmp_path / "out2"), "--from", os.fspath(tmp_path / "src")])
+    with pytest.raises(KestrelError, match="only a sentencepiece tokenizer"):
+        smollm2[0].with_letters_alone()  # a GGUF's byte-level BPE
