@@ -468,7 +468,7 @@ def test_separate_spaces_cut_a_word_alike_in_prose_identifiers_and_json():
     assert plain.encode(" contact")[-len(plain.encode("contact")):] != plain.encode("contact")
 
 
-def test_letters_alone_make_a_variable_one_token_wherever_it_stands(tmp_path):
+def test_letters_alone_make_a_variable_one_token_wherever_it_stands(tmp_path, smollm2):
     lines = ["Solve for k: 9k - 12 = 6k + 3. Collect k on the left: k = 5. What is x? x = 2.",
              "a kilo of salt, a sky, 4x + y = 7, Answer: y = 3"] * 60
     plain = Tokenizer.train_sentencepiece(lines, 400)
@@ -490,17 +490,6 @@ def test_letters_alone_make_a_variable_one_token_wherever_it_stands(tmp_path):
     trained = Tokenizer.train_sentencepiece(lines, 400, letters_alone=True, path=tmp_path / "t")
     assert trained.encode("Collect k on") == tok.encode("Collect k on")
     assert Tokenizer.load(tmp_path / "t").encode(" k") == [space, k]
-
-
-def test_letters_alone_cli_edits_a_tokenizer_folder_and_refuses_other_kinds(tmp_path, smollm2):
-    from train.nano_tokenizer import main
-
-    plain = Tokenizer.train_sentencepiece(["Solve for k: 9k = 18. a b c"] * 50, 300, path=tmp_path / "src")
-    main([os.fspath(tmp_path / "out"), "--from", os.fspath(tmp_path / "src"), "--letters-alone"])
-    out = Tokenizer.load(tmp_path / "out")
-    assert out.vocab_size == plain.vocab_size and out.encode(" k") == [out.token_to_id("\u2581"), out.token_to_id("k")]
-    assert out.chat_template is not None and out.eos_token == plain.eos_token
-    with pytest.raises(SystemExit):
-        main([os.fspath(tmp_path / "out2"), "--from", os.fspath(tmp_path / "src")])
     with pytest.raises(KestrelError, match="only a sentencepiece tokenizer"):
         smollm2[0].with_letters_alone()  # a GGUF's byte-level BPE
+

@@ -63,3 +63,15 @@ def test_cli_writes_a_tokenizer(tmp_path, capsys):
     assert [digits.decode([i]) for i in digits.encode("2026")] == ["2", "0", "2", "6"]
     with pytest.raises(ValueError, match="vocab_size"):
         train_nano_tokenizer(vocab_size=100, n_examples=10)
+
+
+def test_cli_cuts_letters_alone_in_an_existing_tokenizer_keeping_its_ids(saved, tmp_path):
+    tok, path = saved
+    main([str(tmp_path / "out"), "--from", str(path), "--letters-alone"])
+    out = Tokenizer.load(tmp_path / "out")
+    assert out.vocab_size == tok.vocab_size and out.eos_token == tok.eos_token
+    assert out.render_chat([{"role": "user", "content": "hi"}]) == tok.render_chat([{"role": "user", "content": "hi"}])
+    k = out.token_to_id("k")
+    assert k in out.encode("Solve for k: 9k = 18.") and out.encode(" k") == [out.token_to_id("\u2581"), k]
+    with pytest.raises(SystemExit):  # --from without an edit to make
+        main([str(tmp_path / "again"), "--from", str(path)])
