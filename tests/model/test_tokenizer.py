@@ -492,4 +492,3 @@ def test_letters_alone_make_a_variable_one_token_wherever_it_stands(tmp_path, sm
     assert Tokenizer.load(tmp_path / "t").encode(" k") == [space, k]
     with pytest.raises(KestrelError, match="only a sentencepiece tokenizer"):
         smollm2[0].with_letters_alone()  # a GGUF's byte-level BPE
-
