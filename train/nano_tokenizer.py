@@ -12,8 +12,8 @@ own token, so a word is the same pieces in a sentence, an identifier and a JSON 
 not re-spelled, into a call; ~37% more tokens; README's kestrel-nano section has what it did).
 ``--letters-alone`` cuts a lone letter after a space as "▁" and the letter, so an equation's
 variable ("9k") is the same token in the reasoning ("Collect k"); with ``--from DIR`` it edits an
-existing tokenizer instead of training one (every id keeps its number, so a model's embedding
-rows still fit: how the bundled tokenizer got it).
+existing tokenizer instead of training one (every id keeps its number, so the config's embedding
+rows still fit; README's kestrel-nano section has what a full run on it did).
 
     python -m train.nano_tokenizer checkpoints/kestrel-nano-tokenizer --vocab-size 32768
     python -m train.nano_tokenizer OUT --from checkpoints/kestrel-nano --letters-alone
