@@ -79,27 +79,33 @@ def train_nano_tokenizer(out_dir: str | os.PathLike | None = None, *, vocab_size
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out", help="folder to write tokenizer.model and tokenizer_config.json into")
-    parser.add_argument("--vocab-size", type=int, default=32768)
-    parser.add_argument("--examples", type=int, default=20_000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--number-chunks", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--vocab-size", type=int, default=None, help="default 32768")
+    parser.add_argument("--examples", type=int, default=None, help="conversations in the corpus (default 20000)")
+    parser.add_argument("--seed", type=int, default=None, help="the corpus seed (default 0)")
+    parser.add_argument("--number-chunks", action=argparse.BooleanOptionalAction, default=None,
                         help="numbers as three-digit chunks (--no-number-chunks: single digits)")
-    parser.add_argument("--separate-spaces", action=argparse.BooleanOptionalAction, default=False,
+    parser.add_argument("--separate-spaces", action=argparse.BooleanOptionalAction, default=None,
                         help="every space its own token, so a word is the same pieces in prose and identifiers")
     parser.add_argument("--letters-alone", action=argparse.BooleanOptionalAction, default=False,
                         help='a lone letter after a space as "▁" and the letter (a variable one token everywhere)')
     parser.add_argument("--from", dest="source", default=None,
                         help="edit this tokenizer folder (with --letters-alone) instead of training one")
     args = parser.parse_args(argv)
+    # Only the training options given, so that train_nano_tokenizer's defaults apply to the rest
+    # and --from can refuse them.
+    given = {flag: value for flag, value in (("vocab_size", args.vocab_size), ("n_examples", args.examples),
+                                             ("seed", args.seed), ("number_chunks", args.number_chunks),
+                                             ("separate_spaces", args.separate_spaces)) if value is not None}
     if args.source is not None:
         if not args.letters_alone:
             parser.error("--from edits an existing tokenizer: give the edit (--letters-alone)")
+        if given:
+            flags = ", ".join("--" + ("examples" if k == "n_examples" else k.replace("_", "-")) for k in given)
+            parser.error(f"{flags} shape a tokenizer being trained; --from edits an existing one")
         tok = Tokenizer.load(args.source).with_letters_alone()
         tok.save(args.out)
     else:
-        tok = train_nano_tokenizer(args.out, vocab_size=args.vocab_size, n_examples=args.examples,
-                                   seed=args.seed, number_chunks=args.number_chunks,
-                                   separate_spaces=args.separate_spaces, letters_alone=args.letters_alone)
+        tok = train_nano_tokenizer(args.out, letters_alone=args.letters_alone, **given)
     print(f"wrote {args.out}: {tok.vocab_size} ids")
 
 

@@ -67,6 +67,7 @@ def test_cli_writes_a_tokenizer(tmp_path, capsys):
 
 def test_cli_cuts_letters_alone_in_an_existing_tokenizer_keeping_its_ids(saved, tmp_path):
     tok, path = saved
+    assert tok.encode(" k") == [tok.token_to_id("\u2581k")]  # one piece before the edit
     main([str(tmp_path / "out"), "--from", str(path), "--letters-alone"])
     out = Tokenizer.load(tmp_path / "out")
     assert out.vocab_size == tok.vocab_size and out.eos_token == tok.eos_token
@@ -75,3 +76,5 @@ def test_cli_cuts_letters_alone_in_an_existing_tokenizer_keeping_its_ids(saved, 
     assert k in out.encode("Solve for k: 9k = 18.") and out.encode(" k") == [out.token_to_id("\u2581"), k]
     with pytest.raises(SystemExit):  # --from without an edit to make
         main([str(tmp_path / "again"), "--from", str(path)])
+    with pytest.raises(SystemExit):  # an option of training a tokenizer, which --from does not do
+        main([str(tmp_path / "again"), "--from", str(path), "--letters-alone", "--vocab-size", "4000"])
