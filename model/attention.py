@@ -96,6 +96,7 @@ class Attention(nnx.Module):
         impl: str = "auto",
         attend=None,
         embeddings: Float[Array, "B T D"] | None = None,
+        keys_in_query_order: bool = False,
     ):
         """Attends x's queries over x's keys, or over a cache that ``write`` extends with them.
 
@@ -112,6 +113,8 @@ class Attention(nnx.Module):
             window, scale, soft_cap, impl) -> (out [B, T, N, H], updated cache arrays)``; replaces
             ``keys_values``/``write`` and the kernel call.
           embeddings: the inputs' token embeddings [B, T, D], the values of a copy layer.
+          keys_in_query_order: self-attention over x alone with positions ascending along each
+            segment (see ``kernels.attention``), so the kernel may skip the keys after a query.
 
         Returns:
           ([B, T, D] output, (keys, values) as attended: the updated cache arrays).
@@ -128,5 +131,5 @@ class Attention(nnx.Module):
             kv_positions=kv_positions, causal=True, window=self.window,
             q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
             q_span_ids=q_span_ids, kv_span_ids=kv_span_ids, scale=self.scale,
-            soft_cap=self.soft_cap, impl=impl)
+            soft_cap=self.soft_cap, keys_in_query_order=keys_in_query_order, impl=impl)
         return self._output(out), (k, v)

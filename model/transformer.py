@@ -127,7 +127,9 @@ class Transformer(nnx.Module):
           tokens: token ids [B, T].
           positions: absolute positions [B, T]; defaults to the cache's fill count + arange(T).
             A negative position marks a padding token that nothing attends to.
-          segment_ids: packed-document ids [B, T] (training; not with a cache).
+          segment_ids: packed-document ids [B, T] (training; not with a cache). Each document is
+            contiguous and its positions ascend along it (as ``train/packing.py`` writes them),
+            so attention may skip, unscored, the keys after each query.
           span_ids: bidirectional span ids [B, T] (0 outside spans), e.g. image tokens.
           cache: a KVCache to attend over and extend, a PagedKVCache (serving: positions come
             from it), or None for a self-contained pass.
@@ -216,6 +218,7 @@ class Transformer(nnx.Module):
                 keys_values=None if cache is None or paged else (cache.k[i], cache.v[i]), write=write,
                 q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
                 q_span_ids=span_ids, kv_span_ids=span_ids, impl=attn_impl,
+                keys_in_query_order=cache is None and segment_ids is not None,
                 attend=functools.partial(cache.attend, i) if paged else None,
                 embeddings=token_embeddings if i in cfg.embedding_value_layers else None)
 

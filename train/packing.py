@@ -5,7 +5,9 @@ tokens of ``render_kestrel``'s trainable segments). Placed at offset ``o`` of a 
 ``tokens[o:o+L] = e``, ``targets[o:o+L-1] = e[1:]``, ``loss_mask[o:o+L-1] = trainable[1:]``,
 ``positions[o:o+L] = 0..L-1`` and ``segment_ids[o:o+L] = k`` (k = 1, 2, ... within the row). Its
 last token has no next token inside the example, so its loss is masked: a target never crosses
-an example boundary. Unused space is padding: segment 0, position 0, loss mask 0.
+an example boundary. Unused space is padding: segment 0, loss mask 0, each position its index in
+the row, so positions ascend along every segment, padding too (the model's attention relies on
+that to skip the keys after each query; see ``model/transformer.py``).
 
 Rows are filled first-fit from a stream of examples; an example too long for a row is skipped
 (counted in `PackStats`), never truncated, so a trained answer is never cut off.
@@ -101,7 +103,7 @@ def empty_batch(batch_size: int, seq_len: int, pad_id: int = 0) -> dict[str, np.
         "targets": np.full((batch_size, seq_len), pad_id, np.int32),
         "loss_mask": np.zeros((batch_size, seq_len), np.float32),
         "segment_ids": np.zeros((batch_size, seq_len), np.int32),
-        "positions": np.zeros((batch_size, seq_len), np.int32),
+        "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch_size, seq_len)).copy(),
     }
 
 

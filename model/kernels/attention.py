@@ -141,6 +141,7 @@ def attention(
     scale: float | None = None,
     soft_cap: float | None = None,
     return_lse: bool = False,
+    keys_in_query_order: bool = False,
     impl: Impl = "auto",
     block_q: int = 128,
     block_k: int = 128,
@@ -159,6 +160,10 @@ def attention(
       q_span_ids, kv_span_ids: nonzero equal ids attend bidirectionally (images).
       scale: softmax scale (default 1/sqrt(H)). soft_cap: tanh cap on logits.
       return_lse: also return the log-sum-exp [B, T, N] in float32.
+      keys_in_query_order: the caller's word that k and v are the queries' own sequence (T = S)
+        with positions ascending along each segment, so a key after a query (by index) is hidden
+        from it (packed training batches). ``grouped`` then skips, at trace time, the keys each
+        chunk of queries cannot see, as it does for static positions.
       impl: ``auto`` | ``pallas`` | ``reference`` | ``xla`` | ``cudnn`` | ``grouped`` (see
         ``resolve_impl``). ``grouped`` is plain jnp laid out kv-head-major (``grouped.py``): on
         XLA:CPU a packed 4 x 1,024 training batch's attention, forward and backward, took 0.8x
@@ -199,10 +204,11 @@ def attention(
     if impl == "grouped" and not return_lse:
         # Plain jnp, kv-head-major, softmax normalised after the value product
         # (model/kernels/grouped.py); imported here because that module imports this one.
-        from model.kernels.grouped import grouped_attention
+        from model.kernels.grouped import chunked_grouped_attention, key_ranges
 
-        return grouped_attention(q, k.transpose(2, 0, 1, 3), v.transpose(2, 0, 1, 3), mask.dense(),
-                                 scale=scale, soft_cap=soft_cap)
+        ranges = key_ranges(mask, t, k.shape[1], keys_in_query_order=keys_in_query_order)
+        return chunked_grouped_attention(q, k.transpose(2, 0, 1, 3), v.transpose(2, 0, 1, 3), mask,
+                                         ranges, scale=scale, soft_cap=soft_cap)
     if impl == "grouped":  # the lse: the reference's
         return reference()
     if impl in ("xla", "cudnn"):

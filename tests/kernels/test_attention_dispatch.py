@@ -10,6 +10,7 @@ from model.kernels import attention, resolve_impl
 from model.kernels.tpu_splash import splash_attention, splash_fits
 from model.kernels.mask import MaskDescription
 from model.kernels.attention import default_positions
+from model.kernels.grouped import key_ranges
 
 
 def _pos(b, n):
@@ -120,3 +121,72 @@ def test_grouped_matches_the_reference_forward_and_backward():
     o, lse = attention(q, k, v, impl="grouped", return_lse=True, **kw)
     o_ref, lse_ref = attention(q, k, v, impl="reference", return_lse=True, **kw)
     np.testing.assert_array_equal(lse, lse_ref)
+
+
+def test_key_ranges_give_each_query_chunk_only_the_keys_it_may_see():
+    """Static positions bound each chunk's keys by causality and the window; runtime positions
+    only on the caller's word that the keys are the queries' own ascending sequence; spans (a
+    later key may be visible) or no causality leave the one whole range."""
+    qp, kp = default_positions(1, 8, 8)
+    mask = MaskDescription(qp, kp, causal=True)
+    assert key_ranges(mask, 8, 8, keys_in_query_order=False, chunk=3) == [
+        (0, 3, 0, 3), (3, 6, 0, 6), (6, 8, 0, 8)]
+    windowed = MaskDescription(qp, kp, causal=True, window=2)
+    assert key_ranges(windowed, 8, 8, keys_in_query_order=False, chunk=4) == [(0, 4, 0, 4), (4, 8, 3, 8)]
+    # Queries are the last 4 of 8 keys (a prefill after a cached prefix); an empty slot (-1) last.
+    qp, kp = default_positions(1, 4, 8)
+    kp = kp.copy()
+    kp[0, -1] = -1
+    assert key_ranges(MaskDescription(qp, kp), 4, 8, keys_in_query_order=False, chunk=2) == [
+        (0, 2, 0, 6), (2, 4, 0, 7)]
+    qp, kp = default_positions(1, 8, 8)
+    spans = jnp.zeros((1, 8), jnp.int32)
+    with_spans = MaskDescription(qp, kp, q_span_ids=spans, kv_span_ids=spans)
+    assert key_ranges(with_spans, 8, 8, keys_in_query_order=True, chunk=4) == [(0, 8, 0, 8)]
+    assert key_ranges(MaskDescription(qp, kp, causal=False), 8, 8, keys_in_query_order=True,
+                      chunk=4) == [(0, 8, 0, 8)]
+
+    def traced(ordered):
+        out = []
+        jax.jit(lambda p: out.append(key_ranges(MaskDescription(p, p), 8, 8, keys_in_query_order=ordered,
+                                                chunk=4)) or p)(jnp.asarray(qp))
+        return out[0]
+
+    assert traced(False) == [(0, 8, 0, 8)]
+    assert traced(True) == [(0, 4, 0, 4), (4, 8, 0, 8)]
+
+
+@pytest.mark.parametrize("window", [None, 40])
+def test_chunked_grouped_attention_equals_the_reference_on_a_packed_batch(window):
+    """impl="grouped" over a packed batch (runtime positions restarting per document, ascending
+    padding last) with keys_in_query_order, cut into query chunks: values and gradients equal the
+    reference's, which scores every key."""
+    import model.kernels.grouped as grouped
+
+    b, t = 2, 80
+    q, k, v = random_qkv(5, b, t, t, 4, 2, 16)
+    seg = np.zeros((b, t), np.int32)
+    pos = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()
+    for row, cuts in enumerate(([0, 30, 55, 70], [0, 64, 75])):
+        for d, (lo, hi) in enumerate(zip(cuts[:-1], cuts[1:])):
+            seg[row, lo:hi], pos[row, lo:hi] = d + 1, np.arange(hi - lo)
+    seg, pos = jnp.asarray(seg), jnp.asarray(pos)
+    w = jax.random.normal(jax.random.key(4), q.shape)
+
+    def run(impl, **extra):
+        def call(q, k, v):
+            return attention(q, k, v, q_positions=pos, kv_positions=pos, q_segment_ids=seg,
+                             kv_segment_ids=seg, window=window, scale=0.3, impl=impl, **extra)
+        out, vjp = jax.vjp(call, q, k, v)
+        return out, vjp(w)
+
+    chunk = grouped.QUERY_CHUNK
+    grouped.QUERY_CHUNK = 16
+    try:
+        out, grads = jax.jit(lambda: run("grouped", keys_in_query_order=True))()
+    finally:
+        grouped.QUERY_CHUNK = chunk
+    ref, ref_grads = run("reference")
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        np.testing.assert_allclose(g, r, atol=1e-4, rtol=1e-4)
