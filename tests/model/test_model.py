@@ -80,6 +80,26 @@ def test_packed_segments_do_not_attend_across_documents():
     np.testing.assert_allclose(lp[:, 7:], lb, atol=2e-5)
 
 
+def test_packed_documents_in_query_chunks_equal_each_alone(monkeypatch):
+    """With the grouped attention a packed batch is cut into query chunks that skip the keys after
+    them (model/kernels/grouped.py); each document's logits still equal its own forward pass."""
+    import model.kernels.grouped as grouped
+
+    monkeypatch.setattr(grouped, "QUERY_CHUNK", 8)
+    model = init_model(CONFIGS["gemma"], seed=5)
+    docs = [tokens(1, n, seed=20 + n) for n in (11, 9, 6)]
+    packed = jnp.concatenate(docs + [jnp.zeros((1, 6), jnp.int32)], axis=1)  # 6 padding tokens last
+    segments = jnp.array([[1] * 11 + [2] * 9 + [3] * 6 + [0] * 6])
+    positions = jnp.array([list(range(11)) + list(range(9)) + list(range(6)) + list(range(26, 32))])
+    grouped_forward = nnx.jit(lambda model, x, **kw: model(x, attn_impl="grouped", **kw))
+    lp, _ = grouped_forward(model, packed, segment_ids=segments, positions=positions)
+    start = 0
+    for doc in docs:
+        alone, _ = forward(model, doc)  # attn_impl auto: the reference on CPU
+        np.testing.assert_allclose(lp[:, start:start + doc.shape[1]], alone, atol=2e-5)
+        start += doc.shape[1]
+
+
 def test_batched_with_padding_equals_one_at_a_time():
     cfg = CONFIGS["gemma"]
     model = init_model(cfg, seed=8)
