@@ -17,14 +17,13 @@ import json
 import pathlib
 import statistics
 import sys
-import tempfile
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import model.kernels.grouped as grouped  # noqa: E402
 from bench.common import environment, write_json  # noqa: E402
+from bench.train_throughput import timed_run  # noqa: E402
 from train import loop  # noqa: E402
-from train import metrics as metrics_lib  # noqa: E402
 from train.config import apply_overrides, load_config  # noqa: E402
 
 
@@ -32,10 +31,8 @@ def step_times(cfg, query_chunk: int) -> tuple[list[float], float]:
     """Per-step times (the first, compiling, step left out) and the last loss of one short run."""
     grouped.QUERY_CHUNK = query_chunk
     loop._JIT_CACHE.clear()  # the chunking is decided at trace time: trace afresh
-    with tempfile.TemporaryDirectory() as workdir:
-        loop.run(cfg, workdir)
-        records = metrics_lib.read_jsonl(pathlib.Path(workdir) / "metrics.jsonl")
-    return [r["step_time_s"] for r in records if r.get("step_time_s")], records[-1]["loss"]
+    times, records = timed_run(cfg)
+    return times, records[-1]["loss"]
 
 
 def main(argv: list[str]) -> dict:

@@ -51,6 +51,15 @@ def measured_matmul_peak(n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - t0)
 
 
+def timed_run(cfg) -> tuple[list[float], list[dict]]:
+    """Trains `cfg` in a scratch workdir: the step times (the first, compiling, step has none)
+    and every metrics record."""
+    with tempfile.TemporaryDirectory() as workdir:
+        run(cfg, workdir)
+        records = metrics_lib.read_jsonl(pathlib.Path(workdir) / "metrics.jsonl")
+    return [r["step_time_s"] for r in records if r.get("step_time_s")], records
+
+
 def main(argv: list[str]) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/kestrel_nano_tiny.py")
@@ -62,10 +71,7 @@ def main(argv: list[str]) -> dict:
     cfg = apply_overrides(load_config(args.config),
                           [f"steps={args.steps}", "checkpoint.every_steps=0", "log_every=1",
                            *args.overrides])
-    with tempfile.TemporaryDirectory() as workdir:
-        run(cfg, workdir)
-        records = metrics_lib.read_jsonl(pathlib.Path(workdir) / "metrics.jsonl")
-    step_times = [r["step_time_s"] for r in records if r.get("step_time_s")]
+    step_times, records = timed_run(cfg)
     if not step_times:
         raise SystemExit("need at least 2 steps to time")
     median = statistics.median(step_times)

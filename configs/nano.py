@@ -5,10 +5,10 @@ Sized for at most 45 minutes on the shared 2-core CPU: 4 layers, width 256, 4 qu
 its cost grows with the number of heads, not their width, hence few wide heads; the ``grouped``
 attention (kv-head-major plain jnp) trains it 1.15x faster than ``xla``, itself 1.8x the
 reference, and since 2026-12-02 scores each chunk of 256 queries over only the keys it may see
-(``model/kernels/grouped.py``): the step 1.30x faster again, and a full run 43 min 27 s from the
-command to the last step (1,874 tokens/s, 2026-12-02; the same config without the chunks took
-51-54 min on that host's earlier days). The tokenizer is the sentencepiece model ``train/nano_tokenizer.py`` trains on the
-generator's own text, numbers cut into three-digit chunks (the embedding has 8,768 rows, a
+(``model/kernels/grouped.py``): the step 1.21-1.30x faster again, and a full run 43 min 27 s from
+the command to the last step (1,874 tokens/s, 2026-12-02; the same config without the chunks took
+51-54 min on that host's earlier days). The tokenizer is the sentencepiece model
+``train/nano_tokenizer.py`` trains on the generator's own text, numbers cut into three-digit chunks (the embedding has 8,768 rows, a
 multiple of 64, enough for what it learns).
 
 What the model must learn is mostly copying: numbers and function names from the prompt into

@@ -9,8 +9,8 @@ if not os.environ.get("KESTREL_TEST_GPU"):
     if "xla_force_host_platform_device_count" not in flags:
         flags = (flags + " --xla_force_host_platform_device_count=8").strip()
     # The suite's programs are tiny models run a few times: compiling them is most of a cold run
-    # (a fresh clone, CI), so the CPU backend's code optimisation is turned down; the suite passes
-    # alike (XLA:CPU's arithmetic is IEEE either way, no fast math). Measured cold on the 2-core CPU
+    # (a fresh clone, CI), so the CPU backend's code optimisation is turned down; the whole suite
+    # passes with it as without (1,013 passed, 2 skipped, 2026-12-02). Measured cold on the 2-core CPU
     # (2026-12-02): test_model + test_runner + test_eval 248 s -> 179 s; the SmolLM2 end-to-end,
     # long-context and vision-training files, which compute more, 131 s -> 122 s.
     if "xla_backend_optimization_level" not in flags:
