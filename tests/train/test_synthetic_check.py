@@ -212,3 +212,28 @@ def test_function_calling_examples_offer_one_to_five_functions(task):
             assert all(c["name"] in offered for c in ex.meta["calls"])
             if task == "fc_parallel":
                 assert len(ex.meta["calls"]) >= 2
+
+
+@pytest.mark.parametrize("task", SUITES["tools"])
+def test_function_calling_reasoning_copies_the_request_before_choosing(task):
+    """Each turn's reasoning opens with the action(s) asked for, the same words for a call and a
+    refusal, so the choice between them comes only after the request has been copied."""
+    for level in range(1, 6):
+        for seed in range(6):
+            ex = generate(task, level=level, seed=seed, split="heldout")
+            first = [m["reasoning_content"] for m in ex.messages if m["role"] == "assistant" and m.get("tool_calls")
+                     or m["role"] == "assistant" and task == "fc_none"]
+            assert first
+            last = first[-1].split("\n")
+            if "with" in last[0] and "changed" in last[0]:  # a multi-turn repeat names the earlier call
+                assert last[0].startswith("The user asks to repeat ")
+                continue
+            wanted = [c["name"] for c in ex.meta["calls"]]
+            assert last[0].startswith("The user asks to ")
+            if task == "fc_none":
+                assert last[1].startswith("Offered functions: ")
+            else:
+                assert last[1].startswith("1. ") and len(last[0].split(" to ")) == len(wanted) + 1
+                for name in wanted:
+                    verb, obj = name.split("_", 1)
+                    assert f"to {verb} the {obj.replace('_', ' ')}" in last[0]

@@ -2,13 +2,19 @@
 
 Reasoning scheme (regular on purpose)::
 
-    <think> The user asks for N thing(s).
+    <think> The user asks to <action>[ and to <action>].
     1. <action> -> <function> with <arg> = <value>, ...
     Call <function>[ and <function>]. </think> <tool_call>...</tool_call> [<tool_call>...]
     <tool_response>{"result": "..."}</tool_response> ...
     <think> <function> returned <result>. ... </think>
     Answer: <function>: <result>; ...
     Summary: <one line>
+
+The reasoning's first line copies the requested action(s) from the request; only then comes the
+choice between calling and declining (the next line is "1. ..." or "Offered functions: ..."), so
+that choice compares the copied action with the offered names instead of being made before either
+was read (with the count of things first, the choice fell on the reasoning's first token, and the
+model declined every held-out request).
 
 The fake backends answer ``{"result": "<CODE>"}`` with a code drawn from the example's RNG, and
 the final answer copies those codes. When no offered function fits, the model says so without a
@@ -38,6 +44,13 @@ def _describe(f: Function, args: dict[str, Any]) -> str:
     if not args:
         return f"{f.action} -> {f.name} with no arguments"
     return f"{f.action} -> {f.name} with " + ", ".join(f"{k} = {value_text(v)}" for k, v in args.items())
+
+
+def _asks(calls: list[tuple[Function, dict]]) -> str:
+    """The reasoning's first line: ``"The user asks to book the hotel and to get the weather."``"""
+    actions = [f"to {f.action}" for f, _ in calls]
+    listed = actions[0] if len(actions) == 1 else ", ".join(actions[:-1]) + " and " + actions[-1]
+    return f"The user asks {listed}."
 
 
 def _call_turn(rng: random.Random, calls: list[tuple[Function, dict]], counter: list[int],
@@ -88,7 +101,7 @@ def make_single(rng: random.Random, level: int, split: str) -> Example:
     f = pick(rng, funcs)
     args = random_arguments(rng, f, split, optional_rate=_optional_rate(level))
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": request(rng, f, args)}]
-    turn, _ = _call_turn(rng, [(f, args)], [0], "The user asks for 1 thing.")
+    turn, _ = _call_turn(rng, [(f, args)], [0], _asks([(f, args)]))
     return _finish("fc_single", level, split, funcs, messages + turn, [(f, args)], 2)
 
 
@@ -104,7 +117,7 @@ def make_parallel(rng: random.Random, level: int, split: str) -> Example:
     joiner = pick(rng, (" Also, ", " And ", " Then also: ", " In addition, "))
     text = parts[0] + "." + "".join(joiner + p[0].lower() + p[1:] + "." for p in parts[1:])
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": text}]
-    turn, _ = _call_turn(rng, calls, [0], f"The user asks for {n} things.")
+    turn, _ = _call_turn(rng, calls, [0], _asks(calls))
     return _finish("fc_parallel", level, split, funcs, messages + turn, calls, 2)
 
 
@@ -132,7 +145,7 @@ def make_multiturn(rng: random.Random, level: int, split: str) -> Example:
     args = random_arguments(rng, f, split, optional_rate=_optional_rate(level))
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": request(rng, f, args)}]
     counter = [0]
-    turn, _ = _call_turn(rng, [(f, args)], counter, "The user asks for 1 thing.")
+    turn, _ = _call_turn(rng, [(f, args)], counter, _asks([(f, args)]))
     messages += turn
     calls = [(f, args)]
     for _ in range(1 if level < 4 else 2):
@@ -156,8 +169,8 @@ def make_multiturn(rng: random.Random, level: int, split: str) -> Example:
             args = random_arguments(rng, g, split, optional_rate=_optional_rate(level))
             ask = request(rng, g, args)
             text = pick(rng, ("Thanks. Next, ", "OK. Now ", "Also ")) + ask[0].lower() + ask[1:]
-            intro = "The user asks for 1 more thing."
             calls = [(g, args)]
+            intro = _asks(calls)
         messages.append({"role": "user", "content": text})
         prompt_len = len(messages)
         turn, _ = _call_turn(rng, calls, counter, intro)
