@@ -41,6 +41,11 @@ Since 2026-12-02 the mix also holds the fact drill (``train/synthetic/fact_drill
 about 2% of the tokens): atomic masses and unit factors recalled in the problems' own words; the
 bundled weights predate it (``bench/results/nano_drills_s17.json``).
 
+Since 2026-12-02 a function-calling turn's reasoning opens by copying the action(s) asked for, and
+only its next line chooses between calling and declining; the bundled weights predate that too
+(``bench/results/nano_fc_format_s20.json``: a full run on it, 44 min 13 s, matched the old
+format's figures).
+
 The tokenizer is the bundled checkpoint's (8,604 pieces, trained by ``train/nano_tokenizer.py`` at
 commit 5bbc1e5; at HEAD that trainer fills 10,240 pieces, more than the 8,768 rows here):
 
