@@ -221,19 +221,17 @@ def test_function_calling_reasoning_copies_the_request_before_choosing(task):
     for level in range(1, 6):
         for seed in range(6):
             ex = generate(task, level=level, seed=seed, split="heldout")
-            first = [m["reasoning_content"] for m in ex.messages if m["role"] == "assistant" and m.get("tool_calls")
-                     or m["role"] == "assistant" and task == "fc_none"]
-            assert first
-            last = first[-1].split("\n")
-            if "with" in last[0] and "changed" in last[0]:  # a multi-turn repeat names the earlier call
-                assert last[0].startswith("The user asks to repeat ")
+            opening = [m["reasoning_content"] for m in ex.messages
+                       if m["role"] == "assistant" and (m.get("tool_calls") or task == "fc_none")]
+            first_line, second_line = opening[-1].split("\n")[:2]
+            if first_line.startswith("The user asks to repeat "):  # a multi-turn follow-up names the call
                 continue
             wanted = [c["name"] for c in ex.meta["calls"]]
-            assert last[0].startswith("The user asks to ")
+            assert first_line.startswith("The user asks to ")
             if task == "fc_none":
-                assert last[1].startswith("Offered functions: ")
-            else:
-                assert last[1].startswith("1. ") and len(last[0].split(" to ")) == len(wanted) + 1
-                for name in wanted:
-                    verb, obj = name.split("_", 1)
-                    assert f"to {verb} the {obj.replace('_', ' ')}" in last[0]
+                assert second_line.startswith("Offered functions: ")
+                continue
+            assert second_line.startswith("1. ") and first_line.count(" to ") == len(wanted)
+            for name in wanted:
+                verb, obj = name.split("_", 1)
+                assert f"to {verb} the {obj.replace('_', ' ')}" in first_line

@@ -12,9 +12,10 @@ Reasoning scheme (regular on purpose)::
 
 The reasoning's first line copies the requested action(s) from the request; only then comes the
 choice between calling and declining (the next line is "1. ..." or "Offered functions: ..."), so
-that choice compares the copied action with the offered names instead of being made before either
-was read (with the count of things first, the choice fell on the reasoning's first token, and the
-model declined every held-out request).
+that choice can compare the copied action with the offered names instead of being the reasoning's
+first token, made before the request was read into it (as when the first line counted the things
+asked for). Measured on a full nano run: the choice about as often right as before, teacher-forced
+(``bench/results/nano_fc_format_s20.json``); what fails first is writing unseen words' rare pieces.
 
 The fake backends answer ``{"result": "<CODE>"}`` with a code drawn from the example's RNG, and
 the final answer copies those codes. When no offered function fits, the model says so without a
