@@ -132,7 +132,7 @@ def make_none(rng: random.Random, level: int, split: str) -> Example:
     answer = f"I cannot {other.action}: none of the available functions does that."
     summary = f"No offered function can {other.action}, so no call was made."
     messages.append({"role": "assistant",
-                     "reasoning_content": f"The user asks to {other.action}.\nOffered functions: {offered}.\n"
+                     "reasoning_content": f"{_asks([(other, args)])}\nOffered functions: {offered}.\n"
                                           f"None of them can {other.action}, so I make no call.",
                      "content": f"Answer: {answer}\nSummary: {summary}"})
     return Example(messages=messages, tools=[f.schema() for f in funcs],
