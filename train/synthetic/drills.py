@@ -12,9 +12,11 @@ problems, and no tools (so no tools header).
 
 from __future__ import annotations
 
+import json
 import random
 
 from train.synthetic.example import SYSTEM_PROMPT, Example
+from train.synthetic.function_pool import HELDOUT_WORDS, fresh_word
 from train.synthetic.problem import pick, rand_decimal, rand_digits
 
 _ORD = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh")  # k <= 2 + level <= 7
@@ -51,6 +53,78 @@ def make_copy(rng: random.Random, level: int, split: str) -> Example:
     reasoning = f"Task: copy.\nGiven: {given}.\nPlan: {plan}\nSo the answer is {answer}."
     summary = f"Copied {k} numbers." if kind != "pick" else f"Read the {_ORD[i]} number: {answer}."
     return drill_example("copy", level, split, question, reasoning, answer, summary)
+
+
+# English letter frequencies (per mille, rounded), for letter strings that cut into the short
+# pieces no word list reaches.
+_LETTERS = "etaoinshrdlcumwfgypbvkjxqz"
+_LETTER_WEIGHTS = (127, 91, 82, 75, 70, 67, 63, 61, 60, 43, 40, 28, 28, 24, 24, 22, 20, 20, 19, 15, 10, 8, 2, 2, 1, 1)
+_WORD_FORMS = ("repeat", "reverse", "pick", "quote", "join")
+
+
+def _letters(rng: random.Random) -> str:
+    return "".join(rng.choices(_LETTERS, _LETTER_WEIGHTS, k=rng.randint(3, 8)))
+
+
+def _fragment(rng: random.Random) -> str:
+    """A piece of a train-split word (``"nvel"`` of "envelope"): the pieces inside words, which
+    whole words seldom make the model write."""
+    word = fresh_word(rng, pick(rng, ("noun", "verb")))
+    n = rng.randint(2, max(2, len(word) - 1))
+    i = rng.randint(0, len(word) - n)
+    return word[i:i + n]
+
+
+def drill_word(rng: random.Random) -> str:
+    """A word to copy: a train-split function word (made up or common English, sometimes
+    inflected), one or two fragments of such words, a string of letters, or a capitalised name or
+    upper-case code made of those; never a held-out word."""
+    while True:
+        r = rng.random()
+        if r < 0.4:
+            word = fresh_word(rng, pick(rng, ("noun", "verb")))
+        elif r < 0.8:
+            word = "".join(_fragment(rng) for _ in range(rng.randint(1, 2)))
+        else:
+            word = _letters(rng)
+        if rng.random() < 0.25:
+            word = word.upper()[:rng.randint(2, 4)] if rng.random() < 0.3 else word.capitalize()
+        if word.lower() not in HELDOUT_WORDS:
+            return word
+
+
+def make_word_copy(rng: random.Random, level: int, split: str) -> Example:
+    """One word drill: repeat the words, reverse them, name the k-th one, write them as a JSON list
+    or join them into one snake_case name."""
+    k = rng.randint(2, 2 + level)
+    words = [drill_word(rng) for _ in range(k)]
+    listed = ", ".join(words)
+    kind = pick(rng, _WORD_FORMS)
+    if kind == "repeat":
+        question = pick(rng, ("Copy these words exactly: {l}.", "Repeat after me: {l}.",
+                              "Write these words back: {l}.")).format(l=listed)
+        answer, plan = listed, "Write the words in the same order."
+    elif kind == "reverse":
+        question = pick(rng, ("Write these words in reverse order: {l}.", "Reverse this list: {l}.")).format(l=listed)
+        answer, plan = ", ".join(reversed(words)), "Write the words from last to first."
+    elif kind == "pick":
+        i = rng.randrange(k)
+        question = pick(rng, ("Which is the {o} word in {l}?", "In the list {l}, what is the {o} word?")
+                        ).format(o=_ORD[i], l=listed)
+        answer, plan = words[i], f"Take word {i + 1} of the list."
+    elif kind == "quote":
+        question = pick(rng, ("Write these words as a JSON list: {l}.", "Quote each of these words: {l}.")
+                        ).format(l=listed)
+        answer, plan = json.dumps(words), "Write each word in quotes, in order."
+    else:  # a function's name from the words of a request: "archive the parcel" -> archive_parcel
+        words = words[:3]
+        question = pick(rng, ("Join these words into one name: {s}.", "Make a snake_case name of: {s}.")
+                        ).format(s=" ".join(words))
+        answer, plan = "_".join(w.lower() for w in words), "Join the words with underscores, in lower case."
+    given = "; ".join(f"w{j + 1} = {w}" for j, w in enumerate(words))
+    reasoning = f"Task: copy.\nGiven: {given}.\nPlan: {plan}\nSo the answer is {answer}."
+    summary = f"Read the {_ORD[i]} word: {answer}." if kind == "pick" else f"Copied {len(words)} words."
+    return drill_example("words", level, split, question, reasoning, answer, summary)
 
 
 def drill_example(task: str, level: int, split: str, question: str, reasoning: str, answer: str,

@@ -86,7 +86,7 @@ def invented_word(rng: random.Random) -> str:
         core = "".join(_syllable(rng) for _ in range(pick(rng, (1, 1, 2, 2, 3))))
         suffix = pick(rng, _SUFFIXES) if rng.random() < 0.4 else ""
         word = prefix + core + suffix
-        if 3 <= len(word) <= 14 and word not in _HELDOUT_WORDS:
+        if 3 <= len(word) <= 14 and word not in HELDOUT_WORDS:
             return word
 
 
@@ -111,7 +111,7 @@ def fresh_word(rng: random.Random, part: str = "noun") -> str:
     if rng.random() < 0.5:
         return invented_word(rng)
     word = pick(rng, _ENGLISH[part])
-    if rng.random() < 1 / 3 and (bent := inflect(word, part, rng)) not in _HELDOUT_WORDS:
+    if rng.random() < 1 / 3 and (bent := inflect(word, part, rng)) not in HELDOUT_WORDS:
         return bent
     return word
 
@@ -154,14 +154,14 @@ PARAMS: dict[str, tuple[tuple[str, str, Any], ...]] = {
 
 
 # Every word of the held-out vocabulary: names, parameter names, enum and string values.
-_HELDOUT_WORDS = frozenset(
+HELDOUT_WORDS = frozenset(
     w for pool in (VERBS["heldout"], OBJECTS["heldout"]) for name in pool for w in name.split("_")
 ) | frozenset(w.lower() for pool in (_CITIES, _PEOPLE, _NOTES) for v in pool["heldout"] for w in v.split()) | frozenset(
     w.lower() for name, kind, source in PARAMS["heldout"]
     for w in name.split("_") + (list(source) if kind == "enum" else []))
 # The English words drawn for the train split: the lexicon less the held-out vocabulary.
-_ENGLISH = {"verb": tuple(w for w in lexicon.VERBS if w not in _HELDOUT_WORDS),
-            "noun": tuple(w for w in lexicon.NOUNS if w not in _HELDOUT_WORDS)}
+_ENGLISH = {"verb": tuple(w for w in lexicon.VERBS if w not in HELDOUT_WORDS),
+            "noun": tuple(w for w in lexicon.NOUNS if w not in HELDOUT_WORDS)}
 
 
 @dataclasses.dataclass(frozen=True)

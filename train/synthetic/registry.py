@@ -64,6 +64,7 @@ TASKS: dict[str, Task] = {
         Task("fc_multiturn", "tools", fc.make_multiturn),
         Task("summarize", "summary", summaries.make_summary),
         Task("copy", "drill", drills.make_copy),
+        Task("words", "drill", drills.make_word_copy),
         Task("facts", "drill", fact_drills.make_facts),
         Task("image_text", "vision", _pictured("make_text_image")),
         Task("image_table", "vision", _pictured("make_table_image")),
