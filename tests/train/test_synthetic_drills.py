@@ -47,3 +47,36 @@ def test_unit_facts_read_the_same_in_a_drill_and_a_conversion():
             assert (dim, unit) in FACT_UNITS and unit_fact(dim, unit) in p.plan, (unit, p.plan)
             stated.add(unit)
     assert stated == {u for _, u in FACT_UNITS}  # the drill asks exactly the facts plans state
+
+
+def test_word_drills_ask_back_unseen_kinds_of_words_in_every_form():
+    """Every form (repeat, reverse, pick, JSON list, snake_case name) writes back the question's
+    own words, checked as exact text; no held-out function word is ever one of them."""
+    import json
+
+    from train.synthetic.function_pool import HELDOUT_WORDS
+
+    forms = set()
+    for level in LEVELS:
+        for seed in range(80):
+            ex = generate("words", level=level, seed=seed)
+            question, answer = ex.messages[1]["content"], ex.meta["answer"]
+            given = ex.messages[-1]["reasoning_content"].split("\n")[1].removeprefix("Given: ").rstrip(".")
+            words = [part.split(" = ", 1)[1] for part in given.split("; ")]
+            assert not {w.lower() for w in words} & HELDOUT_WORDS
+            assert all(w in question for w in words)
+            if answer.startswith("["):
+                forms.add("quote")
+                assert json.loads(answer) == words
+            elif "_" in answer and " " not in answer:
+                forms.add("join")
+                assert answer == "_".join(w.lower() for w in words)
+            elif ", " in answer:
+                forms.add("repeat" if answer.split(", ") == words else "reverse")
+                assert answer.split(", ") in (words, words[::-1])
+            else:
+                forms.add("pick")
+                assert answer in words
+            assert check_answer(ex, ex.messages[-1]["content"])
+            assert not check_answer(ex, ex.messages[-1]["content"].replace(answer, answer + "s", 1))
+    assert forms == {"repeat", "reverse", "pick", "quote", "join"}

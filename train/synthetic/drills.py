@@ -8,6 +8,16 @@ alone only slowly. A drill is short and almost all copying: a handful of numbers
 sizes, asked back in the same or reverse order, or one of them by its position, with the same
 reasoning scheme (``Task`` / ``Given`` / ``Plan``) and ``Answer`` / ``Summary`` lines as the
 problems, and no tools (so no tools header).
+
+The word drill (``make_word_copy``) is the same for words: function calling copies the words of
+a request into a function's name and its arguments, and a held-out request's words are ones the
+model never saw. Held-out calls read by hand came out re-spelled ("reerve" for "reserve", "mo
+moly" for "modify") already where the reasoning copies the action from the request, while
+numbers, drilled, are copied right. So the drill's words are never-seen strings of the same kinds:
+made-up and common English words of the train split, fragments of them, letter strings,
+capitalised names and upper-case codes; asked back as a list, reversed, one by position, as a
+JSON list (the unspaced form a call's strings take) or joined into one snake_case name (a
+request's words into a function's name).
 """
 
 from __future__ import annotations

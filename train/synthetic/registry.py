@@ -33,8 +33,9 @@ class Task:
       suite: "stem" (a problem with an answer; works with and without tools), "tools"
         (function calling over random schemas; tools always offered) or "summary" (summarising
         a STEM example's reasoning in one line, answered without thinking; no tools) or "drill"
-        (training only, no tools: copying numbers back, the skill under every STEM answer; recalling
-        the atomic masses and unit factors problems state) or
+        (training only, no tools: copying numbers back, the skill under every STEM answer; copying
+        never-seen words back, the skill under every function call; recalling the atomic masses
+        and unit factors problems state) or
         "vision" (a STEM problem shown as a picture, ``train/synthetic/images.py``; with and
         without tools like stem; only for models with a vision tower, so never in a default mix)
         or "reading" (a picture of a few numbers or a price, read back verbatim: the vision
