@@ -89,6 +89,8 @@ class DataConfig:
         (low, medium, high, auto; None for no hint) each stem and function-calling example is
         asked at, its reasoning as long as the effort asks (``train/synthetic/problem.py``).
         None: no effort hints (every trace in full).
+      piece_dropout: for the synthetic source, the probability that a token of the encoded text
+        is split into two vocabulary pieces that spell it (``train/piece_dropout.py``); 0: none.
     """
 
     source: str = "toy"
@@ -104,6 +106,7 @@ class DataConfig:
     image_tokens: int | None = None
     max_images: int | None = None
     efforts: tuple[tuple[str | None, float], ...] | None = None
+    piece_dropout: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)

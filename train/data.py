@@ -37,6 +37,7 @@ from kestrel.errors import KestrelError
 from train.curriculum import Curriculum
 from train.image_tokens import check_tokenizer_matches_tower, expand_images, has_vision_tower, image_token_ids
 from train.packing import PackStats, TokenizedExample, pack_batch, tokenize_segments
+from train.piece_dropout import DroppingEncoder, PieceDropout
 from train.synthetic import IMAGE_TASKS, SUITES, Example, mixture_at, render_kestrel, render_session, task_weights
 from train.synthetic.registry import check_efforts
 
@@ -80,6 +81,10 @@ class SyntheticDataConfig:
       efforts: ``((effort, weight), ...)``: the reasoning effort each stem, vision and
         function-calling example is asked at (``train.synthetic.mixture``; the effort ``None``:
         no hint); None: no hints at all. A session's problems share the first one's effort.
+      piece_dropout: the probability that a token of the encoded text is split into two
+        vocabulary pieces that spell it (and each half again; ``train/piece_dropout.py``), so
+        that pieces the plain encoding never produces are trained too; 0 (the default) encodes
+        plainly. Drawn from the batch's seed: a batch stays a function of its step.
     """
 
     tokenizer: str
@@ -96,6 +101,7 @@ class SyntheticDataConfig:
     num_workers: int = 0
     image_tokens: int = 64
     efforts: tuple[tuple[str | None, float], ...] | None = None
+    piece_dropout: float = 0.0
 
     def __post_init__(self):
         if self.batch_size < 1 or self.seq_len < 2:
@@ -112,6 +118,8 @@ class SyntheticDataConfig:
             raise ValueError("num_threads, prefetch and num_workers must be >= 0")
         if self.image_tokens < 1:
             raise ValueError(f"image_tokens must be >= 1, got {self.image_tokens}")
+        if not 0.0 <= self.piece_dropout < 1.0:
+            raise ValueError(f"piece_dropout must be in [0, 1), got {self.piece_dropout}")
         if self.efforts is not None:
             efforts = tuple(dict(self.efforts).items())
             check_efforts(dict(efforts))
@@ -140,15 +148,26 @@ class BatchBuilder:
     def __init__(self, config: SyntheticDataConfig):
         self.config = config
         self._tokenizer = None
+        self._dropout = None
 
     def __getstate__(self) -> dict:
-        return {"config": self.config, "_tokenizer": None}
+        return {"config": self.config, "_tokenizer": None, "_dropout": None}
 
     @property
     def tokenizer(self):
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(self.config.tokenizer)
         return self._tokenizer
+
+    def encoder(self, step: int):
+        """What batch `step`'s text is encoded with: the tokenizer, or with piece dropout on, the
+        tokenizer followed by dropout drawn from the step's own seed."""
+        if not self.config.piece_dropout:
+            return self.tokenizer
+        if self._dropout is None:
+            self._dropout = PieceDropout(self.tokenizer, self.config.piece_dropout)
+        rng = np.random.default_rng(stream_seed(self.config.seed, step, tag="piece_dropout"))
+        return DroppingEncoder(self.tokenizer, self._dropout, rng)
 
     def examples(self, step: int) -> Iterator[Example]:
         """The endless example stream batch `step` is packed from."""
@@ -198,13 +217,14 @@ class BatchBuilder:
 
         with_images = self.config.with_images
         image_ids = image_token_ids(self.tokenizer) if with_images else None
+        encoder = self.encoder(step)
 
         def tokenized() -> Iterator[TokenizedExample]:
             for group in self.conversations(step):
                 seen.append(group)
                 segs = (render_session(group) if len(group) > 1
                         else render_kestrel(group[0], train_history=self.config.train_history))
-                ex = tokenize_segments(self.tokenizer, segs)
+                ex = tokenize_segments(encoder, segs)
                 if with_images:
                     ex = expand_images(ex, [png for e in group for png in e.images], *image_ids,
                                        self.config.image_tokens)
@@ -321,7 +341,8 @@ def synthetic_batches(run_config) -> SyntheticBatches:
         curriculum=curriculum, tasks=tuple(dict(data.tasks).items()) if data.tasks else None,
         tools_fraction=data.tools_fraction, session_size=data.session_size,
         num_threads=getattr(data, "num_threads", 1), num_workers=getattr(data, "num_workers", 0),
-        image_tokens=image_tokens or 64, efforts=getattr(data, "efforts", None))
+        image_tokens=image_tokens or 64, efforts=getattr(data, "efforts", None),
+        piece_dropout=getattr(data, "piece_dropout", 0.0))
     if config.with_images and tower is None:
         raise KestrelError("data.tasks include image tasks but the model has no vision tower "
                            "(model.vision is unset); drop them or train a model that takes images")

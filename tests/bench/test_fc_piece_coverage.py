@@ -25,3 +25,9 @@ def test_shares_are_shares_and_fall_with_more_training_examples():
         assert 0 <= result["rare_target_share"] <= 1 and 0 <= result["calls_without_rare_tokens"] <= 1
         assert result["heldout_calls"] >= 6
     assert more["rare_target_share"] < few["rare_target_share"]
+
+
+def test_piece_dropout_in_training_text_leaves_fewer_held_out_tokens_rare():
+    plain, dropped = (measure("configs/nano.py", 600, heldout=12, rare=3, piece_dropout=p) for p in (0.0, 0.2))
+    assert dropped["piece_dropout"] == 0.2
+    assert dropped["rare_target_share"] < plain["rare_target_share"]
