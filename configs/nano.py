@@ -46,6 +46,12 @@ only its next line chooses between calling and declining; the bundled weights pr
 (``bench/results/nano_fc_format_s20.json``: a full run on it, 44 min 13 s, matched the old
 format's figures).
 
+Since 2026-12-02 the mix also holds the word drill (``words`` in ``train/synthetic/drills.py``,
+weight 2 like the number drill): fresh strings copied back, reversed, picked, quoted or joined
+into a snake_case name. On a full run it wrote held-out function names right about four times as
+often, but called on most no-call requests (``bench/results/nano_word_drill_s21.json``); the
+bundled weights predate it.
+
 The tokenizer is the bundled checkpoint's (8,604 pieces, trained by ``train/nano_tokenizer.py`` at
 commit 5bbc1e5; at HEAD that trainer fills 10,240 pieces, more than the 8,768 rows here):
 
