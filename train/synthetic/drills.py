@@ -44,25 +44,42 @@ def make_copy(rng: random.Random, level: int, split: str) -> Example:
     """One drill: repeat the numbers, reverse them, or name the k-th one."""
     k = rng.randint(2, 2 + level)
     nums = [random_number(rng, level) for _ in range(k)]
-    listed = ", ".join(nums)
-    kind = rng.choice(("repeat", "reverse", "pick"))
+    return _ask_back(rng, "copy", level, split, nums, "number", ("repeat", "reverse", "pick"))
+
+
+def _ask_back(rng: random.Random, task: str, level: int, split: str, items: list[str], noun: str,
+              forms: tuple[str, ...]) -> Example:
+    """A drill on `items` (each a `noun`: number or word) in one of `forms`: repeat them, reverse
+    them, name the k-th one, write them as a JSON list (quote) or join them into one snake_case
+    name (join: a request's words into a function's name, "archive the parcel" -> archive_parcel)."""
+    listed = ", ".join(items)
+    kind = pick(rng, forms)
     if kind == "repeat":
-        question = pick(rng, ("Copy these numbers exactly: {l}.", "Repeat after me: {l}.",
-                              "Write these numbers back: {l}.")).format(l=listed)
-        answer, plan = listed, "Write the numbers in the same order."
+        question = pick(rng, (f"Copy these {noun}s exactly: {{l}}.", "Repeat after me: {l}.",
+                              f"Write these {noun}s back: {{l}}.")).format(l=listed)
+        answer, plan = listed, f"Write the {noun}s in the same order."
     elif kind == "reverse":
-        question = pick(rng, ("Write these numbers in reverse order: {l}.",
-                              "Reverse this list: {l}.")).format(l=listed)
-        answer, plan = ", ".join(reversed(nums)), "Write the numbers from last to first."
-    else:
-        i = rng.randrange(k)
-        question = pick(rng, ("Which is the {o} number in {l}?", "In the list {l}, what is the {o} number?")
+        question = pick(rng, (f"Write these {noun}s in reverse order: {{l}}.", "Reverse this list: {l}.")
+                        ).format(l=listed)
+        answer, plan = ", ".join(reversed(items)), f"Write the {noun}s from last to first."
+    elif kind == "pick":
+        i = rng.randrange(len(items))
+        question = pick(rng, (f"Which is the {{o}} {noun} in {{l}}?", f"In the list {{l}}, what is the {{o}} {noun}?")
                         ).format(o=_ORD[i], l=listed)
-        answer, plan = nums[i], f"Take number {i + 1} of the list."
-    given = "; ".join(f"n{j + 1} = {n}" for j, n in enumerate(nums))
+        answer, plan = items[i], f"Take {noun} {i + 1} of the list."
+    elif kind == "quote":
+        question = pick(rng, (f"Write these {noun}s as a JSON list: {{l}}.", f"Quote each of these {noun}s: {{l}}.")
+                        ).format(l=listed)
+        answer, plan = json.dumps(items), f"Write each {noun} in quotes, in order."
+    else:
+        items = items[:3]
+        question = pick(rng, (f"Join these {noun}s into one name: {{s}}.", "Make a snake_case name of: {s}.")
+                        ).format(s=" ".join(items))
+        answer, plan = "_".join(x.lower() for x in items), f"Join the {noun}s with underscores, in lower case."
+    given = "; ".join(f"{noun[0]}{j + 1} = {x}" for j, x in enumerate(items))
     reasoning = f"Task: copy.\nGiven: {given}.\nPlan: {plan}\nSo the answer is {answer}."
-    summary = f"Copied {k} numbers." if kind != "pick" else f"Read the {_ORD[i]} number: {answer}."
-    return drill_example("copy", level, split, question, reasoning, answer, summary)
+    summary = f"Read the {_ORD[i]} {noun}: {answer}." if kind == "pick" else f"Copied {len(items)} {noun}s."
+    return drill_example(task, level, split, question, reasoning, answer, summary)
 
 
 # English letter frequencies (per mille, rounded), for letter strings that cut into the short
@@ -108,33 +125,7 @@ def make_word_copy(rng: random.Random, level: int, split: str) -> Example:
     or join them into one snake_case name."""
     k = rng.randint(2, 2 + level)
     words = [drill_word(rng) for _ in range(k)]
-    listed = ", ".join(words)
-    kind = pick(rng, _WORD_FORMS)
-    if kind == "repeat":
-        question = pick(rng, ("Copy these words exactly: {l}.", "Repeat after me: {l}.",
-                              "Write these words back: {l}.")).format(l=listed)
-        answer, plan = listed, "Write the words in the same order."
-    elif kind == "reverse":
-        question = pick(rng, ("Write these words in reverse order: {l}.", "Reverse this list: {l}.")).format(l=listed)
-        answer, plan = ", ".join(reversed(words)), "Write the words from last to first."
-    elif kind == "pick":
-        i = rng.randrange(k)
-        question = pick(rng, ("Which is the {o} word in {l}?", "In the list {l}, what is the {o} word?")
-                        ).format(o=_ORD[i], l=listed)
-        answer, plan = words[i], f"Take word {i + 1} of the list."
-    elif kind == "quote":
-        question = pick(rng, ("Write these words as a JSON list: {l}.", "Quote each of these words: {l}.")
-                        ).format(l=listed)
-        answer, plan = json.dumps(words), "Write each word in quotes, in order."
-    else:  # a function's name from the words of a request: "archive the parcel" -> archive_parcel
-        words = words[:3]
-        question = pick(rng, ("Join these words into one name: {s}.", "Make a snake_case name of: {s}.")
-                        ).format(s=" ".join(words))
-        answer, plan = "_".join(w.lower() for w in words), "Join the words with underscores, in lower case."
-    given = "; ".join(f"w{j + 1} = {w}" for j, w in enumerate(words))
-    reasoning = f"Task: copy.\nGiven: {given}.\nPlan: {plan}\nSo the answer is {answer}."
-    summary = f"Read the {_ORD[i]} word: {answer}." if kind == "pick" else f"Copied {len(words)} words."
-    return drill_example("words", level, split, question, reasoning, answer, summary)
+    return _ask_back(rng, "words", level, split, words, "word", _WORD_FORMS)
 
 
 def drill_example(task: str, level: int, split: str, question: str, reasoning: str, answer: str,
