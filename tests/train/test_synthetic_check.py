@@ -2,6 +2,7 @@
 
 import copy
 import json
+import re
 
 import jsonschema
 import pytest
@@ -215,23 +216,34 @@ def test_function_calling_examples_offer_one_to_five_functions(task):
 
 
 @pytest.mark.parametrize("task", SUITES["tools"])
-def test_function_calling_reasoning_copies_the_request_before_choosing(task):
-    """Each turn's reasoning opens with the action(s) asked for, the same words for a call and a
-    refusal, so the choice between them comes only after the request has been copied."""
+def test_function_calling_reasoning_copies_the_request_then_looks_up_the_needed_names(task):
+    """Each turn's reasoning opens with the action(s) asked for, then the quoted name each needs
+    and whether it is offered, the same lines for a call and a refusal, so the choice between them
+    is the token right after a name that the tool list holds or does not."""
+    near_misses = 0
     for level in range(1, 6):
-        for seed in range(6):
+        for seed in range(12):
             ex = generate(task, level=level, seed=seed, split="heldout")
+            offered = [t["function"]["name"] for t in ex.tools]
             opening = [m["reasoning_content"] for m in ex.messages
                        if m["role"] == "assistant" and (m.get("tool_calls") or task == "fc_none")]
-            first_line, second_line = opening[-1].split("\n")[:2]
+            first_line, second_line, third_line = opening[-1].split("\n")[:3]
             if first_line.startswith("The user asks to repeat "):  # a multi-turn follow-up names the call
                 continue
-            wanted = [c["name"] for c in ex.meta["calls"]]
-            assert first_line.startswith("The user asks to ")
-            if task == "fc_none":
-                assert second_line.startswith("Offered functions: ")
-                continue
-            assert second_line.startswith("1. ") and first_line.count(" to ") == len(wanted)
-            for name in wanted:
+            assert first_line.startswith("The user asks to ") and second_line.startswith("Needed: ")
+            needed = re.findall(r'"(\w+)" \((offered|not offered)\)', second_line)
+            assert len(needed) == first_line.count(" to ")
+            for name, mark in needed:
                 verb, obj = name.split("_", 1)
                 assert f"to {verb} the {obj.replace('_', ' ')}" in first_line
+                assert (mark == "offered") == (name in offered)
+            if task == "fc_none":
+                assert third_line.startswith("Offered functions: ") and len(needed) == 1
+                name = needed[0][0]
+                near_misses += any(name.split("_", 1)[0] == o.split("_", 1)[0] or
+                                   name.split("_", 1)[1] == o.split("_", 1)[1] for o in offered)
+                continue
+            assert [n for n, _ in needed] == [c["name"] for c in ex.meta["calls"]]
+            assert third_line.startswith("1. ")
+    if task == "fc_none":
+        assert 20 <= near_misses <= 50  # about half of 60, plus chance ones

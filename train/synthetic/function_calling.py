@@ -3,6 +3,7 @@
 Reasoning scheme (regular on purpose)::
 
     <think> The user asks to <action>[ and to <action>].
+    Needed: "<function>" (offered)[, "<function>" (offered)].
     1. <action> -> <function> with <arg> = <value>, ...
     Call <function>[ and <function>]. </think> <tool_call>...</tool_call> [<tool_call>...]
     <tool_response>{"result": "..."}</tool_response> ...
@@ -10,12 +11,16 @@ Reasoning scheme (regular on purpose)::
     Answer: <function>: <result>; ...
     Summary: <one line>
 
-The reasoning's first line copies the requested action(s) from the request; only then comes the
-choice between calling and declining (the next line is "1. ..." or "Offered functions: ..."), so
-that choice can compare the copied action with the offered names instead of being the reasoning's
-first token, made before the request was read into it (as when the first line counted the things
-asked for). Measured on a full nano run: the choice about as often right as before, teacher-forced
-(``bench/results/nano_fc_format_s20.json``); what fails first is writing unseen words' rare pieces.
+The reasoning's first line copies the requested action(s) from the request; the second writes the
+name each action needs, quoted as the tool list quotes names (so its tokens are the very tokens of
+an offered function's ``"name": "<function>"``), and right after each name says whether it is
+offered. A declined request writes the same two lines with ``(not offered)``. The choice between
+calling and declining is so made by one token right after a name that either occurs in the tool
+list or does not, a look-up an induction head does, instead of by comparing the request with the
+whole tool list at once (on a full run, whether a call was made followed the run's prior, not the
+offered functions: ``bench/results/nano_word_drill_s21.json``). Half the declined requests are near
+misses, sharing the verb or the object with an offered function, so the look-up must match the
+whole name.
 
 The fake backends answer ``{"result": "<CODE>"}`` with a code drawn from the example's RNG, and
 the final answer copies those codes. When no offered function fits, the model says so without a
@@ -23,6 +28,7 @@ call. Multi-turn dialogues repeat the earlier call with one argument changed ("n
 Rome") or ask for another offered function; only the last turn's calls are in ``meta["calls"]``.
 """
 
+import dataclasses
 import json
 import random
 from typing import Any
@@ -47,11 +53,14 @@ def _describe(f: Function, args: dict[str, Any]) -> str:
     return f"{f.action} -> {f.name} with " + ", ".join(f"{k} = {value_text(v)}" for k, v in args.items())
 
 
-def _asks(calls: list[tuple[Function, dict]]) -> str:
-    """The reasoning's first line: ``"The user asks to book the hotel and to get the weather."``"""
+def _asks(calls: list[tuple[Function, dict]], offered: bool = True) -> str:
+    """The reasoning's first two lines: ``"The user asks to book the hotel and to get the weather."``
+    and ``'Needed: "book_hotel" (offered), "get_weather" (offered).'``"""
     actions = [f"to {f.action}" for f, _ in calls]
     listed = actions[0] if len(actions) == 1 else ", ".join(actions[:-1]) + " and " + actions[-1]
-    return f"The user asks {listed}."
+    mark = "(offered)" if offered else "(not offered)"
+    needed = ", ".join(f'"{f.name}" {mark}' for f, _ in calls)
+    return f"The user asks {listed}.\nNeeded: {needed}."
 
 
 def _call_turn(rng: random.Random, calls: list[tuple[Function, dict]], counter: list[int],
@@ -122,17 +131,33 @@ def make_parallel(rng: random.Random, level: int, split: str) -> Example:
     return _finish("fc_parallel", level, split, funcs, messages + turn, calls, 2)
 
 
+def _near_miss(rng: random.Random, split: str, funcs: list[Function]) -> Function:
+    """A function not offered that shares its verb or its object with an offered one."""
+    names = {f.name for f in funcs}
+    while True:
+        base = pick(rng, funcs)
+        other = random_function(rng, split, rng.randint(1, 3), avoid=names)
+        other = dataclasses.replace(other, verb=base.verb) if rng.random() < 0.5 else \
+            dataclasses.replace(other, obj=base.obj)
+        if other.name not in names:
+            return other
+
+
 def make_none(rng: random.Random, level: int, split: str) -> Example:
-    """A request no offered function can serve: the model explains and makes no call."""
+    """A request no offered function can serve (half the time a near miss of one that is): the
+    model explains and makes no call."""
     funcs = _functions(rng, level, split, min(5, level + rng.randint(0, 1)))
-    other = random_function(rng, split, rng.randint(1, 3), avoid={f.name for f in funcs})
+    if rng.random() < 0.5:
+        other = _near_miss(rng, split, funcs)
+    else:
+        other = random_function(rng, split, rng.randint(1, 3), avoid={f.name for f in funcs})
     args = random_arguments(rng, other, split, optional_rate=1.0)
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": request(rng, other, args)}]
     offered = ", ".join(f.name for f in funcs)
     answer = f"I cannot {other.action}: none of the available functions does that."
     summary = f"No offered function can {other.action}, so no call was made."
     messages.append({"role": "assistant",
-                     "reasoning_content": f"{_asks([(other, args)])}\nOffered functions: {offered}.\n"
+                     "reasoning_content": f"{_asks([(other, args)], offered=False)}\nOffered functions: {offered}.\n"
                                           f"None of them can {other.action}, so I make no call.",
                      "content": f"Answer: {answer}\nSummary: {summary}"})
     return Example(messages=messages, tools=[f.schema() for f in funcs],
