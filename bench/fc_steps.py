@@ -1,0 +1,114 @@
+"""Function calling scored step by step: where, on held-out requests, a call goes wrong first.
+
+``kestrel eval --suite tools`` scores whole calls; a tiny model that gets few of them right shows
+there only *that* it fails. This bench plays the first turn of held-out single-call and no-call
+requests (greedy, the generator's ``heldout`` split: function names, parameters and values never
+trained on, levels 1-5 in turn, effort high) and scores each step the reasoning scheme of
+``train/synthetic/function_calling.py`` takes in order:
+
+- ``action``: the reasoning's first line (the action copied from the request) is the reference's;
+- ``needed``: the second line (the quoted name the action needs and whether it is offered) is the
+  reference's (0 for a checkpoint trained before that line existed);
+- ``called``: the turn holds a tool call, per request kind: the choice, right when 1.0 on
+  ``fc_single`` and 0.0 on ``fc_none`` (``near_miss``: the no-call requests whose needed name
+  shares its verb or object with an offered one, ``far``: the rest);
+- ``name``: for single calls, the call names the wanted function.
+
+    python bench/fc_steps.py CKPT [--n 40] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+TASKS = ("fc_single", "fc_none")
+SEED_TAG = "fc_steps"
+
+
+def _lines(reasoning: str) -> list[str]:
+    return [line.strip() for line in reasoning.replace("<think>", "\n").replace("</think>", "\n").split("\n")
+            if line.strip()]
+
+
+def _near_miss(example) -> bool:
+    """The no-call request's function shares its verb or its object with an offered one."""
+    wanted = _lines(example.messages[2]["reasoning_content"])[1]
+    name = wanted.split('"')[1] if '"' in wanted else ""
+    if "_" not in name:
+        return False
+    verb, obj = name.split("_", 1)
+    return any(o.split("_", 1)[0] == verb or o.split("_", 1)[1] == obj
+               for o in (t["function"]["name"] for t in example.tools))
+
+
+def score_turn(example, text: str) -> dict:
+    """One first turn against its reference (``example.messages[2]``, the assistant's opening)."""
+    from train.synthetic import parse_tool_calls
+
+    want = _lines(example.messages[2]["reasoning_content"])
+    got = _lines(text.split("<tool_call>")[0])
+    row = {"action": bool(got) and got[0] == want[0],
+           "needed": len(got) > 1 and got[1] == want[1],
+           "called": "<tool_call>" in text}
+    if example.meta["calls"]:
+        names = [c.get("name") for c in parse_tool_calls(text) if isinstance(c, dict)]
+        row["name"] = example.meta["calls"][0]["name"] in names
+    return row
+
+
+def _rate(rows: list[dict], key: str) -> float | None:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return round(sum(values) / len(values), 4) if values else None
+
+
+def measure(ckpt: str, n: int, max_new_tokens: int = 160) -> dict:
+    from model.checkpoint import load_checkpoint
+    from model.generate import Generator
+    from train import eval as ev
+    from train.data import stream_seed
+    from train.synthetic import generate
+
+    model, tokenizer = load_checkpoint(ckpt)
+    policy = ev.generator_policy(Generator(model), tokenizer, max_new_tokens=max_new_tokens, batch_size=n)
+    out: dict = {"checkpoint": ckpt, "n": n, "max_new_tokens": max_new_tokens}
+    for task in TASKS:
+        convs = [ev.start(generate(task, level=1 + i % 5, seed=stream_seed(7, i, tag=SEED_TAG), split="heldout",
+                                   tools=True), "tools", tokenizer, "high") for i in range(n)]
+        ev.run_conversations(convs, policy, tokenizer, max_rounds=1)
+        rows = [score_turn(c.example, c.rounds[0]) for c in convs]
+        out[task] = {key: _rate(rows, key) for key in ("action", "needed", "called", "name")}
+        if task == "fc_none":
+            near = [r for r, c in zip(rows, convs) if _near_miss(c.example)]
+            far = [r for r, c in zip(rows, convs) if not _near_miss(c.example)]
+            out[task]["called_near_miss"] = _rate(near, "called")
+            out[task]["called_far"] = _rate(far, "called")
+            out[task]["n_near_miss"] = len(near)
+    single, none = out["fc_single"]["called"], out["fc_none"]["called"]
+    out["choice_right"] = round((single + (1 - none)) / 2, 4)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("--n", type=int, default=40, help="requests of each kind (single call, no call)")
+    parser.add_argument("--max-new-tokens", type=int, default=160)
+    parser.add_argument("--json", help="write the result here")
+    args = parser.parse_args(argv)
+    if args.n < 1:
+        parser.error(f"--n must be >= 1, got {args.n}")
+    result = measure(args.checkpoint, args.n, args.max_new_tokens)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        pathlib.Path(args.json).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""bench/fc_steps.py: a first turn written as the reference is right at every step, a turn that
+declines a request it should call (or miscopies the action) is wrong at that step only, and a
+run over the bundled kestrel-nano reports every step as a rate."""
+
+import json
+from pathlib import Path
+
+from bench.fc_steps import TASKS, measure, score_turn
+from train.synthetic import generate
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _turn(reasoning: str, calls: list[dict]) -> str:
+    text = f"<think>\n{reasoning}\n</think>\n\n"
+    return text + "\n".join(f"<tool_call>\n{json.dumps(c)}\n</tool_call>" for c in calls)
+
+
+def test_the_reference_turn_is_right_at_every_step():
+    ex = generate("fc_single", level=3, seed=4, split="heldout")
+    calls = [{"name": c["name"], "arguments": c["arguments"]} for c in ex.meta["calls"]]
+    assert score_turn(ex, _turn(ex.messages[2]["reasoning_content"], calls)) == {
+        "action": True, "needed": True, "called": True, "name": True}
+    none = generate("fc_none", level=3, seed=4, split="heldout")
+    assert score_turn(none, _turn(none.messages[2]["reasoning_content"], [])) == {
+        "action": True, "needed": True, "called": False}
+
+
+def test_a_wrong_step_is_scored_where_it_goes_wrong():
+    ex = generate("fc_single", level=2, seed=1, split="heldout")
+    lines = ex.messages[2]["reasoning_content"].split("\n")
+    declined = "\n".join([lines[0], lines[1].replace("(offered)", "(not offered)"), "So I make no call."])
+    assert score_turn(ex, _turn(declined, [])) == {"action": True, "needed": False, "called": False, "name": False}
+    miscopied = "\n".join([lines[0].replace(" the ", " a ", 1)] + lines[1:])
+    wrong_name = [{"name": "no_such_function", "arguments": {}}]
+    assert score_turn(ex, _turn(miscopied, wrong_name)) == {
+        "action": False, "needed": True, "called": True, "name": False}
+
+
+def test_bundled_model_is_scored():
+    result = measure(str(ROOT / "checkpoints" / "kestrel-nano"), n=2, max_new_tokens=4)
+    for task in TASKS:
+        assert all(v is None or 0 <= v <= 1 for k, v in result[task].items() if k != "n_near_miss")
+    assert "name" in result["fc_single"] and 0 <= result["choice_right"] <= 1
