@@ -14,6 +14,10 @@ trained on, levels 1-5 in turn, effort high) and scores each step the reasoning 
   shares its verb or object with an offered one, ``far``: the rest);
 - ``name``: for single calls, the call names the wanted function.
 
+And, teacher-forced (``lookup``): with the whole reference conversation as input, whether the
+token right after ``Needed: "<name>" (`` is ``offered`` / ``not`` as it should be, on held-out
+and on training-split requests: the look-up alone, free of the errors before it; 0.5 is chance.
+
     python bench/fc_steps.py CKPT [--n 40] [--json OUT]
 """
 
@@ -28,6 +32,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 TASKS = ("fc_single", "fc_none")
 SEED_TAG = "fc_steps"
+SEED_BASE = 20_000_000  # the teacher-forced look-up's seeds, apart from the other benches'
 
 
 def _lines(reasoning: str) -> list[str]:
@@ -66,6 +71,54 @@ def _rate(rows: list[dict], key: str) -> float | None:
     return round(sum(values) / len(values), 4) if values else None
 
 
+def decision_position(tokenizer, ids: list[int], trainable) -> int | None:
+    """The index of the first trainable ``offered`` / ``not`` token right after a ``Needed:`` line's
+    `` (``; None when the conversation has none."""
+    opening = tokenizer.encode(" (")[-1]
+    marks = {tokenizer.encode("(offered)")[1], tokenizer.encode("(not offered)")[1]}
+    needed = tokenizer.encode("Needed:")
+    start = next((j for j in range(len(ids)) if ids[j:j + len(needed)] == needed and trainable[j]), None)
+    if start is None:
+        return None
+    return next((j for j in range(start, len(ids)) if ids[j] in marks and ids[j - 1] == opening), None)
+
+
+def lookup(model, tokenizer, n: int) -> dict:
+    """Teacher-forced share of right ``offered`` / ``not`` tokens, by split and request kind."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from train.packing import tokenize_segments
+    from train.synthetic import generate, render_kestrel
+
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def argmax(tokens):
+        return jnp.argmax(nnx.merge(graphdef, state)(tokens)[0], -1)
+
+    out = {}
+    for split in ("heldout", "train"):
+        for task in TASKS:
+            right = seen = 0
+            for i in range(n):
+                ex = generate(task, level=1 + i % 5, seed=SEED_BASE + i, split=split)
+                enc = tokenize_segments(tokenizer, render_kestrel(ex))
+                ids = [int(t) for t in enc.ids]
+                k = decision_position(tokenizer, ids, enc.trainable)
+                if k is None:
+                    continue
+                width = 1 << max(k, 255).bit_length()  # a few compiled widths
+                tokens = np.zeros((1, width), np.int32)
+                tokens[0, :k] = ids[:k]
+                right += int(np.asarray(argmax(jnp.asarray(tokens)))[0, k - 1] == ids[k])
+                seen += 1
+            out[f"{split}_{task}"] = round(right / seen, 4) if seen else None
+    return out
+
+
 def measure(ckpt: str, n: int, max_new_tokens: int = 160) -> dict:
     from model.checkpoint import load_checkpoint
     from model.generate import Generator
@@ -90,6 +143,7 @@ def measure(ckpt: str, n: int, max_new_tokens: int = 160) -> dict:
             out[task]["n_near_miss"] = len(near)
     single, none = out["fc_single"]["called"], out["fc_none"]["called"]
     out["choice_right"] = round((single + (1 - none)) / 2, 4)
+    out["lookup"] = lookup(model, tokenizer, n)
     return out
 
 

@@ -5,7 +5,10 @@ run over the bundled kestrel-nano reports every step as a rate."""
 import json
 from pathlib import Path
 
-from bench.fc_steps import TASKS, measure, score_turn
+from bench.fc_steps import TASKS, decision_position, measure, score_turn
+from model.tokenizer import Tokenizer
+from train.packing import tokenize_segments
+from train.synthetic import render_kestrel
 from train.synthetic import generate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,8 +40,25 @@ def test_a_wrong_step_is_scored_where_it_goes_wrong():
         "action": False, "needed": True, "called": True, "name": False}
 
 
+def test_the_look_up_is_the_token_after_the_needed_name():
+    tokenizer = Tokenizer.load(ROOT / "checkpoints" / "kestrel-nano")
+    for task, mark in (("fc_single", "of"), ("fc_none", "not")):
+        ex = generate(task, level=2, seed=3, split="heldout")
+        enc = tokenize_segments(tokenizer, render_kestrel(ex))
+        ids = [int(t) for t in enc.ids]
+        k = decision_position(tokenizer, ids, enc.trainable)
+        assert tokenizer.id_to_token(ids[k]) == mark and enc.trainable[k]
+        name = ex.messages[2]["reasoning_content"].split("\n")[1].split('"')[1]
+        assert tokenizer.decode(ids[:k]).endswith(f'Needed: "{name}" (')
+    stem = generate("arithmetic", level=1, seed=0, split="heldout")
+    enc = tokenize_segments(tokenizer, render_kestrel(stem))
+    assert decision_position(tokenizer, [int(t) for t in enc.ids], enc.trainable) is None
+
+
 def test_bundled_model_is_scored():
     result = measure(str(ROOT / "checkpoints" / "kestrel-nano"), n=2, max_new_tokens=4)
     for task in TASKS:
         assert all(v is None or 0 <= v <= 1 for k, v in result[task].items() if k != "n_near_miss")
     assert "name" in result["fc_single"] and 0 <= result["choice_right"] <= 1
+    assert set(result["lookup"]) == {f"{s}_{t}" for s in ("heldout", "train") for t in TASKS}
+    assert all(0 <= v <= 1 for v in result["lookup"].values())
