@@ -11,6 +11,7 @@ from model.config import ModelConfig
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # 17 s cold: a benchmark's smoke test
 def test_every_part_runs_and_the_roofline_counts_weights_and_kv():
     result = main(["--shape", str(ROOT / "checkpoints" / "kestrel-nano"), "--dtype", "float32",
                    "--tokens", "4", "--batch", "2", "--runs", "1"])

@@ -3,6 +3,8 @@ bundled kestrel-nano scores every kind it meets with counts that add up."""
 
 from pathlib import Path
 
+import pytest
+
 from bench.teacher_forced import TASKS, calls_right, kinds, measure
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,6 +36,7 @@ def test_a_call_counts_only_when_every_token_of_it_is_right():
     assert calls_right(ids, prompt_call, exact, o, c) == [True]
 
 
+@pytest.mark.slow  # 15 s cold: a benchmark's smoke test; the token kinds and whole-call counts are tested above
 def test_bundled_model_is_scored():
     n = len(TASKS)
     result = measure(str(ROOT / "checkpoints" / "kestrel-nano"), n)

@@ -18,7 +18,7 @@ def test_each_picture_is_one_digit_drawn_by_the_seed():
     assert len({digit_picture(random.Random(s))[1] for s in range(40)}) == 10
 
 
-@pytest.mark.parametrize("pool", ["attention", "max"])
+@pytest.mark.parametrize("pool", [pytest.param("attention", marks=pytest.mark.slow), "max"])  # 9 s cold
 def test_a_short_run_trains_and_logs(pool):
     result = measure(pool, steps=10, patch=28, layers=1, lr=1e-3, batch=2, seed=0)
     assert result["pool"] == pool and [r["step"] for r in result["log"]] == [10]

@@ -84,7 +84,8 @@ def test_32_concurrent_greedy_requests_equal_offline_generation_and_each_alone()
     assert sched.kv.pool.num_free == sched.kv.pool.num_pages  # every page came back
 
 
-@pytest.mark.parametrize("copy_layers", [(), (1,)])
+# Without copy layers (slow: 14 s cold) the same chunked path as with them, which nano uses.
+@pytest.mark.parametrize("copy_layers", [pytest.param((), marks=pytest.mark.slow), (1,)])
 def test_token_shift_model_takes_each_chunk_and_decodes_previous_token(copy_layers):
     """Chunked prefill (chunks of 5), batching, preemption and decoding feed a token-shift model
     the token before each input: outputs equal offline generation, which equals the full forward
@@ -100,6 +101,7 @@ def test_token_shift_model_takes_each_chunk_and_decodes_previous_token(copy_laye
     assert sched.kv.pool.num_free == sched.kv.pool.num_pages
 
 
+@pytest.mark.slow  # 45 s cold; the pointer (off in kestrel-nano) stays served exactly in test_speculative
 def test_pointer_model_serves_exactly_as_offline_generation(monkeypatch):
     """A pointer model (``model/pointer.py``) reads its keys and token ids from the pages: with
     chunked prefill, query tiles, batching and preemption its outputs equal offline generation
@@ -137,7 +139,8 @@ def _gate_closed(model):
     return clone
 
 
-@pytest.mark.parametrize("token_shift", [False, True])
+# The plain model (slow: 13 s cold) tiles its prefill by the same code as the token-shift one.
+@pytest.mark.parametrize("token_shift", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_prefill_cut_into_query_tiles_equals_offline_generation(token_shift, monkeypatch):
     """Prefill chunks of up to 16 tokens cut into tiles of 4 queries (a row each, over its
     sequence's pages; the model slides a window of 8 in one layer): outputs equal offline

@@ -243,6 +243,8 @@ def test_effort_calibration_fits_the_probe_for_a_model_that_ignores_the_hint(tin
     loaded = EffortModel.load(tiny_ckpt)
     assert loaded.router is None and loaded.probe.weights.shape == (32,)
 
+
+@pytest.mark.slow  # 14 s cold: a benchmark's smoke test (bench/effort_budgets.py)
 def test_effort_budgets_bench_runs_every_effort_within_its_budget(tiny_ckpt, tmp_path):
     from bench.effort_budgets import main
     from serve.effort import EffortModel
