@@ -52,6 +52,11 @@ into a snake_case name. On a full run it wrote held-out function names right abo
 often, but called on most no-call requests (``bench/results/nano_word_drill_s21.json``); the
 bundled weights predate it.
 
+Since 2026-12-02 a function-calling turn's second reasoning line names the function each action
+needs, quoted, and whether it is offered (``Needed: "book_hotel" (offered).``). On a full run the
+exact match rose to 22% (7%), all of it from declining more often; teacher-forced, the offered /
+not token is at chance (``bench/results/nano_needed_line_s22.json``); the bundled weights predate it.
+
 The tokenizer is the bundled checkpoint's (8,604 pieces, trained by ``train/nano_tokenizer.py`` at
 commit 5bbc1e5; at HEAD that trainer fills 10,240 pieces, more than the 8,768 rows here):
 
