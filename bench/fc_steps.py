@@ -85,20 +85,11 @@ def decision_position(tokenizer, ids: list[int], trainable) -> int | None:
 
 def lookup(model, tokenizer, n: int) -> dict:
     """Teacher-forced share of right ``offered`` / ``not`` tokens, by split and request kind."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from flax import nnx
-
+    from bench.teacher_forced import next_token_predictor
     from train.packing import tokenize_segments
     from train.synthetic import generate, render_kestrel
 
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def argmax(tokens):
-        return jnp.argmax(nnx.merge(graphdef, state)(tokens)[0], -1)
-
+    predict = next_token_predictor(model)
     out = {}
     for split in ("heldout", "train"):
         for task in TASKS:
@@ -110,10 +101,7 @@ def lookup(model, tokenizer, n: int) -> dict:
                 k = decision_position(tokenizer, ids, enc.trainable)
                 if k is None:
                     continue
-                width = 1 << max(k, 255).bit_length()  # a few compiled widths
-                tokens = np.zeros((1, width), np.int32)
-                tokens[0, :k] = ids[:k]
-                right += int(np.asarray(argmax(jnp.asarray(tokens)))[0, k - 1] == ids[k])
+                right += int(predict(ids[:k])[k - 1] == ids[k])
                 seen += 1
             out[f"{split}_{task}"] = round(right / seen, 4) if seen else None
     return out

@@ -72,23 +72,37 @@ def calls_right(ids: list[int], trainable, pred, call_open: int, call_close: int
     return out
 
 
-def measure(ckpt: str, n: int) -> dict:
+def next_token_predictor(model):
+    """``predict(ids) -> argmax ids``: entry t is the model's greedy guess for the token after
+    ``ids[:t + 1]``, from one forward pass padded to a power of two (a few compiled widths, not one
+    per length)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def argmax(tokens):
+        return jnp.argmax(nnx.merge(graphdef, state)(tokens)[0], -1)
+
+    def predict(ids: list[int]):
+        width = 1 << max(len(ids) - 1, 255).bit_length()
+        padded = np.zeros((1, width), np.int32)
+        padded[0, :len(ids)] = ids
+        return np.asarray(argmax(jnp.asarray(padded)))[0, :len(ids)]
+
+    return predict
+
+
+def measure(ckpt: str, n: int) -> dict:
     from model.checkpoint import load_checkpoint
     from train.packing import tokenize_segments
     from train.synthetic import generate, render_kestrel
 
     model, tokenizer = load_checkpoint(ckpt)
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def argmax(tokens):
-        out = nnx.merge(graphdef, state)(tokens)
-        return jnp.argmax(out[0], -1)
+    predict = next_token_predictor(model)
 
     right, total = collections.Counter(), collections.Counter()
     task_right, task_total = collections.Counter(), collections.Counter()
@@ -101,10 +115,7 @@ def measure(ckpt: str, n: int) -> dict:
         enc = tokenize_segments(tokenizer, render_kestrel(ex))
         ids = [int(t) for t in enc.ids]
         length = len(ids) - 1
-        width = 1 << max(length - 1, 255).bit_length()  # a few compiled widths, not one per example
-        padded = np.zeros((1, width), np.int32)
-        padded[0, :length] = ids[:-1]
-        pred = np.asarray(argmax(jnp.asarray(padded)))[0, :length]
+        pred = predict(ids[:-1])
         all_right = True
         token_kinds = kinds([tokenizer.decode([t]) for t in ids], ids)
         for t in range(length):
