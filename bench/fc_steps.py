@@ -42,13 +42,10 @@ def _lines(reasoning: str) -> list[str]:
 
 def _near_miss(example) -> bool:
     """The no-call request's function shares its verb or its object with an offered one."""
-    wanted = _lines(example.messages[2]["reasoning_content"])[1]
-    name = wanted.split('"')[1] if '"' in wanted else ""
-    if "_" not in name:
-        return False
-    verb, obj = name.split("_", 1)
-    return any(o.split("_", 1)[0] == verb or o.split("_", 1)[1] == obj
-               for o in (t["function"]["name"] for t in example.tools))
+    from train.synthetic.function_calling import is_near_miss
+
+    name = _lines(example.messages[2]["reasoning_content"])[1].split('"')[1]
+    return is_near_miss(name, [t["function"]["name"] for t in example.tools])
 
 
 def score_turn(example, text: str) -> dict:

@@ -131,6 +131,12 @@ def make_parallel(rng: random.Random, level: int, split: str) -> Example:
     return _finish("fc_parallel", level, split, funcs, messages + turn, calls, 2)
 
 
+def is_near_miss(name: str, offered: list[str]) -> bool:
+    """`name` (``verb_object``) shares its verb or its object with one of the `offered` names."""
+    verb, obj = name.split("_", 1)
+    return any(o.split("_", 1)[0] == verb or o.split("_", 1)[1] == obj for o in offered)
+
+
 def _near_miss(rng: random.Random, split: str, funcs: list[Function]) -> Function:
     """A function not offered that shares its verb or its object with an offered one."""
     names = {f.name for f in funcs}
