@@ -97,7 +97,7 @@ def config() -> RunConfig:
                                   weight_decay=0.05, b2=0.98),
         data=DataConfig(source="train.data:synthetic_batches", batch_size=2, seq_len=1024,
                         tokenizer="checkpoints/kestrel-nano", tools_fraction=0.9,
-                        tasks=tuple((name, 2.0 if name in ("copy", "words") else 1.0) for name in TEXT_TASKS),
+                        tasks=tuple((name, 2.0 if name in ("copy", "words", "lookup") else 1.0) for name in TEXT_TASKS),
                         efforts=EFFORT_MIX),
         checkpoint=CheckpointConfig(every_steps=100, keep=2, async_save=True),
     )

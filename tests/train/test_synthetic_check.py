@@ -1,5 +1,6 @@
 """Answer and tool-call checking, tool schemas, and the disjoint train / held-out function pools."""
 
+import collections
 import copy
 import json
 import re
@@ -247,3 +248,28 @@ def test_function_calling_reasoning_copies_the_request_then_looks_up_the_needed_
     if task == "fc_none":
         # 36 of 60: half drawn as near misses plus chance ones (16 of 60 when none are drawn so)
         assert 30 <= near_misses <= 50
+
+
+def test_lookup_drill_marks_each_needed_name_by_whether_the_tool_list_holds_it():
+    """The look-up drill writes the function-calling turn's two opening lines for several actions
+    at once, each name marked by membership in the tool list; the unoffered ones mostly near
+    misses, so a mark needs the whole name."""
+    marks = collections.Counter()
+    for level in range(1, 6):
+        for seed in range(40):
+            ex = generate("lookup", level=level, seed=seed, split=("train", "heldout")[seed % 2])
+            offered = [t["function"]["name"] for t in ex.tools]
+            first_line, second_line = ex.messages[-1]["reasoning_content"].split("\n")
+            needed = re.findall(r'"(\w+)" \((offered|not offered)\)', second_line)
+            assert 1 <= len(needed) <= 6 and len(needed) == first_line.count(" to ")
+            assert len({n for n, _ in needed}) == len(needed)
+            for name, mark in needed:
+                verb, obj = name.split("_", 1)
+                assert f"to {verb} the {obj.replace('_', ' ')}" in first_line
+                assert (mark == "offered") == (name in offered)
+                marks[mark if mark == "offered" else "near" if is_near_miss(name, offered) else "far"] += 1
+            hits = [n for n, m in needed if m == "offered"]
+            assert ex.meta["answer"] == (", ".join(hits) or "none")
+            assert "tool_calls" not in ex.messages[-1]
+    total = sum(marks.values())
+    assert 0.35 < marks["offered"] / total < 0.55 and marks["near"] > 2 * marks["far"], marks

@@ -18,7 +18,7 @@ def _variants():
         if spec.suite == "summary":
             continue  # test_summary_examples_summarise_a_stem_reasoning
         if spec.suite in ("drill", "reading"):
-            yield task, False
+            yield task, task == "lookup"  # the look-up drill is about an offered tool list
             continue
         for tools in ((True, False) if spec.suite == "stem" else (True,)):
             yield task, tools

@@ -53,13 +53,14 @@ def _describe(f: Function, args: dict[str, Any]) -> str:
     return f"{f.action} -> {f.name} with " + ", ".join(f"{k} = {value_text(v)}" for k, v in args.items())
 
 
-def _asks(calls: list[tuple[Function, dict]], offered: bool = True) -> str:
+def _asks(calls: list[tuple[Function, dict]], offered: bool | list[bool] = True) -> str:
     """The reasoning's first two lines: ``"The user asks to book the hotel and to get the weather."``
-    and ``'Needed: "book_hotel" (offered), "get_weather" (offered).'``"""
+    and ``'Needed: "book_hotel" (offered), "get_weather" (offered).'``; `offered` says it of every
+    call at once or of each."""
     actions = [f"to {f.action}" for f, _ in calls]
     listed = actions[0] if len(actions) == 1 else ", ".join(actions[:-1]) + " and " + actions[-1]
-    mark = "(offered)" if offered else "(not offered)"
-    needed = ", ".join(f'"{f.name}" {mark}' for f, _ in calls)
+    marks = offered if isinstance(offered, list) else [offered] * len(calls)
+    needed = ", ".join(f'"{f.name}" {"(offered)" if m else "(not offered)"}' for (f, _), m in zip(calls, marks))
     return f"The user asks {listed}.\nNeeded: {needed}."
 
 
@@ -208,3 +209,44 @@ def make_multiturn(rng: random.Random, level: int, split: str) -> Example:
         turn, _ = _call_turn(rng, calls, counter, intro)
         messages += turn
     return _finish("fc_multiturn", level, split, funcs, messages, calls, prompt_len)
+
+
+def make_lookup(rng: random.Random, level: int, split: str) -> Example:
+    """The look-up drill: several actions asked at once about 1-5 offered functions, and for each
+    the ``Needed:`` line's quoted name and whether the tool list holds it, and no call.
+
+    A function-calling turn chooses between calling and declining at one token, the mark right
+    after the needed name; a full run learned that choice no better than chance, teacher-forced,
+    even on training-split requests (``bench/results/nano_needed_line_s22.json``), from one such
+    token per request. A drill asks 2 to 6 actions under a short tool list (1-2 parameters a
+    function), so each carries as many marks: half of them offered functions, the rest near misses
+    (the verb or the object of an offered one) and other names."""
+    funcs: list[Function] = []
+    for _ in range(rng.randint(1, 5)):
+        funcs.append(random_function(rng, split, rng.randint(1, 2), avoid={f.name for f in funcs}))
+    asked: list[Function] = []
+    for _ in range(rng.randint(2, min(6, 2 + level))):
+        taken = {f.name for f in funcs + asked}
+        unasked = [f for f in funcs if f not in asked]
+        r = rng.random()
+        if r < 0.5 and unasked:
+            asked.append(pick(rng, unasked))
+        elif r < 0.8:
+            if (f := _near_miss(rng, split, funcs)).name not in taken:
+                asked.append(f)
+        else:
+            asked.append(random_function(rng, split, 1, avoid=taken))
+    names = {f.name for f in funcs}
+    marks = [f.name in names for f in asked]
+    actions = "; ".join(f.action for f in asked)
+    question = pick(rng, ("Which of these can the offered functions do: {l}?",
+                          "Check each against the available functions: {l}.",
+                          "Can you do these with your functions: {l}?")).format(l=actions)
+    hits = [f.name for f, m in zip(asked, marks) if m]
+    answer = ", ".join(hits) if hits else "none"
+    summary = f"{len(hits)} of {len(asked)} offered."
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question},
+                {"role": "assistant", "reasoning_content": _asks([(f, {}) for f in asked], marks),
+                 "content": f"Answer: {answer}\nSummary: {summary}"}]
+    meta = _meta("lookup", level, split, answer, summary, [], 2, "text")
+    return Example(messages=messages, tools=[f.schema() for f in funcs], meta=meta)

@@ -35,7 +35,8 @@ class Task:
         a STEM example's reasoning in one line, answered without thinking; no tools) or "drill"
         (training only, no tools: copying numbers back, the skill under every STEM answer; copying
         never-seen words back, the skill under every function call; recalling the atomic masses
-        and unit factors problems state) or
+        and unit factors problems state; whether the tool list offers each of several needed
+        function names, the choice under every call) or
         "vision" (a STEM problem shown as a picture, ``train/synthetic/images.py``; with and
         without tools like stem; only for models with a vision tower, so never in a default mix)
         or "reading" (a picture of a few numbers or a price, read back verbatim: the vision
@@ -67,6 +68,7 @@ TASKS: dict[str, Task] = {
         Task("copy", "drill", drills.make_copy),
         Task("words", "drill", drills.make_word_copy),
         Task("facts", "drill", fact_drills.make_facts),
+        Task("lookup", "drill", fc.make_lookup),
         Task("image_text", "vision", _pictured("make_text_image")),
         Task("image_table", "vision", _pictured("make_table_image")),
         Task("image_chart", "vision", _pictured("make_chart_image")),
