@@ -17,6 +17,8 @@ trained on, levels 1-5 in turn, effort high) and scores each step the reasoning 
 And, teacher-forced (``lookup``): with the whole reference conversation as input, whether the
 token right after ``Needed: "<name>" (`` is ``offered`` / ``not`` as it should be, on held-out
 and on training-split requests: the look-up alone, free of the errors before it; 0.5 is chance.
+Also on the look-up drill (several needed names under one tool list), the offered names and the
+others apart (``drill_offered``, ``drill_not_offered``): whether the drill itself is learned.
 
     python bench/fc_steps.py CKPT [--n 40] [--json OUT]
 """
@@ -68,39 +70,51 @@ def _rate(rows: list[dict], key: str) -> float | None:
     return round(sum(values) / len(values), 4) if values else None
 
 
-def decision_position(tokenizer, ids: list[int], trainable) -> int | None:
-    """The index of the first trainable ``offered`` / ``not`` token right after a ``Needed:`` line's
-    `` (``; None when the conversation has none."""
+def decision_positions(tokenizer, ids: list[int], trainable) -> list[int]:
+    """The indices of the trainable ``offered`` / ``not`` tokens right after `` (`` in the first
+    trainable ``Needed:`` line, one per needed name; empty when the conversation has none."""
     opening = tokenizer.encode(" (")[-1]
     marks = {tokenizer.encode("(offered)")[1], tokenizer.encode("(not offered)")[1]}
     needed = tokenizer.encode("Needed:")
     start = next((j for j in range(len(ids)) if ids[j:j + len(needed)] == needed and trainable[j]), None)
     if start is None:
-        return None
-    return next((j for j in range(start, len(ids)) if ids[j] in marks and ids[j - 1] == opening), None)
+        return []
+    end = next((j for j in range(start, len(ids)) if "\n" in tokenizer.decode([ids[j]])), len(ids))
+    return [j for j in range(start, end) if ids[j] in marks and ids[j - 1] == opening]
 
 
 def lookup(model, tokenizer, n: int) -> dict:
-    """Teacher-forced share of right ``offered`` / ``not`` tokens, by split and request kind."""
+    """Teacher-forced share of right ``offered`` / ``not`` tokens, by split and request kind; and
+    on the look-up drill (``train/synthetic/function_calling.py`` ``make_lookup``: several needed
+    names under one tool list), apart for the names offered and not."""
     from bench.teacher_forced import next_token_predictor
     from train.packing import tokenize_segments
     from train.synthetic import generate, render_kestrel
 
     predict = next_token_predictor(model)
+    not_mark = tokenizer.encode("(not offered)")[1]
     out = {}
     for split in ("heldout", "train"):
-        for task in TASKS:
-            right = seen = 0
+        for task in (*TASKS, "lookup"):
+            right, seen = {True: 0, False: 0}, {True: 0, False: 0}
             for i in range(n):
                 ex = generate(task, level=1 + i % 5, seed=SEED_BASE + i, split=split)
                 enc = tokenize_segments(tokenizer, render_kestrel(ex))
                 ids = [int(t) for t in enc.ids]
-                k = decision_position(tokenizer, ids, enc.trainable)
-                if k is None:
+                positions = decision_positions(tokenizer, ids, enc.trainable)
+                if not positions:
                     continue
-                right += int(predict(ids[:k])[k - 1] == ids[k])
-                seen += 1
-            out[f"{split}_{task}"] = round(right / seen, 4) if seen else None
+                pred = predict(ids[:-1])
+                for k in positions:
+                    offered = ids[k] != not_mark
+                    right[offered] += int(pred[k - 1] == ids[k])
+                    seen[offered] += 1
+            if task == "lookup":
+                for offered, key in ((True, "offered"), (False, "not_offered")):
+                    out[f"{split}_drill_{key}"] = round(right[offered] / seen[offered], 4) if seen[offered] else None
+            else:
+                total = sum(seen.values())
+                out[f"{split}_{task}"] = round(sum(right.values()) / total, 4) if total else None
     return out
 
 

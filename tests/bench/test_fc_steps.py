@@ -3,9 +3,10 @@ declines a request it should call (or miscopies the action) is wrong at that ste
 run over the bundled kestrel-nano reports every step as a rate."""
 
 import json
+import re
 from pathlib import Path
 
-from bench.fc_steps import TASKS, decision_position, measure, score_turn
+from bench.fc_steps import TASKS, decision_positions, measure, score_turn
 from model.tokenizer import Tokenizer
 from train.packing import tokenize_segments
 from train.synthetic import render_kestrel
@@ -40,19 +41,21 @@ def test_a_wrong_step_is_scored_where_it_goes_wrong():
         "action": False, "needed": True, "called": True, "name": False}
 
 
-def test_the_look_up_is_the_token_after_the_needed_name():
+def test_the_look_up_is_the_token_after_each_needed_name():
     tokenizer = Tokenizer.load(ROOT / "checkpoints" / "kestrel-nano")
-    for task, mark in (("fc_single", "of"), ("fc_none", "not")):
-        ex = generate(task, level=2, seed=3, split="heldout")
+    for task, level in (("fc_single", 2), ("fc_none", 2), ("fc_parallel", 3), ("lookup", 5)):
+        ex = generate(task, level=level, seed=3, split="heldout")
         enc = tokenize_segments(tokenizer, render_kestrel(ex))
         ids = [int(t) for t in enc.ids]
-        k = decision_position(tokenizer, ids, enc.trainable)
-        assert tokenizer.id_to_token(ids[k]) == mark and enc.trainable[k]
-        name = ex.messages[2]["reasoning_content"].split("\n")[1].split('"')[1]
-        assert tokenizer.decode(ids[:k]).endswith(f'Needed: "{name}" (')
+        positions = decision_positions(tokenizer, ids, enc.trainable)
+        needed = re.findall(r'"(\w+)" \((offered|not offered)\)', ex.messages[2]["reasoning_content"].split("\n")[1])
+        assert len(positions) == len(needed) >= 1
+        for k, (name, mark) in zip(positions, needed):
+            assert tokenizer.id_to_token(ids[k]) == ("of" if mark == "offered" else "not") and enc.trainable[k]
+            assert tokenizer.decode(ids[:k]).endswith(f'"{name}" (')
     stem = generate("arithmetic", level=1, seed=0, split="heldout")
     enc = tokenize_segments(tokenizer, render_kestrel(stem))
-    assert decision_position(tokenizer, [int(t) for t in enc.ids], enc.trainable) is None
+    assert decision_positions(tokenizer, [int(t) for t in enc.ids], enc.trainable) == []
 
 
 def test_bundled_model_is_scored():
@@ -60,5 +63,6 @@ def test_bundled_model_is_scored():
     for task in TASKS:
         assert all(v is None or 0 <= v <= 1 for k, v in result[task].items() if k != "n_near_miss")
     assert "name" in result["fc_single"] and 0 <= result["choice_right"] <= 1
-    assert set(result["lookup"]) == {f"{s}_{t}" for s in ("heldout", "train") for t in TASKS}
-    assert all(0 <= v <= 1 for v in result["lookup"].values())
+    assert set(result["lookup"]) == {f"{s}_{t}" for s in ("heldout", "train")
+                                     for t in (*TASKS, "drill_offered", "drill_not_offered")}
+    assert all(v is None or 0 <= v <= 1 for v in result["lookup"].values())
