@@ -93,6 +93,7 @@ def _check_within_plan(point: dict) -> None:
     assert len(point["output_token_ids"]) == 6
 
 
+@pytest.mark.slow  # 26 s on the 2-core CI; test_chunked_prefill_decodes_what_the_dense_cache_generator_does keeps chunked prefill in the default run
 def test_20k_prefill_stays_within_the_planned_memory():
     _check_within_plan(measure_in_subprocess(20_000, min_table_pages=512, timeout=600))
 

@@ -175,6 +175,7 @@ def test_forced_preemption_changes_no_output():
     assert sum(r.num_preemptions for r in small) == sched.num_preemptions
 
 
+@pytest.mark.slow  # 33 s on the 2-core CI; seeded sampling under batching stays in the slow run
 def test_seeded_sampling_is_independent_of_batching_and_preemption():
     model = tiny_model()
     prompts = random_prompts(16, seed=1)
