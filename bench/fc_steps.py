@@ -7,8 +7,10 @@ trained on, levels 1-5 in turn, effort high) and scores each step the reasoning 
 ``train/synthetic/function_calling.py`` takes in order:
 
 - ``action``: the reasoning's first line (the action copied from the request) is the reference's;
-- ``needed``: the second line (the quoted name the action needs and whether it is offered) is the
-  reference's (0 for a checkpoint trained before that line existed);
+- ``offered``: the ``Offered:`` line (the tool list's names copied in order) is the reference's
+  (0 for a checkpoint trained before that line existed);
+- ``needed``: the ``Needed:`` line (the quoted name the action needs and whether it is offered) is
+  the reference's (0 for a checkpoint trained before that line existed);
 - ``called``: the turn holds a tool call, per request kind: the choice, right when 1.0 on
   ``fc_single`` and 0.0 on ``fc_none`` (``near_miss``: the no-call requests whose needed name
   shares its verb or object with an offered one, ``far``: the rest);
@@ -42,11 +44,15 @@ def _lines(reasoning: str) -> list[str]:
             if line.strip()]
 
 
+def _line(lines: list[str], prefix: str) -> str | None:
+    return next((line for line in lines if line.startswith(prefix)), None)
+
+
 def _near_miss(example) -> bool:
     """The no-call request's function shares its verb or its object with an offered one."""
     from train.synthetic.function_calling import is_near_miss
 
-    name = _lines(example.messages[2]["reasoning_content"])[1].split('"')[1]
+    name = _line(_lines(example.messages[2]["reasoning_content"]), "Needed:").split('"')[1]
     return is_near_miss(name, [t["function"]["name"] for t in example.tools])
 
 
@@ -57,7 +63,8 @@ def score_turn(example, text: str) -> dict:
     want = _lines(example.messages[2]["reasoning_content"])
     got = _lines(text.split("<tool_call>")[0])
     row = {"action": bool(got) and got[0] == want[0],
-           "needed": len(got) > 1 and got[1] == want[1],
+           "offered": _line(got, "Offered:") is not None and _line(got, "Offered:") == _line(want, "Offered:"),
+           "needed": _line(got, "Needed:") is not None and _line(got, "Needed:") == _line(want, "Needed:"),
            "called": "<tool_call>" in text}
     if example.meta["calls"]:
         names = [c.get("name") for c in parse_tool_calls(text) if isinstance(c, dict)]
@@ -133,7 +140,7 @@ def measure(ckpt: str, n: int, max_new_tokens: int = 160) -> dict:
                                    tools=True), "tools", tokenizer, "high") for i in range(n)]
         ev.run_conversations(convs, policy, tokenizer, max_rounds=1)
         rows = [score_turn(c.example, c.rounds[0]) for c in convs]
-        out[task] = {key: _rate(rows, key) for key in ("action", "needed", "called", "name")}
+        out[task] = {key: _rate(rows, key) for key in ("action", "offered", "needed", "called", "name")}
         if task == "fc_none":
             near = [r for r, c in zip(rows, convs) if _near_miss(c.example)]
             far = [r for r, c in zip(rows, convs) if not _near_miss(c.example)]

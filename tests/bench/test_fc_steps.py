@@ -1,6 +1,6 @@
 """bench/fc_steps.py: a first turn written as the reference is right at every step, a turn that
-declines a request it should call (or miscopies the action) is wrong at that step only, and a
-run over the bundled kestrel-nano reports every step as a rate."""
+declines a request it should call (or miscopies the action or the tool list) is wrong at that
+step only, and a run over the bundled kestrel-nano reports every step as a rate."""
 
 import json
 import re
@@ -24,21 +24,25 @@ def test_the_reference_turn_is_right_at_every_step():
     ex = generate("fc_single", level=3, seed=4, split="heldout")
     calls = [{"name": c["name"], "arguments": c["arguments"]} for c in ex.meta["calls"]]
     assert score_turn(ex, _turn(ex.messages[2]["reasoning_content"], calls)) == {
-        "action": True, "needed": True, "called": True, "name": True}
+        "action": True, "offered": True, "needed": True, "called": True, "name": True}
     none = generate("fc_none", level=3, seed=4, split="heldout")
     assert score_turn(none, _turn(none.messages[2]["reasoning_content"], [])) == {
-        "action": True, "needed": True, "called": False}
+        "action": True, "offered": True, "needed": True, "called": False}
 
 
 def test_a_wrong_step_is_scored_where_it_goes_wrong():
     ex = generate("fc_single", level=2, seed=1, split="heldout")
     lines = ex.messages[2]["reasoning_content"].split("\n")
-    declined = "\n".join([lines[0], lines[1].replace("(offered)", "(not offered)"), "So I make no call."])
-    assert score_turn(ex, _turn(declined, [])) == {"action": True, "needed": False, "called": False, "name": False}
+    declined = "\n".join([lines[0], lines[1], lines[2].replace("(offered)", "(not offered)"), "So I make no call."])
+    assert score_turn(ex, _turn(declined, [])) == {
+        "action": True, "offered": True, "needed": False, "called": False, "name": False}
+    unlisted = "\n".join([lines[0], "Offered: none."] + lines[2:])
+    assert score_turn(ex, _turn(unlisted, [])) == {
+        "action": True, "offered": False, "needed": True, "called": False, "name": False}
     miscopied = "\n".join([lines[0].replace(" the ", " a ", 1)] + lines[1:])
     wrong_name = [{"name": "no_such_function", "arguments": {}}]
     assert score_turn(ex, _turn(miscopied, wrong_name)) == {
-        "action": False, "needed": True, "called": True, "name": False}
+        "action": False, "offered": True, "needed": True, "called": True, "name": False}
 
 
 def test_the_look_up_is_the_token_after_each_needed_name():
@@ -48,7 +52,7 @@ def test_the_look_up_is_the_token_after_each_needed_name():
         enc = tokenize_segments(tokenizer, render_kestrel(ex))
         ids = [int(t) for t in enc.ids]
         positions = decision_positions(tokenizer, ids, enc.trainable)
-        needed = re.findall(r'"(\w+)" \((offered|not offered)\)', ex.messages[2]["reasoning_content"].split("\n")[1])
+        needed = re.findall(r'"(\w+)" \((offered|not offered)\)', ex.messages[2]["reasoning_content"].split("\n")[2])
         assert len(positions) == len(needed) >= 1
         for k, (name, mark) in zip(positions, needed):
             assert tokenizer.id_to_token(ids[k]) == ("of" if mark == "offered" else "not") and enc.trainable[k]

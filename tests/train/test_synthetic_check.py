@@ -218,10 +218,11 @@ def test_function_calling_examples_offer_one_to_five_functions(task):
 
 
 @pytest.mark.parametrize("task", SUITES["tools"])
-def test_function_calling_reasoning_copies_the_request_then_looks_up_the_needed_names(task):
-    """Each turn's reasoning opens with the action(s) asked for, then the quoted name each needs
-    and whether it is offered, the same lines for a call and a refusal, so the choice between them
-    is the token right after a name that the tool list holds or does not."""
+def test_function_calling_reasoning_copies_the_request_and_the_tool_list_then_looks_up_the_needed_names(task):
+    """Each turn's reasoning opens with the action(s) asked for, then the offered names in the tool
+    list's order, then the quoted name each action needs and whether it is offered, the same lines
+    for a call and a refusal, so the choice between them is the token right after a name that the
+    line just above holds or does not."""
     near_misses = 0
     for level in range(1, 6):
         for seed in range(12):
@@ -229,29 +230,31 @@ def test_function_calling_reasoning_copies_the_request_then_looks_up_the_needed_
             offered = [t["function"]["name"] for t in ex.tools]
             opening = [m["reasoning_content"] for m in ex.messages
                        if m["role"] == "assistant" and (m.get("tool_calls") or task == "fc_none")]
-            first_line, second_line, third_line = opening[-1].split("\n")[:3]
-            if first_line.startswith("The user asks to repeat "):  # a multi-turn follow-up names the call
+            if opening[-1].startswith("The user asks to repeat "):  # a multi-turn follow-up names the call
                 continue
-            assert first_line.startswith("The user asks to ") and second_line.startswith("Needed: ")
-            needed = re.findall(r'"(\w+)" \((offered|not offered)\)', second_line)
+            first_line, offered_line, needed_line, fourth_line = opening[-1].split("\n")[:4]
+            assert first_line.startswith("The user asks to ")
+            assert offered_line == "Offered: " + ", ".join(f'"{name}"' for name in offered) + "."
+            assert needed_line.startswith("Needed: ")
+            needed = re.findall(r'"(\w+)" \((offered|not offered)\)', needed_line)
             assert len(needed) == first_line.count(" to ")
             for name, mark in needed:
                 verb, obj = name.split("_", 1)
                 assert f"to {verb} the {obj.replace('_', ' ')}" in first_line
                 assert (mark == "offered") == (name in offered)
             if task == "fc_none":
-                assert third_line.startswith("Offered functions: ") and len(needed) == 1
+                assert fourth_line.startswith("None of them can ") and len(needed) == 1
                 near_misses += is_near_miss(needed[0][0], offered)
                 continue
             assert [n for n, _ in needed] == [c["name"] for c in ex.meta["calls"]]
-            assert third_line.startswith("1. ")
+            assert fourth_line.startswith("1. ")
     if task == "fc_none":
         # 36 of 60: half drawn as near misses plus chance ones (16 of 60 when none are drawn so)
         assert 30 <= near_misses <= 50
 
 
 def test_lookup_drill_marks_each_needed_name_by_whether_the_tool_list_holds_it():
-    """The look-up drill writes the function-calling turn's two opening lines for several actions
+    """The look-up drill writes the function-calling turn's three opening lines for several actions
     at once, each name marked by membership in the tool list; the unoffered ones mostly near
     misses, so a mark needs the whole name."""
     marks = collections.Counter()
@@ -259,8 +262,9 @@ def test_lookup_drill_marks_each_needed_name_by_whether_the_tool_list_holds_it()
         for seed in range(40):
             ex = generate("lookup", level=level, seed=seed, split=("train", "heldout")[seed % 2])
             offered = [t["function"]["name"] for t in ex.tools]
-            first_line, second_line = ex.messages[-1]["reasoning_content"].split("\n")
-            needed = re.findall(r'"(\w+)" \((offered|not offered)\)', second_line)
+            first_line, offered_line, needed_line = ex.messages[-1]["reasoning_content"].split("\n")
+            assert offered_line == "Offered: " + ", ".join(f'"{name}"' for name in offered) + "."
+            needed = re.findall(r'"(\w+)" \((offered|not offered)\)', needed_line)
             assert 1 <= len(needed) <= 6 and len(needed) == first_line.count(" to ")
             assert len({n for n, _ in needed}) == len(needed)
             for name, mark in needed:

@@ -3,6 +3,7 @@
 Reasoning scheme (regular on purpose)::
 
     <think> The user asks to <action>[ and to <action>].
+    Offered: "<function>"[, "<function>" ...].
     Needed: "<function>" (offered)[, "<function>" (offered)].
     1. <action> -> <function> with <arg> = <value>, ...
     Call <function>[ and <function>]. </think> <tool_call>...</tool_call> [<tool_call>...]
@@ -11,16 +12,16 @@ Reasoning scheme (regular on purpose)::
     Answer: <function>: <result>; ...
     Summary: <one line>
 
-The reasoning's first line copies the requested action(s) from the request; the second writes the
-name each action needs, quoted as the tool list quotes names (so its tokens are the very tokens of
-an offered function's ``"name": "<function>"``), and right after each name says whether it is
-offered. A declined request writes the same two lines with ``(not offered)``. The choice between
-calling and declining is so made by one token right after a name that either occurs in the tool
-list or does not, a look-up an induction head does, instead of by comparing the request with the
-whole tool list at once (on a full run, whether a call was made followed the run's prior, not the
-offered functions: ``bench/results/nano_word_drill_s21.json``). Half the declined requests are near
-misses, sharing the verb or the object with an offered function, so the look-up must match the
-whole name.
+The reasoning's first line copies the requested action(s) from the request; the second copies the
+offered functions' names from the tool list, in its order and quoted as it quotes them; the third
+writes the name each action needs and right after each name says whether it is offered. A declined
+request writes the same three lines with ``(not offered)``. The choice between calling and
+declining is so made by one token right after a name that either occurs a few tokens earlier, on
+the Offered line, or does not: a short-range look-up instead of one across the whole tool list (on
+a full run with only the Needed line, the mark was at chance teacher-forced:
+``bench/results/nano_needed_line_s22.json``; a drill with four times as many marks did not learn it
+either: ``bench/results/nano_lookup_drill_s23.json``). Half the declined requests are near misses,
+sharing the verb or the object with an offered function, so the look-up must match the whole name.
 
 The fake backends answer ``{"result": "<CODE>"}`` with a code drawn from the example's RNG, and
 the final answer copies those codes. When no offered function fits, the model says so without a
@@ -39,10 +40,11 @@ from train.synthetic.function_pool import (
 from train.synthetic.problem import pick
 
 
-def _functions(rng: random.Random, level: int, split: str, n: int) -> list[Function]:
+def _functions(rng: random.Random, level: int, split: str, n: int, max_params: int = 5) -> list[Function]:
+    """`n` functions of distinct names, each with 1 to min(`max_params`, 1 + `level`) parameters."""
     out: list[Function] = []
     for _ in range(n):
-        n_params = rng.randint(1, min(5, 1 + level))
+        n_params = rng.randint(1, min(max_params, 1 + level))
         out.append(random_function(rng, split, n_params, avoid={f.name for f in out}))
     return out
 
@@ -53,15 +55,17 @@ def _describe(f: Function, args: dict[str, Any]) -> str:
     return f"{f.action} -> {f.name} with " + ", ".join(f"{k} = {value_text(v)}" for k, v in args.items())
 
 
-def _asks(calls: list[tuple[Function, dict]], offered: bool | list[bool] = True) -> str:
-    """The reasoning's first two lines: ``"The user asks to book the hotel and to get the weather."``
+def _asks(funcs: list[Function], calls: list[tuple[Function, dict]], offered: bool | list[bool] = True) -> str:
+    """The reasoning's first three lines: ``"The user asks to book the hotel and to get the weather."``,
+    the offered names copied from the tool list in its order (``'Offered: "get_weather", "book_hotel".'``)
     and ``'Needed: "book_hotel" (offered), "get_weather" (offered).'``; `offered` says it of every
     call at once or of each."""
     actions = [f"to {f.action}" for f, _ in calls]
     listed = actions[0] if len(actions) == 1 else ", ".join(actions[:-1]) + " and " + actions[-1]
+    tools = ", ".join(f'"{f.name}"' for f in funcs)
     marks = offered if isinstance(offered, list) else [offered] * len(calls)
     needed = ", ".join(f'"{f.name}" {"(offered)" if m else "(not offered)"}' for (f, _), m in zip(calls, marks))
-    return f"The user asks {listed}.\nNeeded: {needed}."
+    return f"The user asks {listed}.\nOffered: {tools}.\nNeeded: {needed}."
 
 
 def _call_turn(rng: random.Random, calls: list[tuple[Function, dict]], counter: list[int],
@@ -112,7 +116,7 @@ def make_single(rng: random.Random, level: int, split: str) -> Example:
     f = pick(rng, funcs)
     args = random_arguments(rng, f, split, optional_rate=_optional_rate(level))
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": request(rng, f, args)}]
-    turn, _ = _call_turn(rng, [(f, args)], [0], _asks([(f, args)]))
+    turn, _ = _call_turn(rng, [(f, args)], [0], _asks(funcs, [(f, args)]))
     return _finish("fc_single", level, split, funcs, messages + turn, [(f, args)], 2)
 
 
@@ -128,7 +132,7 @@ def make_parallel(rng: random.Random, level: int, split: str) -> Example:
     joiner = pick(rng, (" Also, ", " And ", " Then also: ", " In addition, "))
     text = parts[0] + "." + "".join(joiner + p[0].lower() + p[1:] + "." for p in parts[1:])
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": text}]
-    turn, _ = _call_turn(rng, calls, [0], _asks(calls))
+    turn, _ = _call_turn(rng, calls, [0], _asks(funcs, calls))
     return _finish("fc_parallel", level, split, funcs, messages + turn, calls, 2)
 
 
@@ -160,11 +164,10 @@ def make_none(rng: random.Random, level: int, split: str) -> Example:
         other = random_function(rng, split, rng.randint(1, 3), avoid={f.name for f in funcs})
     args = random_arguments(rng, other, split, optional_rate=1.0)
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": request(rng, other, args)}]
-    offered = ", ".join(f.name for f in funcs)
     answer = f"I cannot {other.action}: none of the available functions does that."
     summary = f"No offered function can {other.action}, so no call was made."
     messages.append({"role": "assistant",
-                     "reasoning_content": f"{_asks([(other, args)], offered=False)}\nOffered functions: {offered}.\n"
+                     "reasoning_content": f"{_asks(funcs, [(other, args)], offered=False)}\n"
                                           f"None of them can {other.action}, so I make no call.",
                      "content": f"Answer: {answer}\nSummary: {summary}"})
     return Example(messages=messages, tools=[f.schema() for f in funcs],
@@ -178,7 +181,7 @@ def make_multiturn(rng: random.Random, level: int, split: str) -> Example:
     args = random_arguments(rng, f, split, optional_rate=_optional_rate(level))
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": request(rng, f, args)}]
     counter = [0]
-    turn, _ = _call_turn(rng, [(f, args)], counter, _asks([(f, args)]))
+    turn, _ = _call_turn(rng, [(f, args)], counter, _asks(funcs, [(f, args)]))
     messages += turn
     calls = [(f, args)]
     for _ in range(1 if level < 4 else 2):
@@ -203,7 +206,7 @@ def make_multiturn(rng: random.Random, level: int, split: str) -> Example:
             ask = request(rng, g, args)
             text = pick(rng, ("Thanks. Next, ", "OK. Now ", "Also ")) + ask[0].lower() + ask[1:]
             calls = [(g, args)]
-            intro = _asks(calls)
+            intro = _asks(funcs, calls)
         messages.append({"role": "user", "content": text})
         prompt_len = len(messages)
         turn, _ = _call_turn(rng, calls, counter, intro)
@@ -223,9 +226,7 @@ def make_lookup(rng: random.Random, level: int, split: str) -> Example:
     misses (the verb or the object of an offered one). A full run with it at weight 2 did not learn
     the mark even on this drill's training split (``bench/results/nano_lookup_drill_s23.json``), so
     ``configs/nano.py`` leaves it out."""
-    funcs: list[Function] = []
-    for _ in range(rng.randint(1, 5)):
-        funcs.append(random_function(rng, split, rng.randint(1, 2), avoid={f.name for f in funcs}))
+    funcs = _functions(rng, level, split, rng.randint(1, 5), max_params=2)
     asked: list[Function] = []
     for _ in range(rng.randint(2, min(6, 2 + level))):
         taken = {f.name for f in funcs + asked}
@@ -248,7 +249,7 @@ def make_lookup(rng: random.Random, level: int, split: str) -> Example:
     answer = ", ".join(hits) if hits else "none"
     summary = f"{len(hits)} of {len(asked)} offered."
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question},
-                {"role": "assistant", "reasoning_content": _asks([(f, {}) for f in asked], marks),
+                {"role": "assistant", "reasoning_content": _asks(funcs, [(f, {}) for f in asked], marks),
                  "content": f"Answer: {answer}\nSummary: {summary}"}]
     meta = _meta("lookup", level, split, answer, summary, [], 2, "text")
     return Example(messages=messages, tools=[f.schema() for f in funcs], meta=meta)
