@@ -48,6 +48,12 @@ def _line(lines: list[str], prefix: str) -> str | None:
     return next((line for line in lines if line.startswith(prefix)), None)
 
 
+def _same_line(got: list[str], want: list[str], prefix: str) -> bool:
+    """`got` writes the reference's line that starts with `prefix` (False when the reference has none)."""
+    line = _line(want, prefix)
+    return line is not None and _line(got, prefix) == line
+
+
 def _near_miss(example) -> bool:
     """The no-call request's function shares its verb or its object with an offered one."""
     from train.synthetic.function_calling import is_near_miss
@@ -63,8 +69,8 @@ def score_turn(example, text: str) -> dict:
     want = _lines(example.messages[2]["reasoning_content"])
     got = _lines(text.split("<tool_call>")[0])
     row = {"action": bool(got) and got[0] == want[0],
-           "offered": _line(got, "Offered:") is not None and _line(got, "Offered:") == _line(want, "Offered:"),
-           "needed": _line(got, "Needed:") is not None and _line(got, "Needed:") == _line(want, "Needed:"),
+           "offered": _same_line(got, want, "Offered:"),
+           "needed": _same_line(got, want, "Needed:"),
            "called": "<tool_call>" in text}
     if example.meta["calls"]:
         names = [c.get("name") for c in parse_tool_calls(text) if isinstance(c, dict)]

@@ -63,6 +63,12 @@ under one tool list, each marked offered or not) is left out: a full run with it
 offered names marked so, 94% of the others: the prior), and STEM with tools fell to 55%
 (``bench/results/nano_lookup_drill_s23.json``).
 
+Since 2026-12-03 the function-calling reasoning also copies the offered names, in the tool list's
+order, on a line right before the needed name (``Offered: "find_forecast", "browse_ride".``). On a
+full run function calling matched the needed-line run's 22% (single calls 12% exact, the most so
+far), STEM with tools 61%; the mark is still at chance teacher-forced
+(``bench/results/nano_offered_line_s24.json``); the bundled weights predate it.
+
 The tokenizer is the bundled checkpoint's (8,604 pieces, trained by ``train/nano_tokenizer.py`` at
 commit 5bbc1e5; at HEAD that trainer fills 10,240 pieces, more than the 8,768 rows here):
 
