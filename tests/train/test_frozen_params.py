@@ -52,6 +52,7 @@ def test_the_run_refuses_it_before_compiling(tmp_path, monkeypatch):
         loop.run(kestrel_nano_tiny.config(), tmp_path, ["optimizer.frozen=('vision',)"])
 
 
+@pytest.mark.slow  # two runs on an fsdp x tensor mesh (~22 s); the unsharded update test covers the mask
 def test_a_sharded_run_leaves_frozen_parameters_as_they_started(tmp_path):
     overrides = ["steps=2", "mesh.fsdp=4", "mesh.tensor=2", "strategy=fsdp_tp",
                  "optimizer.frozen=('embed', 'blocks/0')"]
