@@ -215,8 +215,9 @@ def make_multiturn(rng: random.Random, level: int, split: str) -> Example:
 
 
 def make_lookup(rng: random.Random, level: int, split: str) -> Example:
-    """The look-up drill: several actions asked at once about 1-5 offered functions, and for each
-    the ``Needed:`` line's quoted name and whether the tool list holds it, and no call.
+    """The look-up drill: several actions asked at once about 1-5 offered functions, answered with
+    the function-calling turn's three opening lines (the actions, the ``Offered:`` names, and per
+    action the ``Needed:`` name and whether the tool list holds it), and no call.
 
     A function-calling turn chooses between calling and declining at one token, the mark right
     after the needed name; a full run learned that choice no better than chance, teacher-forced,
