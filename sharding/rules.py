@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import jax
-import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -100,14 +99,28 @@ def param_shardings(params: nnx.State, rules: Rules, mesh: Mesh) -> dict:
                         is_leaf=lambda x: isinstance(x, P))
 
 
-def optimizer_shardings(tx: optax.GradientTransformation, abstract_opt_state: Any,
-                        shardings_of_params: Any, mesh: Mesh) -> Any:
-    """Shardings for optimizer state: moments follow their parameter, the rest is replicated."""
+def optimizer_shardings(abstract_opt_state: Any, shardings_of_params: Any, mesh: Mesh) -> Any:
+    """Shardings for optimizer state: moments follow their parameter, the rest is replicated.
+
+    A state leaf is a moment of the parameter whose dict path ends its own dict path with the
+    same shape (Adam's ``mu``/``nu``, Muon's momentum under its partition's label). Matching by
+    path serves optimizers whose ``init`` cannot be traced with optax's parameter placeholder
+    (``optax.tree_map_params``), as Muon's partition by parameter name cannot.
+    """
     replicated = NamedSharding(mesh, P())
-    return optax.tree_map_params(
-        tx, lambda _, sharding: sharding, abstract_opt_state, shardings_of_params,
-        transform_non_params=lambda _: replicated,
-        is_leaf=lambda x: isinstance(x, NamedSharding))
+    flat, _ = jax.tree_util.tree_flatten_with_path(shardings_of_params,
+                                                   is_leaf=lambda x: isinstance(x, NamedSharding))
+    by_path = {tuple(k.key for k in path): s for path, s in flat}
+
+    def sharding(path, leaf) -> NamedSharding:
+        keys = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+        for i in range(len(keys)):  # the longest dict-path suffix that names a parameter
+            s = by_path.get(keys[i:])
+            if s is not None:
+                return s if len(s.spec) <= len(getattr(leaf, "shape", ())) else replicated
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(sharding, abstract_opt_state)
 
 
 def batch_sharding(mesh: Mesh, rules: Rules | None = None) -> NamedSharding:

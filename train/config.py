@@ -30,9 +30,14 @@ ATTENTION_IMPLS = typing.get_args(Impl)
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    """AdamW with linear warmup and cosine decay, after global-norm gradient clipping.
+    """AdamW (or Muon) with linear warmup and cosine decay, after global-norm gradient clipping.
 
     Attributes:
+      kind: ``adamw``, or ``muon``: the hidden layers' weight matrices (attention projections,
+        MLPs, the token-shift mix) updated by Muon (momentum orthogonalised by Newton-Schulz,
+        ``optax.contrib.muon``) at AdamW's update size (consistent RMS 0.2, so the same learning
+        rate fits both), everything else (embeddings, output head, norms, biases, the vision
+        tower's patch embedding) by AdamW as with ``adamw``.
       learning_rate: the peak learning rate, reached after ``warmup_steps``.
       warmup_steps: linear warmup from 0.
       decay_steps: steps of cosine decay after warmup; ``None`` decays until the run's last step.
@@ -46,6 +51,7 @@ class OptimizerConfig:
         usual use: train the language model to read a pretrained vision tower without changing it.
     """
 
+    kind: str = "adamw"
     learning_rate: float = 3e-4
     warmup_steps: int = 100
     decay_steps: int | None = None

@@ -36,7 +36,7 @@ from train.checkpointing import TrainCheckpointer, host_rng
 from train.config import RunConfig, apply_overrides, load_config
 from train.image_batch import default_max_images, image_inputs
 from train.loss import training_loss
-from train.optimizer import check_frozen, make_optimizer
+from train.optimizer import OPTIMIZERS, check_frozen, make_optimizer
 from train.teacher import check_teacher, initial_params, load_teacher
 from train.toy_data import ToyBatches
 
@@ -206,6 +206,9 @@ def check_config(cfg: RunConfig, num_devices: int):
         check_teacher(cfg.distill.teacher, cfg.model)
     if cfg.init_from is not None:
         check_teacher(cfg.init_from, cfg.model, role="init_from")
+    if cfg.optimizer.kind not in OPTIMIZERS:
+        raise KestrelError(f"optimizer.kind must be one of {', '.join(OPTIMIZERS)}, "
+                           f"got {cfg.optimizer.kind!r}")
     if cfg.optimizer.frozen:
         check_frozen(tuple(cfg.optimizer.frozen), param_shapes(cfg.model))
     return sizes
@@ -263,7 +266,7 @@ def run(config: RunConfig | str | pathlib.Path, workdir: str | pathlib.Path | No
     tx, _ = make_optimizer(cfg.optimizer, cfg.steps)
     abstract_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                    nnx.to_pure_dict(abstract_state), p_shard)
-    o_shard = optimizer_shardings(tx, jax.eval_shape(tx.init, abstract_params), p_shard, mesh)
+    o_shard = optimizer_shardings(jax.eval_shape(tx.init, abstract_params), p_shard, mesh)
     replicated = NamedSharding(mesh, P())
     b_shard = batch_sharding(mesh, rules)
     vision = student.vision

@@ -5,11 +5,14 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from model.config import ModelConfig
 from model.transformer import init_model
 from sharding.mesh import MeshConfig, make_mesh
+from train.config import OptimizerConfig
+from train.optimizer import make_optimizer
 from sharding.rules import (STRATEGIES, batch_sharding, batch_shards, logical_to_spec,
                             optimizer_shardings, param_shardings, param_specs, strategy_rules)
 
@@ -66,7 +69,7 @@ def test_optimizer_state_follows_parameters(abstract_state):
     params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           nnx.to_pure_dict(abstract_state), p_shard)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
-    o_shard = optimizer_shardings(tx, jax.eval_shape(tx.init, params), p_shard, mesh)
+    o_shard = optimizer_shardings(jax.eval_shape(tx.init, params), p_shard, mesh)
     adam = o_shard[1][0]
     assert adam.mu["blocks"][0]["attn"]["q_proj"].spec == P("fsdp", "tensor", None)
     assert adam.nu["lm_head"].spec == P("tensor", "fsdp")
@@ -79,6 +82,24 @@ def test_optimizer_state_follows_parameters(abstract_state):
     mu = state[1][0].mu["blocks"][0]["mlp"]["gate"]
     assert mu.sharding.spec == P("fsdp", "tensor")
     assert mu.addressable_shards[0].data.shape == (32 // 4, 64 // 2)
+
+
+def test_muon_state_follows_parameters(abstract_state):
+    """Muon's partition by parameter name cannot be traced with optax's placeholder; its moments
+    still land where their parameters are (matched by path)."""
+    mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
+    p_shard = param_shardings(abstract_state, strategy_rules("fsdp_tp"), mesh)
+    params = nnx.to_pure_dict(abstract_state)
+    tx, _ = make_optimizer(OptimizerConfig(kind="muon"), total_steps=10)
+    o_shard = optimizer_shardings(jax.eval_shape(tx.init, params), p_shard, mesh)
+    specs = {jax.tree_util.keystr(path): s.spec for path, s in jax.tree_util.tree_flatten_with_path(
+        o_shard, is_leaf=lambda x: isinstance(x, NamedSharding))[0]}
+    muon_q = [p for p in specs if "'muon'" in p and p.endswith("['q_proj']")]
+    adam_head = [p for p in specs if "'adam'" in p and p.endswith("['lm_head']")]
+    assert muon_q and adam_head, sorted(specs)
+    assert all(specs[p] == P("fsdp", "tensor", None) for p in muon_q)
+    assert all(specs[p] == P("tensor", "fsdp") for p in adam_head)
+    assert all(s == P() for p, s in specs.items() if p.endswith((".count", "ns_coeffs")))
 
 
 def test_batch_sharding():

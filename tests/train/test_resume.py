@@ -126,7 +126,7 @@ def test_checkpoint_restores_onto_another_mesh(uninterrupted):
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               nnx.to_pure_dict(abstract_state), p_shard)
         o_target = jax.eval_shape(tx.init, target)
-        o_shard = optimizer_shardings(tx, o_target, p_shard, mesh)
+        o_shard = optimizer_shardings(o_target, p_shard, mesh)
         o_target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 o_target, o_shard)
         ckpt = TrainCheckpointer(uninterrupted.workdir / "checkpoints")
