@@ -78,6 +78,19 @@ def test_resume_after_crash_equals_uninterrupted(tmp_path, uninterrupted):
                                [uninterrupted.losses[s] for s in range(1, STEPS + 1)], rtol=1e-6)
 
 
+def test_muon_resume_after_crash_equals_uninterrupted(tmp_path):
+    """Muon's state (momentum under its partition, AdamW's moments beside it) checkpoints and
+    restores like AdamW's."""
+    cfg = dataclasses.replace(config(), optimizer=dataclasses.replace(config().optimizer, kind="muon"))
+    whole = run(cfg, tmp_path / "whole")
+    with pytest.raises(Crash):
+        run(cfg, tmp_path / "crashed", batches=CrashingBatches(cfg, crash_at=EVERY))
+    resumed = run(cfg, tmp_path / "crashed", resume=True)
+    assert sorted(resumed.losses) == list(range(EVERY + 1, STEPS + 1))
+    for step, loss in resumed.losses.items():
+        assert loss == pytest.approx(whole.losses[step], rel=1e-6), step
+
+
 def test_existing_checkpoints_need_resume(uninterrupted):
     from kestrel.errors import KestrelError
     with pytest.raises(KestrelError, match="--resume"):
