@@ -35,27 +35,26 @@ which the serving engine passes from a request's effort), and a STEM example's r
 long as the effort asks (``train/synthetic/problem.py``: high and no hint write the whole scheme,
 medium drops the Task and Given lines, low also the Plan line and the restated tool results; auto
 writes low at levels 1 to 3, medium at 4, high at 5); calls and answers are the same at every
-effort. The bundled weights were trained so (2026-12-01).
+effort. The bundled weights are trained so (since 2026-12-01).
 
 Since 2026-12-02 the mix also holds the fact drill (``train/synthetic/fact_drills.py``, weight 1,
 about 2% of the tokens): atomic masses and unit factors recalled in the problems' own words; the
-bundled weights predate it (``bench/results/nano_drills_s17.json``).
+weights bundled since 2026-12-03 hold it (``bench/results/nano_drills_s17.json``).
 
 Since 2026-12-02 a function-calling turn's reasoning opens by copying the action(s) asked for, and
-only its next line chooses between calling and declining; the bundled weights predate that too
+only its next line chooses between calling and declining
 (``bench/results/nano_fc_format_s20.json``: a full run on it, 44 min 13 s, matched the old
 format's figures).
 
 Since 2026-12-02 the mix also holds the word drill (``words`` in ``train/synthetic/drills.py``,
 weight 2 like the number drill): fresh strings copied back, reversed, picked, quoted or joined
 into a snake_case name. On a full run it wrote held-out function names right about four times as
-often, but called on most no-call requests (``bench/results/nano_word_drill_s21.json``); the
-bundled weights predate it.
+often, but called on most no-call requests (``bench/results/nano_word_drill_s21.json``).
 
 Since 2026-12-02 a function-calling turn's second reasoning line names the function each action
 needs, quoted, and whether it is offered (``Needed: "book_hotel" (offered).``). On a full run the
 exact match rose to 22% (7%), all of it from declining more often; teacher-forced, the offered /
-not token is at chance (``bench/results/nano_needed_line_s22.json``); the bundled weights predate it.
+not token is at chance (``bench/results/nano_needed_line_s22.json``).
 
 The look-up drill (task ``lookup``, ``train/synthetic/function_calling.py``: several needed names
 under one tool list, each marked offered or not) is left out: a full run with it at weight 2
@@ -67,7 +66,19 @@ Since 2026-12-03 the function-calling reasoning also copies the offered names, i
 order, on a line right before the needed name (``Offered: "find_forecast", "browse_ride".``). On a
 full run function calling matched the needed-line run's 22% (single calls 12% exact, the most so
 far), STEM with tools 61%; the mark is still at chance teacher-forced
-(``bench/results/nano_offered_line_s24.json``); the bundled weights predate it.
+(``bench/results/nano_offered_line_s24.json``). The weights bundled since 2026-12-03 are the first
+trained on this mix and format (with Muon, below).
+
+Since 2026-12-03 the hidden layers' matrices train with Muon (``optimizer.kind="muon"``,
+``train/optimizer.py``: momentum orthogonalised by Newton-Schulz, at AdamW's update size so the same
+learning rate and decay serve; embeddings and norms stay with AdamW). Its step costs 1.2-1.3x
+AdamW's on this CPU (the Newton-Schulz products), so the run is 1,650 steps, not 2,400: 39 min 4 s.
+In 400-step proxies (two at once, a core each) it reached AdamW's step-400 loss by step ~300 and
+number tokens copyable by induction went 40% -> 67% right teacher-forced; the full run matched
+AdamW's final training loss in 69% of the steps, and on held-out problems STEM with tools 65% (the
+AdamW run of the same data 61%), function calling exact 27% (22%)
+(``bench/results/nano_muon_s25.json``); on 400 held-out STEM problems at effort high 62.25%
+(the AdamW weights bundled before: 55.0%). The bundled weights are that run's.
 
 The tokenizer is the bundled checkpoint's (8,604 pieces, trained by ``train/nano_tokenizer.py`` at
 commit 5bbc1e5; at HEAD that trainer fills 10,240 pieces, more than the 8,768 rows here):
@@ -96,7 +107,7 @@ def config() -> RunConfig:
                           num_kv_heads=2, head_dim=64, intermediate_size=1024, qk_norm=True,
                           query_scale=0.25, rope_theta=10_000.0, max_position_embeddings=2048,
                           tie_embeddings=True, token_shift=True, embedding_value_layers=(3,)),
-        steps=2400,
+        steps=1650,
         seed=0,
         compute_dtype="float32",
         strategy="dp",
@@ -105,7 +116,7 @@ def config() -> RunConfig:
         z_loss=1e-4,
         log_every=10,
         mesh=MeshConfig(data=-1, fsdp=1, tensor=1),
-        optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=80, end_lr_ratio=0.05,
+        optimizer=OptimizerConfig(kind="muon", learning_rate=3e-3, warmup_steps=80, end_lr_ratio=0.05,
                                   weight_decay=0.05, b2=0.98),
         data=DataConfig(source="train.data:synthetic_batches", batch_size=2, seq_len=1024,
                         tokenizer="checkpoints/kestrel-nano", tools_fraction=0.9,

@@ -102,8 +102,9 @@ def param_shardings(params: nnx.State, rules: Rules, mesh: Mesh) -> dict:
 def optimizer_shardings(abstract_opt_state: Any, shardings_of_params: Any, mesh: Mesh) -> Any:
     """Shardings for optimizer state: moments follow their parameter, the rest is replicated.
 
-    A state leaf is a moment of the parameter whose dict path ends its own dict path with the
-    same shape (Adam's ``mu``/``nu``, Muon's momentum under its partition's label). Matching by
+    A state leaf is a moment of the parameter whose dict path ends its own dict path (Adam's
+    ``mu``/``nu``, Muon's momentum under its partition's label), and takes that parameter's
+    sharding where it has the rank for it (a reduced statistic would be replicated). Matching by
     path serves optimizers whose ``init`` cannot be traced with optax's parameter placeholder
     (``optax.tree_map_params``), as Muon's partition by parameter name cannot.
     """

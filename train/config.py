@@ -37,7 +37,7 @@ class OptimizerConfig:
         MLPs, the token-shift mix) updated by Muon (momentum orthogonalised by Newton-Schulz,
         ``optax.contrib.muon``) at AdamW's update size (consistent RMS 0.2, so the same learning
         rate fits both), everything else (embeddings, output head, norms, biases, the vision
-        tower's patch embedding) by AdamW as with ``adamw``.
+        tower) by AdamW as with ``adamw``.
       learning_rate: the peak learning rate, reached after ``warmup_steps``.
       warmup_steps: linear warmup from 0.
       decay_steps: steps of cosine decay after warmup; ``None`` decays until the run's last step.

@@ -27,8 +27,8 @@ OPTIMIZERS = ("adamw", "muon")
 # projections keep their heads as separate axes ([D, H, hd] in, [H, hd, D] out); Muon
 # orthogonalises the flattened [D, H * hd] / [H * hd, D] matrix, as for a fused projection.
 _MUON_AXES = {"q_proj": (0, (1, 2)), "k_proj": (0, (1, 2)), "v_proj": (0, (1, 2)), "o_proj": ((0, 1), 2)}
-# Only these parts of the tree hold hidden matrices; embeddings, the output head and the vision
-# tower's patch embedding stay with AdamW, as Muon's authors advise.
+# Only these parts of the tree hold the language model's hidden matrices; embeddings and the
+# output head stay with AdamW, as Muon's authors advise, and so does the vision tower (untried).
 _MUON_PARTS = ("blocks/", "token_shift/")
 
 
