@@ -89,6 +89,11 @@ def test_batch_not_divisible_by_data_axes(tmp_path, no_compile):
                  ["data.batch_size=6", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
 
 
+def test_unknown_optimizer(tmp_path, no_compile):
+    with pytest.raises(KestrelError, match="optimizer.kind must be one of adamw, muon, got 'lion'"):
+        loop.run(kestrel_nano_tiny.config(), tmp_path, ["optimizer.kind=lion"])
+
+
 def test_missing_teacher(tmp_path, no_compile):
     with pytest.raises(KestrelError, match="distill.teacher .* does not exist"):
         loop.run(kestrel_nano_tiny.config(), tmp_path, [f"distill.teacher={tmp_path / 'nope'}"])
