@@ -36,7 +36,7 @@ from train.checkpointing import TrainCheckpointer, host_rng
 from train.config import RunConfig, apply_overrides, load_config
 from train.image_batch import default_max_images, image_inputs
 from train.loss import training_loss
-from train.optimizer import OPTIMIZERS, check_frozen, make_optimizer
+from train.optimizer import check_frozen, check_kind, make_optimizer
 from train.teacher import check_teacher, initial_params, load_teacher
 from train.toy_data import ToyBatches
 
@@ -206,9 +206,7 @@ def check_config(cfg: RunConfig, num_devices: int):
         check_teacher(cfg.distill.teacher, cfg.model)
     if cfg.init_from is not None:
         check_teacher(cfg.init_from, cfg.model, role="init_from")
-    if cfg.optimizer.kind not in OPTIMIZERS:
-        raise KestrelError(f"optimizer.kind must be one of {', '.join(OPTIMIZERS)}, "
-                           f"got {cfg.optimizer.kind!r}")
+    check_kind(cfg.optimizer.kind)
     if cfg.optimizer.frozen:
         check_frozen(tuple(cfg.optimizer.frozen), param_shapes(cfg.model))
     return sizes

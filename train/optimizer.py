@@ -61,7 +61,8 @@ def muon_dimension_numbers(params):
 
 
 def adam_matrices(params):
-    """True on the matrices that Muon leaves to its AdamW side (embeddings, output head)."""
+    """True on the matrices that Muon leaves to its AdamW side (embeddings, output head, the vision
+    tower's): the ones ``decay_mask`` decays under ``adamw`` that Muon's own decay does not reach."""
     flat = flatten_params(params)
     return nest_params({k: p.ndim >= 2 and muon_axes(k, p.ndim) is None for k, p in flat.items()}, params)
 
@@ -80,6 +81,12 @@ def decoupled_weight_decay(schedule: optax.Schedule, weight_decay: float, mask) 
         return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
 
     return optax.GradientTransformation(init, update)
+
+
+def check_kind(kind: str) -> None:
+    """Raises KestrelError for an ``optimizer.kind`` that is not one of `OPTIMIZERS`."""
+    if kind not in OPTIMIZERS:
+        raise KestrelError(f"optimizer.kind must be one of {', '.join(OPTIMIZERS)}, got {kind!r}")
 
 
 def decay_mask(params):
@@ -116,10 +123,11 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int
     parts = []
     if cfg.clip_norm:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
+    check_kind(cfg.kind)
     if cfg.kind == "adamw":
         parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                                  weight_decay=cfg.weight_decay, mask=decay_mask))
-    elif cfg.kind == "muon":
+    else:  # muon
         from optax.contrib import muon
 
         # consistent_rms=0.2 scales each orthogonalised update to AdamW's typical RMS (Moonlight's
@@ -132,8 +140,6 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int
         # The alias decays every AdamW-side parameter or none; decay its matrices (the
         # embeddings) as ``adamw`` does, and leave its norms and biases alone.
         parts.append(decoupled_weight_decay(schedule, cfg.weight_decay, adam_matrices))
-    else:
-        raise KestrelError(f"optimizer.kind must be one of {', '.join(OPTIMIZERS)}, got {cfg.kind!r}")
     if cfg.frozen:
         # Zeroed before the clip (their gradients take no share of its norm) and after AdamW
         # (no decay). Their Adam moments exist but stay zero: one state layout for every run,
