@@ -92,14 +92,34 @@ class VisionBlock(nnx.Module):
         return x + jnp.einsum("BTF,FE->BTE", h, self._w(self.fc2)) + self._w(self.fc2_bias)
 
 
+class StemConv(nnx.Module):
+    """One stage of the convolutional stem: a 3 x 3 convolution of stride 2 (SAME padding) and a GELU."""
+
+    def __init__(self, cin: int, cout: int, *, dtype: str, param_dtype: str, rngs: nnx.Rngs):
+        self.dtype = DTYPES[dtype]
+        # He initialisation: with the normal(0.02) of the linear maps a 3 x 3 x C fan-in would shrink
+        # the picture's signal stage after stage, below the position embeddings it is added to.
+        self.kernel = param(rngs, (3, 3, cin, cout), (None, None, None, "vision_embed"), param_dtype,
+                            std=math.sqrt(2.0 / (9 * cin)))
+        self.bias = param(rngs, (cout,), ("vision_embed",), param_dtype, init="zeros")
+
+    def __call__(self, x: Float[Array, "B S S C"]) -> Float[Array, "B S2 S2 K"]:
+        y = jax.lax.conv_general_dilated(x, self.kernel[...].astype(self.dtype), window_strides=(2, 2),
+                                         padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jax.nn.gelu(y + self.bias[...].astype(self.dtype), approximate=True)
+
+
 class VisionTower(nnx.Module):
     """SigLIP encoder plus Gemma 3's projector: pixels [B, S, S, C] -> soft tokens [B, M, D]."""
 
     def __init__(self, cfg: VisionConfig, text_width: int, *, dtype: str, param_dtype: str,
                  rngs: nnx.Rngs):
-        e, p, c = cfg.hidden_size, cfg.patch_size, cfg.num_channels
+        e, p, c = cfg.hidden_size, cfg.embed_patch, cfg.embed_channels
         self.config = cfg
         self.dtype = DTYPES[dtype]
+        ins = (cfg.num_channels,) + cfg.stem_channels[:-1]
+        self.stem = nnx.List([StemConv(i, o, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                              for i, o in zip(ins, cfg.stem_channels)])
         # The patch "convolution" (kernel = stride = p) is a matmul over flattened (y, x, c) patches.
         self.patch_embed = param(rngs, (p * p * c, e), ("patch", "vision_embed"), param_dtype)
         self.patch_bias = param(rngs, (e,), ("vision_embed",), param_dtype, init="zeros")
@@ -113,13 +133,15 @@ class VisionTower(nnx.Module):
     def patches(self, pixels: Float[Array, "B S S C"]) -> Float[Array, "B T E"]:
         """Patch embeddings plus position embeddings, patches in row-major grid order."""
         cfg = self.config
-        b, s = pixels.shape[0], pixels.shape[1]
+        b = pixels.shape[0]
         if pixels.shape[1:] != (cfg.image_size, cfg.image_size, cfg.num_channels):
             raise ValueError(f"pixels must be [B, {cfg.image_size}, {cfg.image_size}, "
                              f"{cfg.num_channels}], got {tuple(pixels.shape)}")
-        g, p = cfg.patches_per_side, cfg.patch_size
-        x = pixels.astype(self.dtype).reshape(b, g, p, g, p, cfg.num_channels)
-        x = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, g * g, p * p * cfg.num_channels)  # [B, T, PPC]
+        g, p, c = cfg.patches_per_side, cfg.embed_patch, cfg.embed_channels
+        x = pixels.astype(self.dtype)
+        for conv in self.stem:
+            x = conv(x)
+        x = x.reshape(b, g, p, g, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, g * g, p * p * c)  # [B, T, PPC]
         x = jnp.einsum("BTI,IE->BTE", x, self.patch_embed[...].astype(self.dtype))
         return x + self.patch_bias[...].astype(self.dtype) + self.position_embed[...].astype(self.dtype)
 

@@ -27,6 +27,13 @@ class VisionConfig:
       image_start_id, image_end_id: tokens that open and close an image's span in a prompt
         (Gemma 3: ``<start_of_image>`` / ``<end_of_image>``; Kestrel: ``<image>`` and none).
       image_mean, image_std: per-channel normalisation after scaling pixels to [0, 1].
+      stem_channels: a convolutional stem before the patch embedding, one 3 x 3 convolution of
+        stride 2 and a GELU per entry (its output channels); the patch embedding then cuts the
+        stem's feature map into ``patch_size / 2 ** len(stem_channels)`` squares, so a patch still
+        covers ``patch_size`` pixels. Empty (SigLIP, Gemma 3): the patch embedding reads the raw
+        pixels. A linear patch embedding shares no weights inside its patch, so it learns a
+        character anew at every offset; convolutions share them (Xiao et al. 2021, "Early
+        convolutions help transformers see better").
     """
 
     hidden_size: int
@@ -44,6 +51,7 @@ class VisionConfig:
     image_end_id: int | None = None
     image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    stem_channels: tuple[int, ...] = ()
 
     def __post_init__(self):
         for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "image_size",
@@ -70,6 +78,13 @@ class VisionConfig:
             raise ValueError("VisionConfig.image_mean and image_std need one value per channel")
         if any(s <= 0 for s in self.image_std):
             raise ValueError("VisionConfig.image_std values must be > 0")
+        object.__setattr__(self, "stem_channels", tuple(self.stem_channels))
+        if any(not isinstance(c, int) or c < 1 for c in self.stem_channels):
+            raise ValueError(f"VisionConfig.stem_channels {list(self.stem_channels)} must be positive integers")
+        if self.patch_size % (1 << len(self.stem_channels)):
+            raise ValueError(f"VisionConfig.patch_size ({self.patch_size}) must be a multiple of "
+                             f"{1 << len(self.stem_channels)}: each of the {len(self.stem_channels)} "
+                             f"stem convolutions halves the resolution")
 
     @property
     def patches_per_side(self) -> int:
@@ -80,15 +95,27 @@ class VisionConfig:
         return self.patches_per_side ** 2
 
     @property
+    def embed_patch(self) -> int:
+        """The patch embedding's square on the stem's feature map (``patch_size`` without a stem)."""
+        return self.patch_size >> len(self.stem_channels)
+
+    @property
+    def embed_channels(self) -> int:
+        """Channels the patch embedding reads: the stem's last, or the picture's."""
+        return self.stem_channels[-1] if self.stem_channels else self.num_channels
+
+    @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
     @property
     def num_params(self) -> int:
         """Parameters of tower and projector (the projector's output width excluded)."""
-        e, f, p, c = self.hidden_size, self.intermediate_size, self.patch_size, self.num_channels
+        e, f, p, c = self.hidden_size, self.intermediate_size, self.embed_patch, self.embed_channels
         layer = 4 * (e * e + e) + 2 * e * f + f + e + 4 * e
-        return p * p * c * e + e + self.num_patches * e + self.num_layers * layer + 2 * e + e
+        ins = (self.num_channels,) + self.stem_channels[:-1]
+        stem = sum(9 * i * o + o for i, o in zip(ins, self.stem_channels))
+        return stem + p * p * c * e + e + self.num_patches * e + self.num_layers * layer + 2 * e + e
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "VisionConfig":

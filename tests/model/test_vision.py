@@ -8,7 +8,8 @@ from flax import nnx
 
 from model.config import ModelConfig
 from model.transformer import Transformer, init_model
-from model.vision import image_span_ids
+from model.checkpoint import flatten_params
+from model.vision import VisionTower, image_span_ids
 from model.vision_config import VisionConfig
 
 IMAGE = 63
@@ -34,6 +35,8 @@ def model():
     (dict(num_heads=3), "multiple of num_heads"),
     (dict(image_std=(0.5, 0.0, 0.5)), "image_std"),
     (dict(image_mean=(0.5,)), "one value per channel"),
+    (dict(stem_channels=(8, 8, 8)), "multiple of 8: each of the 3 stem convolutions"),
+    (dict(stem_channels=(8, 0)), "stem_channels .* must be positive"),
 ])
 def test_bad_vision_config_is_refused(changes, message):
     with pytest.raises(ValueError, match=message):
@@ -46,6 +49,43 @@ def test_config_round_trips_through_json(model):
     assert again == cfg and isinstance(again.vision, VisionConfig)
     with pytest.raises(ValueError, match="unknown VisionConfig fields"):
         ModelConfig.from_dict({**cfg.to_dict(), "vision": {**cfg.to_dict()["vision"], "colour": 1}})
+
+
+def _conv_stride2_same(x, kernel, bias):
+    """A 3 x 3, stride-2 convolution with TensorFlow's SAME padding (the extra row and column after
+    the picture), then tanh-GELU, written out in numpy."""
+    b, s, _, cin = x.shape
+    out = s // 2
+    padded = np.zeros((b, s + 1, s + 1, cin), np.float64)
+    padded[:, :s, :s] = x
+    y = np.zeros((b, out, out, kernel.shape[-1]))
+    for i in range(out):
+        for j in range(out):
+            window = padded[:, 2 * i:2 * i + 3, 2 * j:2 * j + 3]  # [B, 3, 3, Cin]
+            y[:, i, j] = np.einsum("byxc,yxco->bo", window, kernel)
+    y = y + bias
+    return 0.5 * y * (1 + np.tanh(np.sqrt(2 / np.pi) * (y + 0.044715 * y ** 3)))
+
+
+def test_a_convolutional_stem_feeds_the_patch_embedding():
+    """With stem_channels the patch embedding reads the stem's feature map in patch_size / 2**k
+    squares: a numpy reference of both convolutions and the patch matmul gives the same patches,
+    and the parameter count matches the tree's."""
+    cfg = vision_config(stem_channels=(5, 6))  # 16 px, 4 px patches: 4 x 4 grid, 1 x 1 on the 4 px map
+    tower = VisionTower(cfg, 32, dtype="float32", param_dtype="float32", rngs=nnx.Rngs(4))
+    flat = {k: np.asarray(v, np.float64) for k, v in flatten_params(nnx.to_pure_dict(nnx.state(tower, nnx.Param))).items()}
+    assert sum(v.size for v in flat.values()) == cfg.num_params + cfg.hidden_size * 32
+    assert flat["patch_embed"].shape == (1 * 1 * 6, 16)
+    pixels = np.random.RandomState(0).uniform(-1, 1, (2, 16, 16, 3))
+    x = _conv_stride2_same(pixels, flat["stem/0/kernel"], flat["stem/0/bias"])
+    x = _conv_stride2_same(x, flat["stem/1/kernel"], flat["stem/1/bias"])  # [2, 4, 4, 6]
+    want = x.reshape(2, 16, 6) @ flat["patch_embed"] + flat["patch_bias"] + flat["position_embed"]
+    got = np.asarray(tower.patches(jnp.asarray(pixels, jnp.float32)))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    again = ModelConfig.from_json(ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4,
+                                              num_kv_heads=2, head_dim=8, intermediate_size=48,
+                                              vision=cfg).to_json())
+    assert again.vision == cfg and again.vision.stem_channels == (5, 6)
 
 
 def test_span_ids_number_each_contiguous_image():
