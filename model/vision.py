@@ -99,9 +99,9 @@ class StemConv(nnx.Module):
         self.dtype = DTYPES[dtype]
         # He initialisation: with the normal(0.02) of the linear maps a 3 x 3 x C fan-in would shrink
         # the picture's signal stage after stage, below the position embeddings it is added to.
-        self.kernel = param(rngs, (3, 3, cin, cout), (None, None, None, "vision_embed"), param_dtype,
+        self.kernel = param(rngs, (3, 3, cin, cout), (None, None, None, "vision_stem"), param_dtype,
                             std=math.sqrt(2.0 / (9 * cin)))
-        self.bias = param(rngs, (cout,), ("vision_embed",), param_dtype, init="zeros")
+        self.bias = param(rngs, (cout,), ("vision_stem",), param_dtype, init="zeros")
 
     def __call__(self, x: Float[Array, "B S S C"]) -> Float[Array, "B S2 S2 K"]:
         y = jax.lax.conv_general_dilated(x, self.kernel[...].astype(self.dtype), window_strides=(2, 2),
