@@ -117,9 +117,8 @@ class VisionTower(nnx.Module):
         e, p, c = cfg.hidden_size, cfg.embed_patch, cfg.embed_channels
         self.config = cfg
         self.dtype = DTYPES[dtype]
-        ins = (cfg.num_channels,) + cfg.stem_channels[:-1]
         self.stem = nnx.List([StemConv(i, o, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                              for i, o in zip(ins, cfg.stem_channels)])
+                              for i, o in cfg.stem_stages])
         # The patch "convolution" (kernel = stride = p) is a matmul over flattened (y, x, c) patches.
         self.patch_embed = param(rngs, (p * p * c, e), ("patch", "vision_embed"), param_dtype)
         self.patch_bias = param(rngs, (e,), ("vision_embed",), param_dtype, init="zeros")

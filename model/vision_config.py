@@ -95,6 +95,11 @@ class VisionConfig:
         return self.patches_per_side ** 2
 
     @property
+    def stem_stages(self) -> list[tuple[int, int]]:
+        """(input channels, output channels) of each stem convolution, in order."""
+        return list(zip((self.num_channels,) + self.stem_channels[:-1], self.stem_channels))
+
+    @property
     def embed_patch(self) -> int:
         """The patch embedding's square on the stem's feature map (``patch_size`` without a stem)."""
         return self.patch_size >> len(self.stem_channels)
@@ -113,8 +118,7 @@ class VisionConfig:
         """Parameters of tower and projector (the projector's output width excluded)."""
         e, f, p, c = self.hidden_size, self.intermediate_size, self.embed_patch, self.embed_channels
         layer = 4 * (e * e + e) + 2 * e * f + f + e + 4 * e
-        ins = (self.num_channels,) + self.stem_channels[:-1]
-        stem = sum(9 * i * o + o for i, o in zip(ins, self.stem_channels))
+        stem = sum(9 * i * o + o for i, o in self.stem_stages)
         return stem + p * p * c * e + e + self.num_patches * e + self.num_layers * layer + 2 * e + e
 
     @classmethod
