@@ -71,15 +71,18 @@ def test_a_convolutional_stem_feeds_the_patch_embedding():
     """With stem_channels the patch embedding reads the stem's feature map in patch_size / 2**k
     squares: a numpy reference of both convolutions and the patch matmul gives the same patches,
     and the parameter count matches the tree's."""
-    cfg = vision_config(stem_channels=(5, 6))  # 16 px, 4 px patches: 4 x 4 grid, 1 x 1 on the 4 px map
+    # 16 px pictures, 8 px patches: a 2 x 2 grid, each patch a 2 x 2 square of the stem's 4 px map,
+    # so the reference also fixes the (y, x, channel) order inside a patch.
+    cfg = vision_config(stem_channels=(5, 6), patch_size=8)
     tower = VisionTower(cfg, 32, dtype="float32", param_dtype="float32", rngs=nnx.Rngs(4))
     flat = {k: np.asarray(v, np.float64) for k, v in flatten_params(nnx.to_pure_dict(nnx.state(tower, nnx.Param))).items()}
     assert sum(v.size for v in flat.values()) == cfg.num_params + cfg.hidden_size * 32
-    assert flat["patch_embed"].shape == (1 * 1 * 6, 16)
+    assert flat["patch_embed"].shape == (2 * 2 * 6, 16)
     pixels = np.random.RandomState(0).uniform(-1, 1, (2, 16, 16, 3))
     x = _conv_stride2_same(pixels, flat["stem/0/kernel"], flat["stem/0/bias"])
     x = _conv_stride2_same(x, flat["stem/1/kernel"], flat["stem/1/bias"])  # [2, 4, 4, 6]
-    want = x.reshape(2, 16, 6) @ flat["patch_embed"] + flat["patch_bias"] + flat["position_embed"]
+    patches = np.stack([x[:, 2 * r:2 * r + 2, 2 * c:2 * c + 2].reshape(2, -1) for r in range(2) for c in range(2)], 1)
+    want = patches @ flat["patch_embed"] + flat["patch_bias"] + flat["position_embed"]
     got = np.asarray(tower.patches(jnp.asarray(pixels, jnp.float32)))
     np.testing.assert_allclose(got, want, atol=1e-5)
     again = ModelConfig.from_json(ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4,
