@@ -13,7 +13,7 @@ from PIL import Image
 from train.data import stream_seed
 from train.eval import heldout_examples
 from train.synthetic import IMAGE_PLACEHOLDER, SUITES, check_answer, generate, mixture, task_weights
-from train.synthetic.drawing import contrast
+from train.synthetic.drawing import MAX_SIDE, MIN_SIDE, contrast
 from train.synthetic.images import gallery
 from train.synthetic.quantities import parse_number
 
@@ -72,7 +72,7 @@ def test_every_kind_renders_a_small_picture_whose_answer_matches_what_was_drawn(
                 fig, user = ex.meta["figure"], ex.messages[1]["content"]
                 assert user.count(IMAGE_PLACEHOLDER) == len(ex.images) == 1
                 image = decode(ex.images[0])
-                assert image.size == tuple(fig["size"]) and all(224 <= side <= 448 for side in image.size)
+                assert image.size == tuple(fig["size"]) and all(MIN_SIDE <= side <= MAX_SIDE for side in image.size)
                 final = ex.messages[-1]["content"]
                 assert check_answer(ex, final), (task, level, seed, final)
                 first_reasoning = ex.messages[2]["reasoning_content"].splitlines()[0]
@@ -99,7 +99,7 @@ def test_the_reading_drill_asks_back_exactly_the_drawn_text():
             assert ex.messages[2]["reasoning_content"] == f"The image reads: {m['answer']}"
             assert check_answer(ex, ex.messages[-1]["content"]) and not check_answer(ex, "Answer: 1, 2")
             image = decode(ex.images[0])
-            assert image.size == tuple(fig["size"]) and all(224 <= side <= 448 for side in image.size)
+            assert image.size == tuple(fig["size"]) and all(MIN_SIDE <= side <= MAX_SIDE for side in image.size)
             x0, y0, x1, y1 = fig["boxes"][0]
             assert 0 <= x0 < x1 <= image.size[0] and 0 <= y0 < y1 <= image.size[1]
             if ":" in m["answer"]:
@@ -144,10 +144,12 @@ def test_every_drawn_character_has_its_ink_centre_recorded():
             assert "".join(ch for ch, _, _ in fig["glyphs"]) == "".join("".join(fig["texts"]).split())
             image = np.asarray(decode(ex.images[0])).astype(int)
             ink = np.abs(image - np.array(fig["background"])).sum(-1) > 60
+            # The ink centre of a round letter lies in its hole, about a quarter of the size from ink.
+            r = max(3, fig["style"].get("size", 0) // 4)
             for ch, x, y in fig["glyphs"]:
                 assert 0 <= x < fig["size"][0] and 0 <= y < fig["size"][1]
-                near = ink[max(0, int(y) - 3):int(y) + 4, max(0, int(x) - 3):int(x) + 4]
-                assert near.any(), f"{task} seed {seed}: no ink within 3 px of {ch!r} at ({x}, {y})"
+                near = ink[max(0, int(y) - r):int(y) + r + 1, max(0, int(x) - r):int(x) + r + 1]
+                assert near.any(), f"{task} seed {seed}: no ink within {r} px of {ch!r} at ({x}, {y})"
     assert turned >= 3, "slanted and rotated text is among the cases"
 
 

@@ -23,7 +23,12 @@ import sysconfig
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-MIN_SIDE, MAX_SIDE = 224, 448
+# Pictures are drawn for a tower that sees them squashed to 224 x 224 (configs/nano_vision.py): sides of
+# 224..288 px shrink by at most 0.78, so text of at least MIN_TEXT_SIZE px keeps about 7 px per
+# character there. Drawn on 448 px canvases at 11 px, a character had 3-4 px after the squash, and a
+# tower trained to read every cell's characters (train/tower_pretrain.py) read a third of them.
+MIN_SIDE, MAX_SIDE = 224, 288
+MIN_TEXT_SIZE = 16
 # Faces that draw symbols or icons where letters and digits should be.
 _NOT_TEXT = re.compile(r"sym|cmex|cmsy|cmmi|math|icon|emoji|awesome|dingbat|wingding", re.I)
 

@@ -3,7 +3,9 @@
 Each ``draw_*`` function takes the content (what the question is about, drawn by the caller from
 the example's RNG) and a style RNG (looks only), and returns a `Figure`: the image, every string
 it drew (so tests can tie the reasoning's values to the pixels' source without OCR) and the ink box
-of each string (so tests can check nothing leaves the canvas). Sides stay within 224..448 px.
+of each string (so tests can check nothing leaves the canvas). Sides stay within
+``MIN_SIDE..MAX_SIDE`` (224..288 px) and text at ``MIN_TEXT_SIZE`` px or more, so that every
+character stays legible at the tower's 224 px (see ``drawing.py``).
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import random
 
 from PIL import Image, ImageDraw
 
-from train.synthetic.drawing import (MAX_SIDE, MIN_SIDE, TextStyle, bar_colour, colours, draw_label, load_font,
-                                     paste, random_style, text_layer)
+from train.synthetic.drawing import (MAX_SIDE, MIN_SIDE, MIN_TEXT_SIZE, TextStyle, bar_colour, colours, draw_label,
+                                     load_font, paste, random_style, text_layer)
 
 MARGIN = 10
 
@@ -43,7 +45,7 @@ class Figure:
     glyphs: list[tuple[str, float, float]] = dataclasses.field(default_factory=list)
 
 
-def _side(rng: random.Random, lo: int = 256, hi: int = MAX_SIDE) -> int:
+def _side(rng: random.Random, lo: int = MIN_SIDE, hi: int = MAX_SIDE) -> int:
     return rng.randrange(lo, hi + 1, 32)
 
 
@@ -54,11 +56,11 @@ def draw_text(text: str, rng: random.Random, level: int) -> Figure:
     levels start smaller and turn further (up to 6 degrees).
 
     Raises:
-      ValueError: the text cannot fit a 448 x 448 canvas even at 11 px.
+      ValueError: the text cannot fit a ``MAX_SIDE`` square canvas even at ``MIN_TEXT_SIZE`` px.
     """
     bg, ink = colours(rng)
     width = _side(rng)
-    size = max(12, 24 - 2 * level + rng.randint(-2, 2))
+    size = max(MIN_TEXT_SIZE, 25 - level + rng.randint(-2, 2))
     base = random_style(rng, ink, size, max_rotation=min(1.5 * level, 6.0))
     while True:
         style = dataclasses.replace(base, size=size)
@@ -67,7 +69,7 @@ def draw_text(text: str, rng: random.Random, level: int) -> Figure:
         layer = text_layer(text, style, width - 2 * MARGIN - 16 - 0.25 * size, placed)
         if layer.width <= width - 2 * MARGIN and layer.height <= MAX_SIDE - 2 * MARGIN:
             break
-        if size > 11:
+        if size > MIN_TEXT_SIZE:
             size -= 1
         elif width < MAX_SIDE:
             width += 32
@@ -87,29 +89,26 @@ def draw_table(title: str, rows: list[list[str]], rng: random.Random) -> Figure:
     """A grid with a shaded header row (``rows[0]``); the first column left-aligned, numbers right.
 
     Raises:
-      ValueError: the table does not fit 448 px wide even at 11 px.
+      ValueError: the table does not fit ``MAX_SIDE`` px even at ``MIN_TEXT_SIZE`` px.
     """
     bg, ink = colours(rng)
     fonts = random_style(rng, ink, 16, 0.0)
-    size = rng.randint(15, 19)
+    size = rng.randint(MIN_TEXT_SIZE, MIN_TEXT_SIZE + 3)
     while True:
         font = load_font(fonts.font, size)
         pad = max(4, size // 3)
         col_w = [int(max(font.getlength(r[c]) for r in rows)) + 2 * pad for c in range(len(rows[0]))]
-        if sum(col_w) + 2 * MARGIN <= MAX_SIDE:
+        row_h, title_h = int(size * 1.6), int((size + 2) * 1.7)
+        if sum(col_w) + 2 * MARGIN <= MAX_SIDE and title_h + row_h * len(rows) + 2 * MARGIN <= MAX_SIDE:
             break
-        if size <= 11:
-            raise ValueError(f"table {title!r} does not fit a {MAX_SIDE}px image")
+        if size <= MIN_TEXT_SIZE:
+            raise ValueError(f"table {title!r} with {len(rows)} rows does not fit a {MAX_SIDE}px image")
         size -= 1
-    row_h = int(size * 1.7)
     title_font = load_font(fonts.font, size + 2)
-    title_h = int((size + 2) * 1.8)
     table_w = sum(col_w)
     content_w = max(table_w, int(title_font.getlength(title)))
     width = max(MIN_SIDE, min(MAX_SIDE, content_w + 2 * MARGIN + rng.randint(0, 32)))
     height = max(MIN_SIDE, min(MAX_SIDE, title_h + row_h * len(rows) + 2 * MARGIN + rng.randint(0, 32)))
-    if title_h + row_h * len(rows) + 2 * MARGIN > MAX_SIDE:
-        raise ValueError(f"table {title!r} with {len(rows)} rows does not fit a {MAX_SIDE}px image")
     canvas = Image.new("RGB", (width, height), bg)
     draw = ImageDraw.Draw(canvas)
     x0 = (width - table_w) // 2
@@ -139,23 +138,27 @@ def draw_table(title: str, rows: list[list[str]], rng: random.Random) -> Figure:
 
 
 def draw_bar_chart(title: str, labels: list[str], values: list[str], rng: random.Random) -> Figure:
-    """Vertical bars with each value written above its bar and its label below, and a title."""
+    """Bars with each value written at its bar's end and its label at its foot, and a title.
+
+    The bars stand upright (labels below, values above) when every label and value fits its bar's
+    slot at ``MIN_TEXT_SIZE`` px or more; otherwise, and for a third of the charts anyway, they lie
+    along rows (labels left, values right), where seven bars of six-letter labels still fit 288 px.
+    """
     bg, ink = colours(rng)
     style = random_style(rng, ink, 14, 0.0)
-    width, height = _side(rng, 288), _side(rng, 256, 384)
+    width, height = _side(rng, 256), _side(rng)
     n = len(labels)
     slot = (width - 2 * MARGIN - 10) / n
-    size = 15
-    while size > 10:
+    size = MIN_TEXT_SIZE + 2
+    while size >= MIN_TEXT_SIZE:
         font = load_font(style.font, size)
         if max(font.getlength(s) for s in labels + values) <= slot - 4:
             break
         size -= 1
+    upright = size >= MIN_TEXT_SIZE and rng.random() < 2 / 3
+    size = max(size, MIN_TEXT_SIZE)
     font = load_font(style.font, size)
     title_font = load_font(style.font, size + 2)
-    top = MARGIN + int((size + 2) * 1.6) + int(size * 1.4)  # title, then room for the tallest value label
-    bottom = height - MARGIN - int(size * 1.6)
-    axis_x = MARGIN + 6
     canvas = Image.new("RGB", (width, height), bg)
     draw = ImageDraw.Draw(canvas)
     texts = [title]
@@ -163,16 +166,36 @@ def draw_bar_chart(title: str, labels: list[str], values: list[str], rng: random
     boxes = [draw_label(canvas, title, title_font, ink, (width / 2, MARGIN + (size + 2) * 0.8), glyphs=glyphs)]
     peak = max(float(v) for v in values)
     fill = bar_colour(rng, bg) if rng.random() < 0.5 else None
-    for i, (label, value) in enumerate(zip(labels, values)):
-        cx = axis_x + 4 + slot * (i + 0.5)
-        h = max(2.0, (bottom - top) * float(value) / peak)
-        half = slot * rng.uniform(0.28, 0.36)
-        draw.rectangle((cx - half, bottom - h, cx + half, bottom), fill=fill or bar_colour(rng, bg), outline=ink)
-        texts += [value, label]
-        boxes.append(draw_label(canvas, value, font, ink, (cx, bottom - h - 3), "ms", glyphs))
-        boxes.append(draw_label(canvas, label, font, ink, (cx, bottom + 6), "mt", glyphs))
-    draw.line((axis_x, top - 4, axis_x, bottom), fill=ink, width=2)
-    draw.line((axis_x, bottom, width - MARGIN, bottom), fill=ink, width=2)
+    top = MARGIN + int((size + 2) * 1.6)  # below the title
+    if upright:
+        top += int(size * 1.4)  # room for the tallest value label
+        bottom = height - MARGIN - int(size * 1.6)
+        axis_x = MARGIN + 6
+        for i, (label, value) in enumerate(zip(labels, values)):
+            cx = axis_x + 4 + slot * (i + 0.5)
+            h = max(2.0, (bottom - top) * float(value) / peak)
+            half = slot * rng.uniform(0.28, 0.36)
+            draw.rectangle((cx - half, bottom - h, cx + half, bottom), fill=fill or bar_colour(rng, bg), outline=ink)
+            texts += [value, label]
+            boxes.append(draw_label(canvas, value, font, ink, (cx, bottom - h - 3), "ms", glyphs))
+            boxes.append(draw_label(canvas, label, font, ink, (cx, bottom + 6), "mt", glyphs))
+        draw.line((axis_x, top - 4, axis_x, bottom), fill=ink, width=2)
+        draw.line((axis_x, bottom, width - MARGIN, bottom), fill=ink, width=2)
+    else:
+        row = (height - top - MARGIN) / n
+        if row < size * 1.2:
+            raise ValueError(f"{n} bars do not fit a {height}px chart at {size}px")
+        axis_x = MARGIN + max(font.getlength(s) for s in labels) + 8
+        longest = axis_x + 6 + max(font.getlength(s) for s in values) + MARGIN
+        for i, (label, value) in enumerate(zip(labels, values)):
+            cy = top + row * (i + 0.5)
+            w = max(2.0, (width - longest) * float(value) / peak)
+            half = row * rng.uniform(0.28, 0.36)
+            draw.rectangle((axis_x, cy - half, axis_x + w, cy + half), fill=fill or bar_colour(rng, bg), outline=ink)
+            texts += [label, value]
+            boxes.append(draw_label(canvas, label, font, ink, (axis_x - 6, cy), "rm", glyphs))
+            boxes.append(draw_label(canvas, value, font, ink, (axis_x + w + 4, cy), "lm", glyphs))
+        draw.line((axis_x, top, axis_x, height - MARGIN), fill=ink, width=2)
     return Figure(canvas, texts, boxes, bg, glyphs=glyphs)
 
 
@@ -189,8 +212,8 @@ def draw_right_triangle(sides: dict[str, str], legs: tuple[float, float], rng: r
     """
     bg, ink = colours(rng)
     style = random_style(rng, ink, 15, 0.0)
-    font = load_font(style.font, rng.randint(14, 18))
-    width, height = _side(rng, 288), _side(rng, 256)
+    font = load_font(style.font, rng.randint(MIN_TEXT_SIZE, MIN_TEXT_SIZE + 3))
+    width, height = _side(rng, 256), _side(rng, 256)
     ratio = min(3.0, max(1 / 3, legs[0] / legs[1]))  # height / width of the drawn triangle
     # Side labels sit beside the legs: keep room for the widest one (and a vertex letter) around.
     label_w = max([font.getlength(t) for t in sides.values()] + [font.getlength("M")])

@@ -6,7 +6,7 @@ text. The result is an ordinary STEM `Problem` with three additions, so the regu
 scheme, tool calls, answers, summaries and checking all apply unchanged:
 
 - ``question`` holds one ``<image>`` placeholder (``IMAGE_PLACEHOLDER``), where the picture goes;
-- ``images`` holds the picture as PNG bytes (sides 224..448 px);
+- ``images`` holds the picture as PNG bytes (sides 224..288 px, drawn legible at 224);
 - ``reads`` is the reasoning's first line, the values read off the picture ("The chart shows
   apples = 34, pears = 21."), which the later steps copy into calculator calls (it stands in
   for the ``Given:`` line of text problems);
