@@ -22,7 +22,8 @@ Scores, per task, per level and overall, for each mode (``tools``, ``no_tools``)
   reasoning's first line) are to those of the example's (difflib's ratio, 2M / (len(a) + len(b))
   over the two digit strings: 1 is every digit read in order, and writing more digits than the
   picture holds costs as much as missing some). Exact answers need every value read right; this
-  shows how much of a picture a model sees before it gets there.
+  shows how much of a picture a model sees before it gets there. Each such row also keeps the two
+  lines themselves (``read_line``, ``drawn_line``), to see what a model writes for a picture.
 
 The model side is a *policy*: ``policy(conversations) -> [generated ids]``. `generator_policy`
 wraps a model; `oracle_policy` replays each example's own assistant turns, which must score 100%
@@ -372,13 +373,14 @@ def score(conv: Conversation, tokenizer) -> dict[str, Any]:
         first = check_tool_calls(ex, conv.rounds[0] if conv.rounds else "")
         row["choice_match"], row["exact_match"] = first["choice_match"], first["exact_match"]
     if ex.images:
-        truth = _digits(_first_line(next((m.get("reasoning_content") or "" for m in ex.messages
-                                          if m["role"] == "assistant"), "")))
+        drawn = _first_line(next((m.get("reasoning_content") or "" for m in ex.messages
+                                  if m["role"] == "assistant"), ""))
+        truth = _digits(drawn)
         if truth:
             said = conv.rounds[0] if conv.rounds else ""
-            said = said.split("<think>", 1)[1] if "<think>" in said else said
-            row["read_digits"] = difflib.SequenceMatcher(None, truth, _digits(_first_line(said)),
-                                                         autojunk=False).ratio()
+            said = _first_line(said.split("<think>", 1)[1] if "<think>" in said else said)
+            row["read_digits"] = difflib.SequenceMatcher(None, truth, _digits(said), autojunk=False).ratio()
+            row["read_line"], row["drawn_line"] = said, drawn
     return row
 
 
