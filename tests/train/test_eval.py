@@ -75,7 +75,8 @@ def test_picture_suites_score_how_many_digits_the_read_off_line_gets(tok):
     # Only the first line counts; the stray 9 is one more digit than the picture holds.
     row = ev.score(conv, tok)
     got = row["read_digits"]
-    assert row["read_line"] == f"The image reads: {half}, 9x" and row["drawn_line"] == f"The image reads: {ex.meta['answer']}"
+    assert row["read_line"] == f"The image reads: {half}, 9x"
+    assert row["drawn_line"] == f"The image reads: {ex.meta['answer']}"
     matched = len(half) + ("9" in digits[len(half):])  # in order: a later 9 of the picture matches it
     assert got == pytest.approx(2 * matched / (len(digits) + len(half) + 1))
 
