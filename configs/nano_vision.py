@@ -33,7 +33,8 @@ after 3,000 steps (25 min) where the linear patch embedding read 20.5% (14 min) 
 (``--set 'model.vision.stem_channels=()'`` reproduces it).
 The pictures have been drawn for 224 px since 2026-12-03 (224..288 px canvases, text of 16 px or
 more; ``train/synthetic/drawing.py``): ``--lr 3e-3`` pretraining then reads 51.7% of held-out
-characters after 3,000 steps and 62.3% after 6,000 (``legible_pictures`` in the same JSON).
+characters after 3,000 steps, 62.3% after 6,000 and 67.6% after 9,000 (``legible_pictures`` in the
+same JSON).
 
     kestrel train --config configs/nano_vision.py --workdir runs/nano_vision     # <= 60 min, 2-core CPU
     python -m train.export runs/nano_vision checkpoints/kestrel-nano-vision --config configs/nano_vision.py
